@@ -1,0 +1,41 @@
+"""decouple: make pretrained CNNs faster without retraining, by network decoupling.
+
+Where things live:
+
+* :mod:`decouple.decomposition` — the math: batched SVD of kernel slices (pure tensor functions)
+* :mod:`decouple.layers` — ``DecoupledConv2d``, the two-conv layer built ``from_conv``
+* :mod:`decouple.config` — ``DecoupleConfig`` / ``LayerSpec``: rank rules and per-layer overrides
+* :mod:`decouple.bn_fold` — BatchNorm folding, proven safe on the ``torch.fx`` graph
+* :mod:`decouple.surgery` — ``decouple_`` (in place) and recipes that replay it on a fresh model
+* :mod:`decouple.report` — FLOPs, params, per-layer and output error; JSON, Markdown, text
+* :mod:`decouple.model_io` — safe loading, ``--arch`` resolution, atomic writes, reloading
+* :mod:`decouple.cli` — ``python -m decouple``
+"""
+
+from .config import DecoupleConfig, LayerSpec
+from .decomposition import Decoupling, decouple_weight, max_rank, rank_for_energy, spectrum
+from .layers import DecoupledConv2d
+from .model_io import load_decoupled
+from .report import Report, build_report, count_flops
+from .surgery import LayerRecord, apply_recipe_, decouple_, make_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecoupleConfig",
+    "DecoupledConv2d",
+    "Decoupling",
+    "LayerRecord",
+    "LayerSpec",
+    "Report",
+    "apply_recipe_",
+    "build_report",
+    "count_flops",
+    "decouple_",
+    "decouple_weight",
+    "load_decoupled",
+    "make_recipe",
+    "max_rank",
+    "rank_for_energy",
+    "spectrum",
+]

@@ -1,0 +1,178 @@
+"""Configuration of a decoupling run: small frozen dataclasses that validate themselves.
+
+A config says how to choose ``T`` for each layer (a fixed rank, or an energy threshold), which order
+to use, whether to fold BatchNorm first, and per-layer overrides keyed by an exact module name or a
+regular expression (``re.fullmatch``). Configs round-trip through JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .decomposition import ORDERS
+
+
+def _check_rank(rank: Any, what: str = "rank") -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"{what} must be an integer >= 1; got {rank!r}")
+
+
+def _check_energy(energy: Any) -> None:
+    if energy is None:
+        return
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be a number in (0, 1]; got {energy!r}")
+
+
+def _check_order(order: Any) -> None:
+    if order is not None and order not in ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What to do with one layer: its own rank or energy, its own order, or ``skip``.
+
+    Fields left ``None`` fall back to the :class:`DecoupleConfig` defaults.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    order: str | None = None
+    skip: bool = False
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank)
+        _check_energy(self.energy)
+        _check_order(self.order)
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("give a layer either rank or energy, not both")
+        if self.skip and (self.rank or self.energy or self.order):
+            raise ValueError("a skipped layer takes no rank, energy or order")
+
+    @classmethod
+    def coerce(cls, value: Any) -> LayerSpec:
+        """Accept the short forms: ``"skip"``, an int rank, a float energy, or a dict."""
+        if isinstance(value, LayerSpec):
+            return value
+        if value == "skip":
+            return cls(skip=True)
+        if isinstance(value, bool):
+            raise ValueError(f"a layer override must be 'skip', a rank, an energy or a dict; got {value!r}")
+        if isinstance(value, int):
+            return cls(rank=value)
+        if isinstance(value, float):
+            return cls(energy=value)
+        if isinstance(value, dict):
+            unknown = set(value) - {"rank", "energy", "order", "skip"}
+            if unknown:
+                raise ValueError(f"unknown layer override keys {sorted(unknown)}; allowed: rank, energy, order, skip")
+            return cls(**value)
+        raise ValueError(f"a layer override must be 'skip', a rank, an energy or a dict; got {value!r}")
+
+    def to_json_value(self) -> Any:
+        if self.skip:
+            return "skip"
+        return {k: v for k, v in asdict(self).items() if v is not None and k != "skip"}
+
+
+@dataclass(frozen=True)
+class DecoupleConfig:
+    """How :func:`decouple.decouple_` rewrites a model.
+
+    Parameters
+    ----------
+    rank : int, optional
+        Fixed number of terms ``T`` for every layer (clipped to each layer's full rank).
+    energy : float, optional
+        Instead of ``rank``: per layer, the smallest ``T`` keeping this fraction of the kernel's
+        squared Frobenius norm (singular-value energy), in ``(0, 1]``.
+    order : {"dw-pw", "pw-dw"}
+        Default order of the two convs.
+    fold_bn : bool
+        Fold each BatchNorm into the conv that feeds only it, before decoupling (inference only:
+        the running statistics are baked in).
+    overrides : mapping of str to LayerSpec (or its short forms)
+        Keys are exact module names or regular expressions matched with ``re.fullmatch``; an exact
+        name wins, then the first matching pattern in order. Values: ``"skip"``, an int rank, a
+        float energy, a dict with ``rank``/``energy``/``order``, or a :class:`LayerSpec`.
+
+    Layers matched by no override when neither ``rank`` nor ``energy`` is set are left as they are,
+    so a mapping of names to ranks alone is a complete per-layer config.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    order: str = "dw-pw"
+    fold_bn: bool = False
+    overrides: Any = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank)
+        _check_energy(self.energy)
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {self.order!r}")
+        if self.rank is not None and self.energy is not None:
+            raise ValueError("give either rank or energy, not both")
+        if not isinstance(self.fold_bn, bool):
+            raise ValueError(f"fold_bn must be a bool; got {self.fold_bn!r}")
+        items = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides
+        pairs = []
+        for key, value in items:
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"override keys must be non-empty strings; got {key!r}")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise ValueError(f"override {key!r} is neither a plain name nor a valid regex: {e}") from None
+            pairs.append((key, LayerSpec.coerce(value)))
+        # Stored as a tuple of pairs so the config stays hashable and ordered.
+        object.__setattr__(self, "overrides", tuple(pairs))
+
+    def spec_for(self, name: str) -> LayerSpec | None:
+        """The override for module ``name``: exact name first, then the first regex that matches."""
+        for key, spec in self.overrides:
+            if key == name:
+                return spec
+        for key, spec in self.overrides:
+            if re.fullmatch(key, name):
+                return spec
+        return None
+
+    def resolve(self, name: str) -> LayerSpec:
+        """Effective settings for layer ``name`` (``skip=True`` when nothing applies)."""
+        spec = self.spec_for(name)
+        if spec is not None and spec.skip:
+            return spec
+        order = (spec.order if spec and spec.order else None) or self.order
+        if spec and (spec.rank is not None or spec.energy is not None):
+            return LayerSpec(rank=spec.rank, energy=spec.energy, order=order)
+        if self.rank is None and self.energy is None:
+            return LayerSpec(skip=True)
+        return LayerSpec(rank=self.rank, energy=self.energy, order=order)
+
+    def to_dict(self) -> dict:
+        return {
+            "rank": self.rank,
+            "energy": self.energy,
+            "order": self.order,
+            "fold_bn": self.fold_bn,
+            "overrides": {k: v.to_json_value() for k, v in self.overrides},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DecoupleConfig:
+        unknown = set(data) - {"rank", "energy", "order", "fold_bn", "overrides"}
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> DecoupleConfig:
+        return cls.from_dict(json.loads(text))

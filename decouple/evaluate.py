@@ -1,0 +1,42 @@
+"""Accuracy of a classifier on a labelled set of images: top-1, top-5 and mean cross-entropy."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """Evaluate ``model`` (in eval mode) on ``images`` of shape ``(n, C, H, W)``.
+
+    Returns
+    -------
+    dict
+        ``top1`` and ``top5`` as fractions, ``loss`` (mean cross-entropy) and ``n``.
+    """
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}")
+    model.eval()
+    correct1 = correct5 = 0
+    loss = 0.0
+    batches = range(0, len(images), batch_size)
+    for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        x = images[i : i + batch_size].to(device)
+        y = labels[i : i + batch_size].to(device)
+        logits = model(x).float()
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(dim=1).sum())
+    n = len(images)
+    return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss / n, "n": n}

@@ -1,0 +1,176 @@
+"""``DecoupledConv2d``: all ``T`` depthwise-separable terms of a decoupled conv in two plain convs.
+
+* dw-pw: ``Conv2d(C, C·T, k, groups=C)`` → ``Conv2d(C·T, N, 1, groups=g)``
+* pw-dw: ``Conv2d(C, N·T, 1, groups=g)`` → ``Conv2d(N·T, N, k, groups=N)``
+
+The k×k conv carries the original stride, padding, dilation and padding_mode; the second conv
+carries the bias. Padding commutes with the 1×1 channel mixing (every padding mode is a per-channel
+linear map), so both orders are exact at full rank.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .decomposition import Decoupling, check_order, decouple_weight
+
+
+class DecoupledConv2d(nn.Module):
+    """A k×k convolution rewritten as ``rank`` depthwise-separable terms.
+
+    Built empty from shapes (so a saved ``state_dict`` loads into it) or from an existing conv
+    with :meth:`from_conv`. Submodules are always named ``depthwise`` and ``pointwise``; ``order``
+    says which runs first.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        ``C`` and ``N`` of the original convolution.
+    kernel_size : int or tuple
+        ``(kh, kw)`` of the original convolution.
+    rank : int
+        Number of terms ``T``.
+    order : {"dw-pw", "pw-dw"}
+    stride, padding, dilation, groups, bias, padding_mode
+        As in ``nn.Conv2d``; copied verbatim from the original conv.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        order: str = "dw-pw",
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        check_order(order)
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1; got {rank}")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in={in_channels} and out={out_channels}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.rank, self.order, self.groups = int(rank), order, groups
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode = padding_mode
+        c, n, t, kw = in_channels, out_channels, self.rank, dict(device=device, dtype=dtype)
+        spatial = dict(
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=padding_mode,
+        )
+        if order == "dw-pw":
+            self.depthwise = nn.Conv2d(c, c * t, groups=c, bias=False, **spatial, **kw)
+            self.pointwise = nn.Conv2d(c * t, n, 1, groups=groups, bias=bias, **kw)
+        else:
+            self.pointwise = nn.Conv2d(c, n * t, 1, groups=groups, bias=False, **kw)
+            self.depthwise = nn.Conv2d(n * t, n, groups=n, bias=bias, **spatial, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.order == "dw-pw":
+            return self.pointwise(self.depthwise(x))
+        return self.depthwise(self.pointwise(x))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return (self.pointwise if self.order == "dw-pw" else self.depthwise).bias
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int | None = None, order: str = "dw-pw"):
+        """Decouple ``conv`` into ``rank`` terms (``None``: full rank, which is exact)."""
+        dec = decouple_weight(conv.weight, rank, order, conv.groups)
+        return cls.from_decoupling(conv, dec)
+
+    @classmethod
+    def from_decoupling(cls, conv: nn.Conv2d, dec: Decoupling) -> DecoupledConv2d:
+        """Build the layer for ``conv`` from factors computed by :func:`decouple_weight`."""
+        if tuple(conv.weight.shape) != dec.weight_shape or conv.groups != dec.groups:
+            raise ValueError("the decoupling was computed for a different convolution")
+        w = conv.weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            dec.rank,
+            dec.order,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        layer.load_factors(dec)
+        if conv.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias)
+        return layer
+
+    @torch.no_grad()
+    def load_factors(self, dec: Decoupling) -> None:
+        """Copy the factors of ``dec`` into the two convs (cast to this layer's dtype)."""
+        g, (kh, kw), t = self.groups, self.kernel_size, self.rank
+        c, n = self.in_channels, self.out_channels
+        if dec.rank != t or dec.order != self.order:
+            raise ValueError(f"factors have rank {dec.rank} ({dec.order}); layer wants {t} ({self.order})")
+        if self.order == "dw-pw":
+            dw = dec.depthwise.reshape(c * t, 1, kh, kw)
+            # (C, T, N/g) -> (g, N/g, C/g·T): pointwise group j mixes the terms of group j's inputs.
+            pw = dec.pointwise.reshape(g, c // g, t, n // g).permute(0, 3, 1, 2)
+            pw = pw.reshape(n, (c // g) * t, 1, 1)
+        else:
+            pw = dec.pointwise.reshape(n * t, c // g, 1, 1)
+            dw = dec.depthwise.reshape(n, t, kh, kw)
+        self.depthwise.weight.copy_(dw)
+        self.pointwise.weight.copy_(pw)
+
+    def factors(self) -> Decoupling:
+        """The layer's current weights as a :class:`Decoupling` (e.g. after a refit)."""
+        g, (kh, kw), t = self.groups, self.kernel_size, self.rank
+        c, n = self.in_channels, self.out_channels
+        dw = self.depthwise.weight.detach().double()
+        pw = self.pointwise.weight.detach().double()
+        if self.order == "dw-pw":
+            depthwise = dw.reshape(c, t, kh, kw)
+            pointwise = pw.reshape(g, n // g, c // g, t).permute(0, 2, 3, 1).reshape(c, t, n // g)
+        else:
+            depthwise = dw.reshape(n, t, kh, kw)
+            pointwise = pw.reshape(n, t, c // g)
+        shape = (n, c // g, kh, kw)
+        empty = torch.empty(depthwise.shape[0], 0, dtype=torch.float64)
+        return Decoupling(self.order, shape, g, depthwise, pointwise, empty)
+
+    def reconstructed_weight(self) -> torch.Tensor:
+        """The equivalent k×k kernel ``(N, C/g, kh, kw)`` in the layer's dtype."""
+        return self.factors().reconstruct().to(self.depthwise.weight.dtype)
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"rank={self.rank}, order={self.order!r}, stride={self.stride}"
+        )
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s

@@ -1,0 +1,233 @@
+"""Loading untrusted model files safely, resolving ``--arch``, and writing outputs atomically.
+
+A model file is untrusted: unpickling can run code. Files are read with ``weights_only=True``
+unless the caller explicitly trusts them. Every problem with the user's input is raised as
+:class:`InputError`, whose message is one line the CLI prints as it is.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models import get_model_info, list_models
+from .surgery import apply_recipe_
+
+TORCHVISION_INPUT_SHAPE = (3, 224, 224)
+
+
+class InputError(Exception):
+    """A problem with the user's input, described in one line."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> object:
+    """``torch.load`` a file on the CPU, with ``weights_only=True`` unless ``trust_pickle``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no such file: {path}")
+    if not path.is_file():
+        raise InputError(f"not a file: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if not trust_pickle and "weights only load failed" in str(e).lower():
+            raise InputError(
+                f"{path} holds pickled Python objects (such as a whole nn.Module); loading them can "
+                "run code from the file, so it is refused. If you trust the file, re-run with --trust-pickle"
+            ) from None
+        raise InputError(f"cannot read {path}: corrupt or not a PyTorch file ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged files
+        raise InputError(
+            f"cannot read {path}: truncated, corrupt or not a PyTorch file ({_first_line(e)})"
+        ) from None
+
+
+def _is_state_dict(obj: object) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def split_checkpoint(obj: object, path: str | os.PathLike = "the file") -> nn.Module | dict:
+    """The model held by a loaded file: an ``nn.Module`` or a ``state_dict``.
+
+    Accepts a bare ``state_dict``, a checkpoint dict holding one under ``state_dict``,
+    ``model_state_dict`` or ``model``, or a whole module. Strips a ``module.`` prefix
+    (``nn.DataParallel``).
+    """
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key]
+            if _is_state_dict(obj.get(key)):
+                obj = obj[key]
+                break
+    if not _is_state_dict(obj):
+        kind = f"a dict with keys {sorted(map(str, obj))[:5]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        raise InputError(f"not a model: {path} holds {kind}, not a state_dict or an nn.Module")
+    sd = dict(obj)
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """Build ``arch`` with fresh weights; also return its input shape when known.
+
+    ``arch`` is a name registered in :mod:`decouple.models`, a torchvision model name
+    (built with ``weights=None``), or ``package.module:callable``.
+    """
+    try:
+        info = get_model_info(arch)
+        return info.build(), info.input_shape
+    except KeyError:
+        pass
+    if ":" in arch:
+        mod_name, _, attr = arch.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise InputError(f"cannot import --arch {arch}: {_first_line(e)}") from None
+        try:
+            model = fn()
+        except Exception as e:  # noqa: BLE001 - user code
+            raise InputError(f"--arch {arch} failed when called with no arguments: {_first_line(e)}") from None
+        if not isinstance(model, nn.Module):
+            raise InputError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
+        return model, None
+    ours = ", ".join(list_models())
+    try:
+        import torchvision
+    except ImportError:
+        raise InputError(
+            f"unknown arch {arch!r}: not one of decouple's ({ours}), and torchvision is not installed "
+            "(pip install 'decouple[vision]'); package.module:callable also works"
+        ) from None
+    if arch not in torchvision.models.list_models():
+        raise InputError(
+            f"unknown arch {arch!r}: not one of decouple's ({ours}), not a torchvision model, "
+            "and not package.module:callable"
+        )
+    shape = TORCHVISION_INPUT_SHAPE if arch in torchvision.models.list_models(torchvision.models) else None
+    return torchvision.models.get_model(arch, weights=None), shape
+
+
+def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str) -> None:
+    """Raise :class:`InputError` summarising how ``state_dict`` fails to fit ``model``."""
+    want = model.state_dict()
+    missing = [k for k in want if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in want]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(want[k].shape)}"
+        for k in want
+        if k in state_dict and state_dict[k].shape != want[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if shapes:
+        problems.append(f"{len(shapes)} of the wrong shape (e.g. {shapes[0]})")
+    if problems:
+        raise InputError(f"the weights do not match --arch {arch}: keys {'; '.join(problems)}")
+
+
+def load_model(
+    path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False
+) -> tuple[nn.Module, tuple[int, ...] | None, str]:
+    """Load a model file for decoupling.
+
+    Returns
+    -------
+    model : nn.Module
+        In eval mode, on the CPU.
+    input_shape : tuple of int or None
+        From the architecture's metadata when known.
+    kind : {"module", "state_dict"}
+        What the file held; outputs are written in the same kind.
+    """
+    held = split_checkpoint(read_checkpoint(path, trust_pickle), path)
+    if isinstance(held, nn.Module):
+        return held.eval(), None, "module"
+    if arch is None:
+        raise InputError(
+            f"{path} holds a state_dict (weights only); pass --arch NAME to say which network it is "
+            f"(one of decouple's: {', '.join(list_models())}; a torchvision model name; or package.module:callable)"
+        )
+    model, shape = build_arch(arch)
+    check_keys(model, held, arch)
+    model.load_state_dict(held)
+    return model.eval(), shape, "state_dict"
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise :class:`InputError` naming the first parameter or buffer holding NaN or Inf."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"the model has NaN or Inf values in {name}; refusing to decouple it")
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically."""
+    _atomic(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    _atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def recipe_path_for(weights_path: str | os.PathLike) -> Path:
+    """The recipe that sits next to a saved decoupled model: ``x.pt`` -> ``x.recipe.json``."""
+    p = Path(weights_path)
+    return p.with_name(p.stem + ".recipe.json")
+
+
+def load_decoupled(
+    model: nn.Module, weights_path: str | os.PathLike, recipe_path: str | os.PathLike | None = None
+) -> nn.Module:
+    """Reload a decoupled ``state_dict`` into a freshly built copy of the original architecture.
+
+    The recipe (default: the ``.recipe.json`` beside the weights) replays the structural change,
+    then the weights load strictly, with ``weights_only=True``. Returns ``model`` in eval mode.
+    """
+    recipe = json.loads(Path(recipe_path or recipe_path_for(weights_path)).read_text())
+    apply_recipe_(model, recipe)
+    held = split_checkpoint(read_checkpoint(weights_path), weights_path)
+    if isinstance(held, nn.Module):
+        raise InputError(f"{weights_path} holds a whole module; load it with torch.load instead")
+    model.load_state_dict(held)
+    return model.eval()

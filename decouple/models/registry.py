@@ -1,0 +1,75 @@
+"""A registry of named architectures, in the spirit of torchvision's ``models/_api.py``.
+
+Each entry carries the metadata the CLI needs to use a bare checkpoint: how to build the
+network and the input shape it expects. ``--arch NAME`` looks here first, then in torchvision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Metadata of a registered architecture.
+
+    Parameters
+    ----------
+    name : str
+        Registry key, e.g. ``"digits_cnn"``.
+    builder : callable
+        Returns a freshly initialised ``nn.Module``; keyword arguments are passed through.
+    input_shape : tuple of int
+        Shape of one input sample, ``(C, H, W)``.
+    description : str
+        One line for ``--help`` and listings.
+    """
+
+    name: str
+    builder: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    description: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def build(self, **kwargs) -> nn.Module:
+        return self.builder(**kwargs)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.build().parameters())
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, *, input_shape: tuple[int, ...], description: str = "", **meta):
+    """Decorator that registers an architecture builder under ``name``."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = ModelInfo(name, builder, tuple(input_shape), description, dict(meta))
+        return builder
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Names of all registered architectures, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """Metadata of a registered architecture; ``KeyError`` naming the known ones otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}") from None
+
+
+def build_model(name: str, **kwargs) -> nn.Module:
+    """Build a registered architecture with fresh weights."""
+    return get_model_info(name).build(**kwargs)

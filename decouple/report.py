@@ -1,0 +1,216 @@
+"""What a decoupling gained and lost: per-layer error, params, FLOPs, and the model's output error.
+
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one forward pass of a single
+input of the given shape (batch 1), so they are what PyTorch actually dispatches, per module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .surgery import LayerRecord
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> tuple[int, dict[str, int]]:
+    """FLOPs of ``model(example)``: the total and a map from module name to its FLOPs."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    root = type(model).__name__ + "."
+    per_module = {
+        key[len(root) :]: int(sum(ops.values()))
+        for key, ops in counter.get_flop_counts().items()
+        if key.startswith(root)
+    }
+    return int(counter.get_total_flops()), per_module
+
+
+@torch.no_grad()
+def output_error(original: nn.Module, decoupled: nn.Module, inputs: torch.Tensor) -> dict:
+    """Relative Frobenius error of the outputs and, for 2-D outputs, argmax agreement."""
+    a, b = original(inputs), decoupled(inputs)
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        raise TypeError("the model must return a single tensor to compare outputs")
+    a, b = a.double(), b.double()
+    denom = a.norm()
+    out = {"rel_error": float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())}
+    if a.dim() == 2 and a.shape[1] > 1:
+        out["argmax_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
+    out["batch"] = int(inputs.shape[0])
+    return out
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class Report:
+    """Everything a decoupling run measured; serialises to JSON and Markdown."""
+
+    layers: list[LayerRecord]
+    input_shape: tuple[int, ...]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    output: dict
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def decoupled(self) -> list[LayerRecord]:
+        return [r for r in self.layers if r.action == "decoupled"]
+
+    def totals(self) -> dict:
+        dec = self.decoupled
+        conv_before = sum(r.flops_before or 0 for r in dec)
+        conv_after = sum(r.flops_after or 0 for r in dec)
+        return {
+            "layers_decoupled": len(dec),
+            "layers_kept": len(self.layers) - len(dec),
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "params_ratio": _ratio(self.params_before, self.params_after),
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "flops_ratio": _ratio(self.flops_before, self.flops_after),
+            "decoupled_layers_flops_before": conv_before,
+            "decoupled_layers_flops_after": conv_after,
+            "decoupled_layers_flops_ratio": _ratio(conv_before, conv_after),
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "input_shape": list(self.input_shape),
+            "totals": self.totals(),
+            "output": self.output,
+            **self.extra,
+            "layers": [r.to_dict() for r in self.layers],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table_rows(self) -> list[list[str]]:
+        rows = [["layer", "shape", "order", "T", "rel err", "params", "MFLOPs", "note"]]
+        for r in self.layers:
+            k = "x".join(map(str, r.kernel_size))
+            shape = f"{r.in_channels}->{r.out_channels} {k}" + (f" s{r.stride[0]}" if r.stride[0] > 1 else "")
+            if r.groups > 1:
+                shape += f" g{r.groups}"
+            dec = r.action == "decoupled"
+            note = r.reason + (f"; BN {r.bn_folded} folded" if r.bn_folded else "")
+            rows.append(
+                [
+                    r.name,
+                    shape,
+                    r.order if dec else "-",
+                    f"{r.rank}/{r.max_rank}" if dec else "-",
+                    f"{r.rel_error:.4f}" if dec else "-",
+                    f"{r.params_before:,} -> {r.params_after:,}" if dec else f"{r.params_before:,}",
+                    _mflops(r.flops_before, r.flops_after) if dec else _mflops(r.flops_before),
+                    note,
+                ]
+            )
+        return rows
+
+    def summary_lines(self) -> list[str]:
+        t = self.totals()
+        lines = [
+            f"decoupled {t['layers_decoupled']} of {len(self.layers)} convs "
+            f"(FLOPs at input {tuple(self.input_shape)}, batch 1)",
+            f"params: {t['params_before']:,} -> {t['params_after']:,} ({t['params_ratio']:.2f}x fewer)",
+            f"FLOPs:  {t['flops_before']:,} -> {t['flops_after']:,} ({t['flops_ratio']:.2f}x fewer; "
+            f"decoupled layers alone {t['decoupled_layers_flops_ratio']:.2f}x)",
+            f"output: relative error {self.output['rel_error']:.4g} on a batch of {self.output['batch']}"
+            + (
+                f", top-1 agreement {100 * self.output['argmax_agreement']:.1f} %"
+                if "argmax_agreement" in self.output
+                else ""
+            ),
+        ]
+        acc = self.extra.get("accuracy")
+        if acc:
+            lines.append(
+                f"accuracy: top-1 {100 * acc['before']['top1']:.2f} % -> {100 * acc['after']['top1']:.2f} % "
+                f"on {acc['before']['n']} {acc.get('data', 'images')}"
+            )
+        if self.extra.get("bn_fold_error"):
+            lines.append(f"BatchNorm folding not applied: {self.extra['bn_fold_error']}")
+        return lines
+
+    def to_text(self) -> str:
+        rows = self.table_rows()
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        fmt = "  ".join(f"{{:{'<' if i in (0, 1, 7) else '>'}{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*row).rstrip() for row in rows]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(lines + [""] + self.summary_lines())
+
+    def to_markdown(self) -> str:
+        rows = self.table_rows()
+        out = ["# Decoupling report", ""]
+        out += [f"- {line}" for line in self.summary_lines()]
+        out += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]]
+        return "\n".join(out) + "\n"
+
+
+def _ratio(before: int, after: int) -> float:
+    return before / after if after else float("inf")
+
+
+def _mflops(before: int | None, after: int | None = None) -> str:
+    if before is None:
+        return "-"
+    if after is None:
+        return f"{before / 1e6:.2f}"
+    return f"{before / 1e6:.2f} -> {after / 1e6:.2f}"
+
+
+def build_report(
+    original: nn.Module,
+    decoupled: nn.Module,
+    records: list[LayerRecord],
+    input_shape: tuple[int, ...],
+    inputs: torch.Tensor | None = None,
+    extra: dict | None = None,
+) -> Report:
+    """Measure ``decoupled`` against ``original`` and fill the FLOPs of ``records``.
+
+    Parameters
+    ----------
+    original, decoupled : nn.Module
+        The model before and after :func:`decouple.decouple_` (both in eval mode).
+    records : list of LayerRecord
+        As returned by :func:`decouple.decouple_`; updated in place with per-layer FLOPs.
+    input_shape : tuple of int
+        One sample's shape ``(C, H, W)``; FLOPs are for a batch of one.
+    inputs : torch.Tensor, optional
+        Batch on which the outputs are compared; default 8 standard-normal samples (seed 0).
+    """
+    device = next(original.parameters()).device
+    dtype = next(original.parameters()).dtype
+    example = torch.zeros((1, *input_shape), device=device, dtype=dtype)
+    flops_before, per_before = count_flops(original, example)
+    flops_after, per_after = count_flops(decoupled, example)
+    for r in records:
+        r.flops_before = per_before.get(r.name)
+        r.flops_after = per_after.get(r.name)
+    if inputs is None:
+        gen = torch.Generator().manual_seed(0)
+        inputs = torch.randn((8, *input_shape), generator=gen, dtype=dtype).to(device)
+    return Report(
+        layers=records,
+        input_shape=tuple(input_shape),
+        params_before=_n_params(original),
+        params_after=_n_params(decoupled),
+        flops_before=flops_before,
+        flops_after=flops_after,
+        output=output_error(original, decoupled, inputs),
+        extra=dict(extra or {}),
+    )
