@@ -155,7 +155,10 @@ def decouple_with_fold_info(
     done: dict[int, nn.Module] = {}  # a module shared under two names is replaced once
 
     def walk(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent.named_children()):
+        # _modules rather than named_children(): the latter hides a module's second occurrence.
+        for child_name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, DecoupledConv2d):
                 rec = _base_record(name, child, "kept", "already decoupled")

@@ -1,0 +1,49 @@
+"""Tiny architectures for the CLI tests, reachable as ``--arch tiny_archs:NAME``.
+
+Not a test module: ``tests/test_cli.py`` puts this folder on ``sys.path`` (and on ``PYTHONPATH``
+for subprocesses). Module classes defined here pickle by reference to ``tiny_archs``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def small_cnn() -> nn.Module:
+    """Two 3×3 convs (one followed by BatchNorm) for 3×H×W inputs; 4 logits."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def pointwise_only() -> nn.Module:
+    """Only 1×1 convs: nothing that network decoupling applies to."""
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+
+def raises() -> nn.Module:
+    raise RuntimeError("this builder always fails")
+
+
+def not_a_module() -> int:
+    return 3
+
+
+class TwoOutputs(nn.Module):
+    """A conv net whose forward returns a tuple instead of one tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return y, y.mean()
