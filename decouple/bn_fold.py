@@ -70,7 +70,9 @@ def fold_batchnorm_(model: nn.Module) -> FoldResult:
     try:
         pairs = find_conv_bn_pairs(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure just means "cannot prove safety"
-        return FoldResult(error=f"not traceable by torch.fx ({type(e).__name__}: {e})".splitlines()[0])
+        return FoldResult(
+            error=f"not traceable by torch.fx ({type(e).__name__}: {e})".splitlines()[0]
+        )
     for conv_name, bn_name in pairs.items():
         fold_conv_bn_(model.get_submodule(conv_name), model.get_submodule(bn_name))
         model.set_submodule(bn_name, nn.Identity())

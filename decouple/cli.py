@@ -56,32 +56,69 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", nargs="?", metavar="MODEL",
-                   help="a state_dict or checkpoint file (with --arch), or a whole pickled "
-                   "nn.Module (with --trust-pickle)")
-    p.add_argument("--demo", action="store_true",
-                   help="use the bundled digits CNN and its test split instead of MODEL")
-    p.add_argument("--arch", metavar="NAME",
-                   help="architecture of a state_dict: a decouple model name, a torchvision model "
-                   "name (built with weights=None), or package.module:callable")
+    p.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="a state_dict or checkpoint file (with --arch), or a whole pickled "
+        "nn.Module (with --trust-pickle)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the bundled digits CNN and its test split instead of MODEL",
+    )
+    p.add_argument(
+        "--arch",
+        metavar="NAME",
+        help="architecture of a state_dict: a decouple model name, a torchvision model "
+        "name (built with weights=None), or package.module:callable",
+    )
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, metavar="T", help="terms per layer (>= 1)")
-    rank.add_argument("--energy", type=float, metavar="E",
-                      help="per layer, smallest T keeping this fraction of singular-value energy, in (0, 1]")
-    p.add_argument("--order", choices=ORDERS, help="depthwise first (dw-pw, default) or pointwise first")
-    p.add_argument("--skip", nargs="+", action="extend", default=[], metavar="NAME|REGEX",
-                   help="layers to leave as they are (exact module names or regexes)")
-    p.add_argument("--config", metavar="JSON",
-                   help="a DecoupleConfig JSON file (e.g. per-layer ranks); the flags above override it")
-    p.add_argument("--fold-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="fold BatchNorm into the conv feeding it before decoupling (default: on)")
-    p.add_argument("--input-shape", metavar="C,H,W",
-                   help="one input's shape, for FLOPs and the output check (default: from the arch)")
-    p.add_argument("--out", metavar="PATH", help="decoupled model file (default: MODEL with .decoupled)")
+    rank.add_argument(
+        "--energy",
+        type=float,
+        metavar="E",
+        help="per layer, smallest T keeping this fraction of singular-value energy, in (0, 1]",
+    )
+    p.add_argument(
+        "--order", choices=ORDERS, help="depthwise first (dw-pw, default) or pointwise first"
+    )
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME|REGEX",
+        help="layers to leave as they are (exact module names or regexes)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="JSON",
+        help="a DecoupleConfig JSON file (e.g. per-layer ranks); the flags above override it",
+    )
+    p.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fold BatchNorm into the conv feeding it before decoupling (default: on)",
+    )
+    p.add_argument(
+        "--input-shape",
+        metavar="C,H,W",
+        help="one input's shape, for FLOPs and the output check (default: from the arch)",
+    )
+    p.add_argument(
+        "--out", metavar="PATH", help="decoupled model file (default: MODEL with .decoupled)"
+    )
     p.add_argument("--report", metavar="PATH", help="report JSON (a Markdown copy goes beside it)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a whole pickled model; unpickling runs code from the file")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a whole pickled model; unpickling runs code from the file",
+    )
     return p
 
 
@@ -105,7 +142,9 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
     config = DecoupleConfig.from_dict(data)
     ranked = any(not s.skip for _, s in config.overrides)
     if config.rank is None and config.energy is None and not ranked:
-        raise InputError("say how many terms to keep: --rank T or --energy E (or per-layer ranks in --config)")
+        raise InputError(
+            "say how many terms to keep: --rank T or --energy E (or per-layer ranks in --config)"
+        )
     return config
 
 
@@ -113,13 +152,17 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in text.replace("x", ",").split(","))
     except ValueError:
-        raise InputError(f"--input-shape must be C,H,W with positive integers; got {text!r}") from None
+        raise InputError(
+            f"--input-shape must be C,H,W with positive integers; got {text!r}"
+        ) from None
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"--input-shape must be C,H,W with positive integers; got {text!r}")
     return shape
 
 
-def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path | None) -> dict[str, Path]:
+def output_paths(
+    args: argparse.Namespace, model_path: Path, out_dir: Path | None
+) -> dict[str, Path]:
     if args.out:
         out = Path(args.out)
     else:
@@ -132,7 +175,9 @@ def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path | Non
     paths = {"model": out, "recipe": recipe_path_for(out), "report": report, "markdown": md}
     for what, p in paths.items():
         if p.resolve() == model_path.resolve():
-            raise InputError(f"the {what} output {p} would overwrite the input file; choose another --out")
+            raise InputError(
+                f"the {what} output {p} would overwrite the input file; choose another --out"
+            )
     if not args.force:
         existing = [str(p) for p in paths.values() if p.exists()]
         if existing:
@@ -168,7 +213,9 @@ def run(args: argparse.Namespace) -> int:
         with torch.no_grad():
             original(torch.zeros((1, *shape), dtype=dtype))
     except Exception as e:  # noqa: BLE001 - the user's model or shape
-        raise InputError(f"the model does not run on input shape {shape} ({e}); pass --input-shape") from None
+        raise InputError(
+            f"the model does not run on input shape {shape} ({e}); pass --input-shape"
+        ) from None
 
     records, fold_error = decouple_with_fold_info(model, config)
     if not any(r.action == "decoupled" for r in records):
@@ -214,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DECOUPLE_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"decouple: internal error: {type(e).__name__}: {msg} "
-              "(set DECOUPLE_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"decouple: internal error: {type(e).__name__}: {msg} "
+            "(set DECOUPLE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1

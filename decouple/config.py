@@ -61,7 +61,9 @@ class LayerSpec:
         if value == "skip":
             return cls(skip=True)
         if isinstance(value, bool):
-            raise ValueError(f"a layer override must be 'skip', a rank, an energy or a dict; got {value!r}")
+            raise ValueError(
+                f"a layer override must be 'skip', a rank, an energy or a dict; got {value!r}"
+            )
         if isinstance(value, int):
             return cls(rank=value)
         if isinstance(value, float):
@@ -69,9 +71,13 @@ class LayerSpec:
         if isinstance(value, dict):
             unknown = set(value) - {"rank", "energy", "order", "skip"}
             if unknown:
-                raise ValueError(f"unknown layer override keys {sorted(unknown)}; allowed: rank, energy, order, skip")
+                raise ValueError(
+                    f"unknown layer override keys {sorted(unknown)}; allowed: rank, energy, order, skip"
+                )
             return cls(**value)
-        raise ValueError(f"a layer override must be 'skip', a rank, an energy or a dict; got {value!r}")
+        raise ValueError(
+            f"a layer override must be 'skip', a rank, an energy or a dict; got {value!r}"
+        )
 
     def to_json_value(self) -> Any:
         if self.skip:
@@ -127,7 +133,9 @@ class DecoupleConfig:
             try:
                 re.compile(key)
             except re.error as e:
-                raise ValueError(f"override {key!r} is neither a plain name nor a valid regex: {e}") from None
+                raise ValueError(
+                    f"override {key!r} is neither a plain name nor a valid regex: {e}"
+                ) from None
             pairs.append((key, LayerSpec.coerce(value)))
         # Stored as a tuple of pairs so the config stays hashable and ordered.
         object.__setattr__(self, "overrides", tuple(pairs))

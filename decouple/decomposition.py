@@ -65,11 +65,7 @@ def _slices(weight: torch.Tensor, order: str, groups: int) -> torch.Tensor:
         return weight.reshape(n, cg, kh * kw)
     ng = n // groups
     # (g, N/g, C/g, k²) -> (g, C/g, N/g, k²): one slice per input channel, in channel order.
-    return (
-        weight.reshape(groups, ng, cg, kh * kw)
-        .transpose(1, 2)
-        .reshape(groups * cg, ng, kh * kw)
-    )
+    return weight.reshape(groups, ng, cg, kh * kw).transpose(1, 2).reshape(groups * cg, ng, kh * kw)
 
 
 def _unslice(slices: torch.Tensor, shape: tuple[int, ...], order: str, groups: int) -> torch.Tensor:
@@ -242,7 +238,9 @@ def decouple_weight(
     shape = tuple(weight.shape)
     full = max_rank(shape, order, groups)
     t = full if rank is None else min(int(rank), full)
-    u, s, vh = torch.linalg.svd(_slices(weight.detach().double(), order, groups), full_matrices=False)
+    u, s, vh = torch.linalg.svd(
+        _slices(weight.detach().double(), order, groups), full_matrices=False
+    )
     u, vh = svd_flip(u, vh)
     kh, kw = shape[2:]
     depthwise = vh[:, :t, :].reshape(-1, t, kh, kw)

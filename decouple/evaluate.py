@@ -25,7 +25,9 @@ def evaluate(
         ``top1`` and ``top5`` as fractions, ``loss`` (mean cross-entropy) and ``n``.
     """
     if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(f"need as many labels as images, at least one; got {len(images)} and {len(labels)}")
+        raise ValueError(
+            f"need as many labels as images, at least one; got {len(images)} and {len(labels)}"
+        )
     model.eval()
     correct1 = correct5 = 0
     loss = 0.0

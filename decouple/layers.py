@@ -128,7 +128,9 @@ class DecoupledConv2d(nn.Module):
         g, (kh, kw), t = self.groups, self.kernel_size, self.rank
         c, n = self.in_channels, self.out_channels
         if dec.rank != t or dec.order != self.order:
-            raise ValueError(f"factors have rank {dec.rank} ({dec.order}); layer wants {t} ({self.order})")
+            raise ValueError(
+                f"factors have rank {dec.rank} ({dec.order}); layer wants {t} ({self.order})"
+            )
         if self.order == "dw-pw":
             dw = dec.depthwise.reshape(c * t, 1, kh, kw)
             # (C, T, N/g) -> (g, N/g, C/g·T): pointwise group j mixes the terms of group j's inputs.

@@ -48,7 +48,9 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> obje
                 f"{path} holds pickled Python objects (such as a whole nn.Module); loading them can "
                 "run code from the file, so it is refused. If you trust the file, re-run with --trust-pickle"
             ) from None
-        raise InputError(f"cannot read {path}: corrupt or not a PyTorch file ({_first_line(e)})") from None
+        raise InputError(
+            f"cannot read {path}: corrupt or not a PyTorch file ({_first_line(e)})"
+        ) from None
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged files
         raise InputError(
             f"cannot read {path}: truncated, corrupt or not a PyTorch file ({_first_line(e)})"
@@ -80,7 +82,11 @@ def split_checkpoint(obj: object, path: str | os.PathLike = "the file") -> nn.Mo
                 obj = obj[key]
                 break
     if not _is_state_dict(obj):
-        kind = f"a dict with keys {sorted(map(str, obj))[:5]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        kind = (
+            f"a dict with keys {sorted(map(str, obj))[:5]}"
+            if isinstance(obj, Mapping)
+            else f"a {type(obj).__name__}"
+        )
         raise InputError(f"not a model: {path} holds {kind}, not a state_dict or an nn.Module")
     sd = dict(obj)
     if all(k.startswith("module.") for k in sd):
@@ -108,7 +114,9 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         try:
             model = fn()
         except Exception as e:  # noqa: BLE001 - user code
-            raise InputError(f"--arch {arch} failed when called with no arguments: {_first_line(e)}") from None
+            raise InputError(
+                f"--arch {arch} failed when called with no arguments: {_first_line(e)}"
+            ) from None
         if not isinstance(model, nn.Module):
             raise InputError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
         return model, None
@@ -125,7 +133,11 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             f"unknown arch {arch!r}: not one of decouple's ({ours}), not a torchvision model, "
             "and not package.module:callable"
         )
-    shape = TORCHVISION_INPUT_SHAPE if arch in torchvision.models.list_models(torchvision.models) else None
+    shape = (
+        TORCHVISION_INPUT_SHAPE
+        if arch in torchvision.models.list_models(torchvision.models)
+        else None
+    )
     return torchvision.models.get_model(arch, weights=None), shape
 
 

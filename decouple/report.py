@@ -99,7 +99,9 @@ class Report:
         rows = [["layer", "shape", "order", "T", "rel err", "params", "MFLOPs", "note"]]
         for r in self.layers:
             k = "x".join(map(str, r.kernel_size))
-            shape = f"{r.in_channels}->{r.out_channels} {k}" + (f" s{r.stride[0]}" if r.stride[0] > 1 else "")
+            shape = f"{r.in_channels}->{r.out_channels} {k}" + (
+                f" s{r.stride[0]}" if r.stride[0] > 1 else ""
+            )
             if r.groups > 1:
                 shape += f" g{r.groups}"
             dec = r.action == "decoupled"
@@ -123,9 +125,9 @@ class Report:
         lines = [
             f"decoupled {t['layers_decoupled']} of {len(self.layers)} convs "
             f"(FLOPs at input {tuple(self.input_shape)}, batch 1)",
-            f"params: {t['params_before']:,} -> {t['params_after']:,} ({t['params_ratio']:.2f}x fewer)",
-            f"FLOPs:  {t['flops_before']:,} -> {t['flops_after']:,} ({t['flops_ratio']:.2f}x fewer; "
-            f"decoupled layers alone {t['decoupled_layers_flops_ratio']:.2f}x)",
+            f"params: {t['params_before']:,} -> {t['params_after']:,} ({_fewer(t['params_ratio'])})",
+            f"FLOPs:  {t['flops_before']:,} -> {t['flops_after']:,} ({_fewer(t['flops_ratio'])}; "
+            f"decoupled layers alone {_fewer(t['decoupled_layers_flops_ratio'])})",
             f"output: relative error {self.output['rel_error']:.4g} on a batch of {self.output['batch']}"
             + (
                 f", top-1 agreement {100 * self.output['argmax_agreement']:.1f} %"
@@ -162,6 +164,10 @@ class Report:
 
 def _ratio(before: int, after: int) -> float:
     return before / after if after else float("inf")
+
+
+def _fewer(ratio: float) -> str:
+    return f"{ratio:.2f}x fewer" if ratio >= 1 else f"{1 / ratio:.2f}x more"
 
 
 def _mflops(before: int | None, after: int | None = None) -> str:

@@ -87,7 +87,9 @@ def why_not_decouplable(conv: nn.Conv2d) -> str | None:
     return None
 
 
-def _decouple_conv(name: str, conv: nn.Conv2d, config: DecoupleConfig) -> tuple[nn.Module, LayerRecord]:
+def _decouple_conv(
+    name: str, conv: nn.Conv2d, config: DecoupleConfig
+) -> tuple[nn.Module, LayerRecord]:
     reason = why_not_decouplable(conv)
     if reason is not None:
         return conv, _base_record(name, conv, "kept", reason)
@@ -207,7 +209,9 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise ValueError("not a decouple recipe (missing format: 'decouple-recipe')")
     if recipe.get("version") != RECIPE_VERSION:
-        raise ValueError(f"unsupported recipe version {recipe.get('version')!r}; this is {RECIPE_VERSION}")
+        raise ValueError(
+            f"unsupported recipe version {recipe.get('version')!r}; this is {RECIPE_VERSION}"
+        )
     apply_fold_structure_(model, recipe.get("folded_bn") or {})
     for name, spec in recipe["layers"].items():
         conv = model.get_submodule(name)

@@ -37,7 +37,9 @@ def test_layer_spec_validation():
 
 
 def test_resolution_order():
-    c = DecoupleConfig(energy=0.9, order="pw-dw", overrides={"a.*": 2, "ab": "skip", "c": {"order": "dw-pw"}})
+    c = DecoupleConfig(
+        energy=0.9, order="pw-dw", overrides={"a.*": 2, "ab": "skip", "c": {"order": "dw-pw"}}
+    )
     assert c.resolve("ab").skip
     assert c.resolve("ax") == LayerSpec(rank=2, order="pw-dw")
     assert c.resolve("c") == LayerSpec(energy=0.9, order="dw-pw")
@@ -49,7 +51,9 @@ specs = st.one_of(
     st.just("skip"),
     st.integers(1, 20),
     st.floats(0.01, 1.0),
-    st.fixed_dictionaries({"rank": st.integers(1, 9)}, optional={"order": st.sampled_from(["dw-pw", "pw-dw"])}),
+    st.fixed_dictionaries(
+        {"rank": st.integers(1, 9)}, optional={"order": st.sampled_from(["dw-pw", "pw-dw"])}
+    ),
 )
 
 
@@ -57,7 +61,9 @@ specs = st.one_of(
     rank=st.one_of(st.none(), st.integers(1, 9)),
     order=st.sampled_from(["dw-pw", "pw-dw"]),
     fold=st.booleans(),
-    overrides=st.dictionaries(st.from_regex(r"[a-z][a-z0-9_.]{0,8}", fullmatch=True), specs, max_size=4),
+    overrides=st.dictionaries(
+        st.from_regex(r"[a-z][a-z0-9_.]{0,8}", fullmatch=True), specs, max_size=4
+    ),
 )
 def test_json_round_trip(rank, order, fold, overrides):
     c = DecoupleConfig(rank=rank, order=order, fold_bn=fold, overrides=overrides)

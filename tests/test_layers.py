@@ -20,7 +20,9 @@ def conv_configs(draw):
     kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
     dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     padding_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
-    stride = (1, 1) if padding_kind == "same" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (
+        (1, 1) if padding_kind == "same" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    )
     padding = {
         "int": draw(st.integers(0, 2)),
         "tuple": (draw(st.integers(0, 2)), draw(st.integers(0, 2))),
@@ -95,7 +97,9 @@ def test_low_rank_layer_computes_the_reconstructed_kernel(order):
 def test_empty_layer_loads_a_saved_state_dict(order):
     conv = nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding="valid", dilation=(1, 2), bias=False)
     built = DecoupledConv2d.from_conv(conv, 2, order)
-    empty = DecoupledConv2d(4, 6, (3, 2), 2, order, stride=(2, 1), padding="valid", dilation=(1, 2), bias=False)
+    empty = DecoupledConv2d(
+        4, 6, (3, 2), 2, order, stride=(2, 1), padding="valid", dilation=(1, 2), bias=False
+    )
     empty.load_state_dict(built.state_dict())
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(empty(x), built(x))
@@ -116,4 +120,6 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="rank"):
         DecoupledConv2d(4, 4, 3, 0)
     with pytest.raises(ValueError, match="different convolution"):
-        DecoupledConv2d.from_decoupling(nn.Conv2d(4, 4, 3), decouple_weight(torch.randn(4, 4, 5, 5), 1))
+        DecoupledConv2d.from_decoupling(
+            nn.Conv2d(4, 4, 3), decouple_weight(torch.randn(4, 4, 5, 5), 1)
+        )

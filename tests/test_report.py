@@ -28,7 +28,9 @@ def test_layer_flops_match_closed_forms(t, stride):
         else:
             assert r.flops_after == 2 * t * (h * w * c * n + ho * wo * n * k * k)
         assert report.flops_after == r.flops_after
-        assert r.params_after == (c * t * k * k + c * t * n if order == "dw-pw" else c * n * t + n * t * k * k)
+        assert r.params_after == (
+            c * t * k * k + c * t * n if order == "dw-pw" else c * n * t + n * t * k * k
+        )
 
 
 def test_count_flops_per_module_names():
@@ -40,7 +42,9 @@ def test_count_flops_per_module_names():
 
 def test_report_totals_renderings_and_output_error():
     torch.manual_seed(0)
-    original = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(1))
+    original = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(1)
+    )
     model = copy.deepcopy(original)
     records = decouple_(model, DecoupleConfig(rank=1))
     report = build_report(original, model, records, (3, 8, 8), extra={"note": "x"})

@@ -57,7 +57,9 @@ def trained_net(seed=0):
 
 
 def x_batch():
-    return torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return torch.randn(
+        2, 3, 10, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
 
 
 def by_name(records):
@@ -93,7 +95,11 @@ def test_overrides_exact_name_beats_regex_and_skip():
     net = trained_net()
     config = DecoupleConfig(
         rank=1,
-        overrides={r"blocks\..*": 3, "blocks.1.conv": {"rank": 2, "order": "pw-dw"}, "tail": "skip"},
+        overrides={
+            r"blocks\..*": 3,
+            "blocks.1.conv": {"rank": 2, "order": "pw-dw"},
+            "tail": "skip",
+        },
     )
     records = by_name(decouple_(net, config))
     assert records["stem"].rank == 1
@@ -107,8 +113,12 @@ def test_per_layer_mapping_alone_and_filter_fn():
     records = by_name(decouple_(net, DecoupleConfig(overrides={"stem": 2})))
     assert [n for n, r in records.items() if r.action == "decoupled"] == ["stem"]
     net = trained_net()
-    records = by_name(decouple_(net, DecoupleConfig(rank=2), filter_fn=lambda m, name: name != "stem"))
-    assert records["stem"].reason == "excluded by filter_fn" and records["tail"].action == "decoupled"
+    records = by_name(
+        decouple_(net, DecoupleConfig(rank=2), filter_fn=lambda m, name: name != "stem")
+    )
+    assert (
+        records["stem"].reason == "excluded by filter_fn" and records["tail"].action == "decoupled"
+    )
 
 
 def test_energy_rule_picks_smallest_rank_reaching_it():
@@ -128,7 +138,11 @@ def test_energy_rule_picks_smallest_rank_reaching_it():
 def test_bn_folding_only_where_conv_feeds_just_that_bn():
     net = trained_net()
     pairs = find_conv_bn_pairs(net)
-    assert pairs == {"stem": "stem_bn", "blocks.0.conv": "blocks.0.bn", "blocks.1.conv": "blocks.1.bn"}
+    assert pairs == {
+        "stem": "stem_bn",
+        "blocks.0.conv": "blocks.0.bn",
+        "blocks.1.conv": "blocks.1.bn",
+    }
     ref = copy.deepcopy(net)
     result = fold_batchnorm_(net)
     assert result.error is None and result.folded == pairs
@@ -183,7 +197,9 @@ def test_nan_weights_are_refused():
 @pytest.mark.parametrize("fold_bn", [False, True])
 def test_recipe_round_trip_through_json(fold_bn):
     net = trained_net()
-    config = DecoupleConfig(rank=2, fold_bn=fold_bn, overrides={"tail": {"rank": 1, "order": "pw-dw"}})
+    config = DecoupleConfig(
+        rank=2, fold_bn=fold_bn, overrides={"tail": {"rank": 1, "order": "pw-dw"}}
+    )
     records = decouple_(net, config)
     recipe = json.loads(json.dumps(make_recipe(records, config)))
     assert DecoupleConfig.from_dict(recipe["config"]) == config

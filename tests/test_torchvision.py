@@ -34,7 +34,9 @@ def test_full_rank_reproduces_torchvision_models(name, order):
         records = decouple_(model, DecoupleConfig(rank=49, order=order, fold_bn=True))
         got = model(x)
     decoupled = [r for r in records if r.action == "decoupled"]
-    assert decoupled and all(isinstance(model.get_submodule(r.name), DecoupledConv2d) for r in decoupled)
+    assert decoupled and all(
+        isinstance(model.get_submodule(r.name), DecoupledConv2d) for r in decoupled
+    )
     assert (sum(r.bn_folded is not None for r in records) > 0) == has_bn
     assert (got - expected).norm() / expected.norm() < 1e-9
 
@@ -46,6 +48,8 @@ def test_resnet18_low_rank_is_smaller_and_still_runs():
     by_name = {r.name: r for r in records}
     assert by_name["conv1"].action == "kept" and by_name["layer1.0.conv1"].rank == 2
     assert by_name["layer2.0.downsample.0"].reason == "1x1 conv"
-    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in original.parameters())
+    assert sum(p.numel() for p in model.parameters()) < sum(
+        p.numel() for p in original.parameters()
+    )
     with torch.no_grad():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
