@@ -20,12 +20,15 @@ from .config import DecoupleConfig
 from .decomposition import ORDERS
 from .evaluate import evaluate
 from .model_io import (
+    WEIGHT_SUFFIXES,
     InputError,
     check_finite,
+    check_output_paths,
     load_model,
     recipe_path_for,
-    save_atomic,
-    write_text_atomic,
+    sidecar_path,
+    torch_bytes,
+    write_files_atomically,
 )
 from .report import build_report
 from .surgery import decouple_with_fold_info, make_recipe
@@ -127,18 +130,22 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
     data = {"fold_bn": True}
     if args.config:
         try:
-            data.update(json.loads(Path(args.config).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"cannot read --config {args.config}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise InputError(f"--config {args.config} must hold a JSON object (a DecoupleConfig)")
+        data.update(loaded)
     if args.rank is not None or args.energy is not None:
         data["rank"], data["energy"] = args.rank, args.energy
     if args.order:
         data["order"] = args.order
     if args.fold_bn is not None:
         data["fold_bn"] = args.fold_bn
-    overrides = dict(data.get("overrides") or {})
-    overrides.update({name: "skip" for name in args.skip})
-    data["overrides"] = overrides
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise InputError("the config's overrides must be a JSON object of name -> rule")
+    data["overrides"] = {**overrides, **{name: "skip" for name in args.skip}}
     config = DecoupleConfig.from_dict(data)
     ranked = any(not s.skip for _, s in config.overrides)
     if config.rank is None and config.energy is None and not ranked:
@@ -152,70 +159,90 @@ def parse_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(x) for x in text.replace("x", ",").split(","))
     except ValueError:
-        raise InputError(
-            f"--input-shape must be C,H,W with positive integers; got {text!r}"
-        ) from None
+        shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"--input-shape must be C,H,W with positive integers; got {text!r}")
     return shape
 
 
-def output_paths(
-    args: argparse.Namespace, model_path: Path, out_dir: Path | None
-) -> dict[str, Path]:
+def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path) -> dict[str, Path]:
+    """The four output files; see the epilog of ``--help``."""
     if args.out:
         out = Path(args.out)
+    else:  # net.pt -> net.decoupled.pt; net -> net.decoupled
+        keep = model_path.suffix if model_path.suffix in WEIGHT_SUFFIXES else ""
+        out = out_dir / sidecar_path(model_path, ".decoupled" + keep).name
+    if args.report:
+        report = Path(args.report)
+        report = report.with_suffix(".json") if report.suffix == ".md" else report
     else:
-        base = out_dir or model_path.parent
-        out = base / f"{model_path.stem}.decoupled{model_path.suffix}"
-    report = Path(args.report) if args.report else out.with_name(out.stem + ".report.json")
-    md = report.with_suffix(".md") if report.suffix != ".md" else report
-    if report.suffix == ".md":
-        report = report.with_suffix(".json")
-    paths = {"model": out, "recipe": recipe_path_for(out), "report": report, "markdown": md}
-    for what, p in paths.items():
-        if p.resolve() == model_path.resolve():
-            raise InputError(
-                f"the {what} output {p} would overwrite the input file; choose another --out"
-            )
-    if not args.force:
-        existing = [str(p) for p in paths.values() if p.exists()]
-        if existing:
-            raise InputError(f"output exists: {existing[0]}; pass --force to overwrite")
-    return paths
+        report = sidecar_path(out, ".report.json")
+    return {
+        "model": out,
+        "recipe": recipe_path_for(out),
+        "report": report,
+        "markdown": report.with_suffix(".md"),
+    }
+
+
+def _single_tensor_output(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
+    """Run ``model`` once on zeros: it must accept ``shape`` and return one tensor."""
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((1, *shape), dtype=dtype))
+    except Exception as e:  # noqa: BLE001 - the user's model or shape
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(
+            f"the model does not run on input shape {shape} ({msg}); pass --input-shape"
+        ) from None
+    if not isinstance(out, torch.Tensor):
+        raise InputError(
+            f"the model returns a {type(out).__name__}, not a single tensor; "
+            "decouple compares the outputs of single-output models"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
-    out_dir = None
     if args.demo:
         from . import demo
 
         if args.model:
             raise InputError("give either MODEL or --demo, not both")
         model_path, arch = demo.model_path(), "digits_cnn"
-        if not args.out:  # never write into the installed package; never overwrite anything
-            out_dir = Path(tempfile.mkdtemp(prefix="decouple-demo-"))
     elif args.model is None:
         raise InputError("give a MODEL file to decouple (or --demo to try the bundled example)")
     else:
         model_path, arch = Path(args.model), args.arch
     config = make_config(args)
+    out_dir = model_path.parent
+    if args.demo and not args.out:  # never write into the installed package, nor over anything
+        out_dir = Path(tempfile.mkdtemp(prefix="decouple-demo-"))
+    try:
+        return _decouple_file(args, config, model_path, arch, out_dir)
+    finally:
+        if out_dir != model_path.parent and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def _decouple_file(
+    args: argparse.Namespace,
+    config: DecoupleConfig,
+    model_path: Path,
+    arch: str | None,
+    out_dir: Path,
+) -> int:
     paths = output_paths(args, model_path, out_dir)
+    check_output_paths(paths, [model_path], args.force)
 
     model, arch_shape, kind = load_model(model_path, arch, args.trust_pickle)
     check_finite(model)
     shape = parse_shape(args.input_shape) if args.input_shape else arch_shape
     if shape is None:
         raise InputError("cannot tell what input this model takes; pass --input-shape C,H,W")
+    _single_tensor_output(model, shape)
     original = copy.deepcopy(model)
-    dtype = next(model.parameters()).dtype
-    try:
-        with torch.no_grad():
-            original(torch.zeros((1, *shape), dtype=dtype))
-    except Exception as e:  # noqa: BLE001 - the user's model or shape
-        raise InputError(
-            f"the model does not run on input shape {shape} ({e}); pass --input-shape"
-        ) from None
 
     records, fold_error = decouple_with_fold_info(model, config)
     if not any(r.action == "decoupled" for r in records):
@@ -227,6 +254,8 @@ def run(args: argparse.Namespace) -> int:
         extra["bn_fold_error"] = fold_error
     inputs = None
     if args.demo:
+        from . import demo
+
         images, labels = demo.load_demo_test_set()
         inputs = images[:256]
         extra["accuracy"] = {
@@ -236,10 +265,15 @@ def run(args: argparse.Namespace) -> int:
         }
     report = build_report(original, model, records, shape, inputs=inputs, extra=extra)
 
-    save_atomic(model if kind == "module" else model.state_dict(), paths["model"])
-    write_text_atomic(json.dumps(make_recipe(records, config), indent=2) + "\n", paths["recipe"])
-    write_text_atomic(report.to_json() + "\n", paths["report"])
-    write_text_atomic(report.to_markdown(), paths["markdown"])
+    recipe = json.dumps(make_recipe(records, config), indent=2) + "\n"
+    write_files_atomically(
+        {
+            paths["model"]: torch_bytes(model if kind == "module" else model.state_dict()),
+            paths["recipe"]: recipe.encode(),
+            paths["report"]: (report.to_json() + "\n").encode(),
+            paths["markdown"]: report.to_markdown().encode(),
+        }
+    )
 
     print(report.to_text())
     print()

@@ -8,6 +8,7 @@ unless the caller explicitly trusts them. Every problem with the user's input is
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import pickle
@@ -43,7 +44,8 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> obje
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        if not trust_pickle and "weights only load failed" in str(e).lower():
+        # Only a disallowed *global* means real pickled objects; other failures are damage.
+        if not trust_pickle and "unsupported global" in str(e).lower():
             raise InputError(
                 f"{path} holds pickled Python objects (such as a whole nn.Module); loading them can "
                 "run code from the file, so it is refused. If you trust the file, re-run with --trust-pickle"
@@ -197,35 +199,74 @@ def check_finite(model: nn.Module) -> None:
             raise InputError(f"the model has NaN or Inf values in {name}; refusing to decouple it")
 
 
-def _atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def check_output_paths(paths: Mapping[str, Path], inputs: list[Path], force: bool) -> None:
+    """Refuse outputs that collide, overwrite an input, exist without ``force``, or can't be made."""
+    seen: dict[Path, str] = {}
+    for what, p in paths.items():
+        real = p.resolve()
+        if any(real == i.resolve() for i in inputs):
+            raise InputError(
+                f"the {what} output {p} would overwrite the input file; choose another --out"
+            )
+        if real in seen:
+            raise InputError(f"the {what} and {seen[real]} outputs would both be written to {p}")
+        seen[real] = what
+        if p.is_dir():
+            raise InputError(f"the {what} output {p} is a directory")
+        if p.exists() and not force:
+            raise InputError(f"output exists: {p}; pass --force to overwrite")
+        ancestor = p.parent
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise InputError(f"cannot create {p}: {ancestor} is not a directory")
+
+
+def write_files_atomically(payloads: Mapping[Path, bytes]) -> None:
+    """Write every file through a temporary sibling, then rename them all.
+
+    A failure while writing leaves no new or half-written file behind; the renames come last.
+    """
+    staged: list[tuple[str, Path]] = []
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for path, data in payloads.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
 
 
-def save_atomic(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically."""
-    _atomic(Path(path), lambda f: torch.save(obj, f))
+def torch_bytes(obj: object) -> bytes:
+    """``torch.save`` into memory."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
-def write_text_atomic(text: str, path: str | os.PathLike) -> None:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    _atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+WEIGHT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt", ".bin", ".tar")
+
+
+def sidecar_path(weights_path: str | os.PathLike, suffix: str) -> Path:
+    """A file beside a saved model: ``x.decoupled.pt`` -> ``x.decoupled<suffix>``.
+
+    Only a weights-file extension is dropped, so ``x.decoupled`` -> ``x.decoupled<suffix>`` too.
+    """
+    p = Path(weights_path)
+    base = p.name[: -len(p.suffix)] if p.suffix in WEIGHT_SUFFIXES else p.name
+    return p.with_name(base + suffix)
 
 
 def recipe_path_for(weights_path: str | os.PathLike) -> Path:
     """The recipe that sits next to a saved decoupled model: ``x.pt`` -> ``x.recipe.json``."""
-    p = Path(weights_path)
-    return p.with_name(p.stem + ".recipe.json")
+    return sidecar_path(weights_path, ".recipe.json")
 
 
 def load_decoupled(

@@ -34,7 +34,7 @@ def output_error(original: nn.Module, decoupled: nn.Module, inputs: torch.Tensor
     """Relative Frobenius error of the outputs and, for 2-D outputs, argmax agreement."""
     a, b = original(inputs), decoupled(inputs)
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-        raise TypeError("the model must return a single tensor to compare outputs")
+        raise ValueError("the model must return a single tensor to compare outputs")
     a, b = a.double(), b.double()
     denom = a.norm()
     out = {"rel_error": float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())}
