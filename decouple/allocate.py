@@ -1,0 +1,196 @@
+"""Rank allocation under a global FLOPs budget.
+
+Each decouplable layer has options: keep the original conv, or decouple it at ``T = 1 … full``.
+Every option has a cost (its FLOPs, from the closed forms, which match ``FlopCounterMode``) and
+a loss, by one of two criteria:
+
+* ``energy`` (data-free): the fraction of the kernel's squared norm dropped, ``1 − energy(T)``;
+* ``data``: the layer's squared relative output error on held-out calibration images, after the
+  closed-form refit of its last factor (what calibration will do), with the original network's
+  inputs.
+
+A greedy pass then buys, from the cheapest choice of every layer, the upgrade with the best loss
+saved per FLOP until the budget is spent. A ``T`` that saves less than ``min_saving`` of a
+layer's FLOPs is never offered: such a layer is better left exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .calibrate import Factors, holdout_mask, refit_last
+from .decomposition import decouple_weight
+from .moments import Moments
+
+CRITERIA = ("energy", "data")
+
+
+def conv_flops(conv: nn.Conv2d, out_hw: tuple[int, int]) -> int:
+    """FLOPs of ``conv`` for one image (2 per multiply-add, as ``FlopCounterMode`` counts)."""
+    kh, kw = conv.kernel_size
+    return (
+        2 * out_hw[0] * out_hw[1] * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+    )
+
+
+def decoupled_flops(conv: nn.Conv2d, order: str, rank: int, in_hw, out_hw) -> int:
+    """FLOPs of ``conv`` decoupled at ``rank`` for one image, from the layer's two convs."""
+    c, n, g = conv.in_channels, conv.out_channels, conv.groups
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    hw_in, hw_out = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
+    if order == "dw-pw":
+        return 2 * hw_out * c * rank * k + 2 * hw_out * n * (c * rank // g)
+    return 2 * hw_in * n * rank * (c // g) + 2 * hw_out * n * rank * k
+
+
+@torch.no_grad()
+def probe_shapes(model: nn.Module, names: list[str], input_shape) -> dict[str, tuple]:
+    """Spatial size of each named conv's input and output, from one forward pass."""
+    shapes = {}
+
+    def record(name, inp, out) -> None:  # a forward hook that returns a value replaces the output
+        shapes.setdefault(name, (tuple(inp[0].shape[2:]), tuple(out.shape[2:])))
+
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: record(n, i, o))
+        for n in names
+    ]
+    try:
+        p = next(model.parameters())
+        model(torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+@torch.no_grad()
+def collect_moments(
+    model: nn.Module,
+    names: list[str],
+    images: torch.Tensor,
+    holdout: float = 0.125,
+    batch_size: int = 64,
+) -> dict[str, tuple[Moments, Moments]]:
+    """Fit and held-out moments of every named conv, on ``model``'s own inputs and outputs."""
+    held = holdout_mask(len(images), holdout)
+    moments = {
+        n: (Moments.zeros(model.get_submodule(n)), Moments.zeros(model.get_submodule(n)))
+        for n in names
+    }
+    current = {}
+
+    def hook(mod, inp, out, name):
+        fit, val = moments[name]
+        mask = current["held"]
+        if (~mask).any():
+            fit.add(mod, inp[0][~mask], out[~mask])
+        if mask.any():
+            val.add(mod, inp[0][mask], out[mask])
+
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n))
+        for n in names
+    ]
+    try:
+        for i in range(0, len(images), batch_size):
+            current["held"] = held[i : i + batch_size]
+            model(images[i : i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    if not held.any():  # nothing held out: judge on the fit itself
+        moments = {n: (f, f) for n, (f, _) in moments.items()}
+    return moments
+
+
+def energy_losses(conv: nn.Conv2d, order: str) -> list[float]:
+    """``1 − energy(T)`` for ``T = 1 … full``: the squared relative kernel error."""
+    full = decouple_weight(conv.weight, None, order, conv.groups)
+    return [float(1 - e) for e in full.layer_energy()]
+
+
+def data_losses(
+    conv: nn.Conv2d, order: str, moments: tuple[Moments, Moments], ridge: float = 1e-4
+) -> list[float]:
+    """Squared relative output error (held out) at ``T = 1 … full``, after a last-factor refit."""
+    fit, val = moments
+    full = decouple_weight(conv.weight, None, order, conv.groups)
+    losses = []
+    for t in range(1, full.max_rank + 1):
+        fac = refit_last(Factors.from_decoupling(full.truncated(t), conv.bias), fit, ridge)
+        losses.append(val.relative_error(fac.weight(), fac.bias) ** 2)
+    return losses
+
+
+@dataclass
+class Option:
+    """One choice for a layer: ``rank`` 0 keeps the original conv."""
+
+    rank: int
+    flops: int
+    loss: float
+
+
+@dataclass
+class Allocation:
+    """The chosen option per layer, why, and the FLOPs it adds up to."""
+
+    choice: dict[str, Option]
+    reasons: dict[str, str]
+    fixed_flops: int
+    target_flops: int
+
+    @property
+    def total_flops(self) -> int:
+        return self.fixed_flops + sum(o.flops for o in self.choice.values())
+
+    def ranks(self) -> dict[str, int]:
+        return {n: o.rank for n, o in self.choice.items()}
+
+
+def layer_options(
+    losses: list[float], original: int, costs: list[int], min_saving: float
+) -> list[Option]:
+    """Options worth offering: the original, and every ``T`` saving at least ``min_saving``."""
+    opts = [Option(0, original, 0.0)]
+    for t, (loss, cost) in enumerate(zip(losses, costs, strict=True), start=1):
+        if cost <= (1 - min_saving) * original:
+            opts.append(Option(t, cost, max(loss, 0.0)))
+    return opts
+
+
+def allocate(options: dict[str, list[Option]], fixed_flops: int, target_flops: int) -> Allocation:
+    """Greedy multiple-choice knapsack: cheapest everywhere, then best loss saved per FLOP."""
+    choice = {n: min(opts, key=lambda o: (o.flops, o.loss)) for n, opts in options.items()}
+    total = fixed_flops + sum(o.flops for o in choice.values())
+    while True:
+        best, best_ratio = None, 0.0
+        for n, opts in options.items():
+            cur = choice[n]
+            for o in opts:
+                d_flops, d_loss = o.flops - cur.flops, cur.loss - o.loss
+                if d_flops > 0 and d_loss > 0 and total + d_flops <= target_flops:
+                    ratio = d_loss / d_flops
+                    if ratio > best_ratio:
+                        best, best_ratio = (n, o), ratio
+        if best is None:
+            break
+        n, o = best
+        total += o.flops - choice[n].flops
+        choice[n] = o
+    reasons = {}
+    for n, o in choice.items():
+        if o.rank == 0:
+            saving = len(options[n]) > 1
+            reasons[n] = (
+                "kept: the budget allows the exact conv"
+                if saving
+                else "kept: no T saves enough FLOPs"
+            )
+        else:
+            reasons[n] = f"T={o.rank} by budget (loss {o.loss:.3g})"
+    return Allocation(choice, reasons, fixed_flops, target_flops)

@@ -1,0 +1,348 @@
+"""Calibration refit: make each decoupled layer reproduce the original layer on real inputs.
+
+No gradient steps. For each decoupled layer in forward order, with the decoupled network's own
+inputs ``X`` (so earlier layers' errors are corrected, not compounded) and the original layer's
+outputs ``Y`` as targets, one factor is refit by closed-form ridge least squares with the other
+fixed. The ridge pulls towards the current factors, so a layer that is already exact stays exact.
+
+* ``last``: refit the factor that comes last, with the bias (dw-pw: the 1×1 conv; pw-dw: the
+  depthwise conv). One solve.
+* ``alternating``: then refit the first factor, then the last again, for a few rounds.
+* ``auto`` (default): per layer, keep whichever of data-free, last and alternating has the lowest
+  output error on held-out calibration images.
+
+Every solve reads only the second moments of :mod:`decouple.moments`, and the whole calibration
+set goes through each network once: targets from one pass of the original network, and one pass
+of the decoupled network during which each layer is refit just before it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .decomposition import Decoupling
+from .layers import DecoupledConv2d
+from .moments import Moments
+
+REFIT_MODES = ("none", "last", "alternating", "auto")
+
+
+@dataclass
+class Factors:
+    """The trainable parts of a decoupled layer as plain tensors (float64).
+
+    ``depthwise`` ``(S, T, kh·kw)``, ``pointwise`` ``(S, T, M)`` as in :class:`Decoupling`,
+    ``bias`` ``(N,)`` or None.
+    """
+
+    order: str
+    groups: int
+    weight_shape: tuple[int, ...]
+    depthwise: torch.Tensor
+    pointwise: torch.Tensor
+    bias: torch.Tensor | None
+
+    @classmethod
+    def of(cls, layer: DecoupledConv2d) -> Factors:
+        dec = layer.factors()
+        s, t, kh, kw = dec.depthwise.shape
+        bias = None if layer.bias is None else layer.bias.detach().double().clone()
+        return cls(
+            dec.order,
+            dec.groups,
+            dec.weight_shape,
+            dec.depthwise.reshape(s, t, kh * kw).clone(),
+            dec.pointwise.clone(),
+            bias,
+        )
+
+    @classmethod
+    def from_decoupling(cls, dec: Decoupling, bias: torch.Tensor | None) -> Factors:
+        s, t, kh, kw = dec.depthwise.shape
+        b = None if bias is None else bias.detach().double().clone()
+        return cls(
+            dec.order,
+            dec.groups,
+            dec.weight_shape,
+            dec.depthwise.reshape(s, t, kh * kw).clone(),
+            dec.pointwise.clone(),
+            b,
+        )
+
+    def decoupling(self) -> Decoupling:
+        kh, kw = self.weight_shape[2:]
+        s, t, _ = self.depthwise.shape
+        empty = torch.empty(s, 0, dtype=torch.float64)
+        return Decoupling(
+            self.order,
+            self.weight_shape,
+            self.groups,
+            self.depthwise.reshape(s, t, kh, kw),
+            self.pointwise,
+            empty,
+        )
+
+    def weight(self) -> torch.Tensor:
+        return self.decoupling().reconstruct()
+
+    def copy(self) -> Factors:
+        return Factors(
+            self.order,
+            self.groups,
+            self.weight_shape,
+            self.depthwise.clone(),
+            self.pointwise.clone(),
+            None if self.bias is None else self.bias.clone(),
+        )
+
+    @torch.no_grad()
+    def load_into(self, layer: DecoupledConv2d) -> None:
+        layer.load_factors(self.decoupling())
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+
+
+def _ridge_solve(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve ``min ‖·‖² + λ‖w − w0‖²`` from normal equations ``a w = b`` (batched).
+
+    ``λ = ridge ·`` mean diagonal of ``a``: scale-free, and pulled towards the current factors.
+    """
+    d = a.shape[-1]
+    lam = ridge * a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    eye = torch.eye(d, dtype=a.dtype)
+    lam = lam[..., None, None] if a.dim() == 3 else lam
+    return torch.linalg.solve(a + lam * eye, b + lam * w0)
+
+
+def _split(m: Moments, j: int):
+    """``XX`` block of the patches, patch sums (bias column), pixel count and ``XY`` of group j."""
+    f = m.xx.shape[1] - 1
+    return m.xx[j, :f, :f], m.xx[j, :f, f], m.xx[j, f, f], m.xy[j, :f], m.xy[j, f]
+
+
+def refit_last(fac: Factors, m: Moments, ridge: float = 1e-4) -> Factors:
+    """Refit the factor that runs last (and the bias), the first factor fixed."""
+    out = fac.copy()
+    n, cg, kh, kw = fac.weight_shape
+    g, k, t = fac.groups, kh * kw, fac.depthwise.shape[1]
+    ng = n // g
+    has_bias = fac.bias is not None
+    for j in range(g):
+        xx, xb, cnt, xy, yb = _split(m, j)
+        ns = slice(j * ng, (j + 1) * ng)
+        if fac.order == "dw-pw":
+            cs = slice(j * cg, (j + 1) * cg)
+            # features z_(c,t) = <d_ct, patch_c>: a block-diagonal map of the patch
+            phi = torch.einsum(
+                "ctk,cd->ctdk", fac.depthwise[cs], torch.eye(cg, dtype=torch.float64)
+            )
+            phi = phi.reshape(cg * t, cg * k)
+            a, b = phi @ xx @ phi.T, phi @ xy
+            w0 = fac.pointwise[cs].reshape(cg * t, ng)
+            if has_bias:
+                col = phi @ xb
+                a = torch.cat(
+                    [torch.cat([a, col[:, None]], 1), torch.cat([col, cnt[None]])[None]], 0
+                )
+                b = torch.cat([b, yb[None]], 0)
+                w0 = torch.cat([w0, fac.bias[ns][None]], 0)
+            w = _ridge_solve(a, b, w0, ridge)
+            out.pointwise[cs] = w[: cg * t].reshape(cg, t, ng)
+            if has_bias:
+                out.bias[ns] = w[-1]
+        else:
+            p = fac.pointwise[ns]  # (Ng, T, Cg)
+            xx4 = xx.reshape(cg, k, cg, k)
+            q = torch.einsum("ntc,ckdl->ntkdl", p, xx4)
+            a = torch.einsum("ntkdl,nsd->ntksl", q, p).reshape(ng, t * k, t * k)
+            b = torch.einsum("ntc,ckn->ntk", p, xy.reshape(cg, k, ng)).reshape(ng, t * k, 1)
+            w0 = fac.depthwise[ns].reshape(ng, t * k, 1)
+            if has_bias:
+                col = torch.einsum("ntc,ck->ntk", p, xb.reshape(cg, k)).reshape(ng, t * k, 1)
+                corner = cnt.expand(ng, 1, 1)
+                a = torch.cat(
+                    [torch.cat([a, col], 2), torch.cat([col.transpose(1, 2), corner], 2)], 1
+                )
+                b = torch.cat([b, yb.reshape(ng, 1, 1)], 1)
+                w0 = torch.cat([w0, fac.bias[ns].reshape(ng, 1, 1)], 1)
+            w = _ridge_solve(a, b, w0, ridge)
+            out.depthwise[ns] = w[:, : t * k, 0].reshape(ng, t, k)
+            if has_bias:
+                out.bias[ns] = w[:, -1, 0]
+    return out
+
+
+def refit_first(fac: Factors, m: Moments, ridge: float = 1e-4) -> Factors:
+    """Refit the factor that runs first, the last factor and the bias fixed."""
+    out = fac.copy()
+    n, cg, kh, kw = fac.weight_shape
+    g, k, t = fac.groups, kh * kw, fac.depthwise.shape[1]
+    ng = n // g
+    for j in range(g):
+        xx, xb, _, xy, _ = _split(m, j)
+        ns = slice(j * ng, (j + 1) * ng)
+        # Targets less the fixed bias: y − b  =>  XY − (Σ patch) bᵀ
+        resid = xy if fac.bias is None else xy - xb[:, None] * fac.bias[ns][None, :]
+        xx4 = xx.reshape(cg, k, cg, k)
+        if fac.order == "dw-pw":
+            cs = slice(j * cg, (j + 1) * cg)
+            p = fac.pointwise[cs]  # (Cg, T, Ng)
+            pp = torch.einsum("atn,bsn->atbs", p, p)
+            a = torch.einsum("atbs,akbl->atkbsl", pp, xx4).reshape(cg * t * k, cg * t * k)
+            b = torch.einsum("atn,akn->atk", p, resid.reshape(cg, k, ng)).reshape(-1, 1)
+            w = _ridge_solve(a, b, fac.depthwise[cs].reshape(-1, 1), ridge)
+            out.depthwise[cs] = w.reshape(cg, t, k)
+        else:
+            d = fac.depthwise[ns]  # (Ng, T, K)
+            q = torch.einsum("ntk,ckdl->ntcdl", d, xx4)
+            a = torch.einsum("ntcdl,nsl->ntcsd", q, d).reshape(ng, t * cg, t * cg)
+            b = torch.einsum("ntk,ckn->ntc", d, resid.reshape(cg, k, ng)).reshape(ng, t * cg, 1)
+            w = _ridge_solve(a, b, fac.pointwise[ns].reshape(ng, t * cg, 1), ridge)
+            out.pointwise[ns] = w.reshape(ng, t, cg)
+    return out
+
+
+def refit(fac: Factors, m: Moments, mode: str, ridge: float = 1e-4, rounds: int = 2) -> Factors:
+    """Apply one refit ``mode`` (``"last"`` or ``"alternating"``) to ``fac``."""
+    if mode not in ("last", "alternating"):
+        raise ValueError(f"refit mode must be 'last' or 'alternating'; got {mode!r}")
+    out = refit_last(fac, m, ridge)
+    return _alternate(out, m, ridge, rounds) if mode == "alternating" else out
+
+
+def _alternate(fac: Factors, m: Moments, ridge: float, rounds: int) -> Factors:
+    """Alternating rounds (first factor, then last) from an already last-refit ``fac``."""
+    for _ in range(rounds):
+        fac = refit_last(refit_first(fac, m, ridge), m, ridge)
+    return fac
+
+
+@dataclass
+class CalibrationRecord:
+    """Held-out relative output error of one layer before and after the refit."""
+
+    name: str
+    mode: str
+    error_before: float
+    error_after: float
+    errors: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def capture_outputs(
+    model: nn.Module, names: list[str], images: torch.Tensor, batch_size: int = 256
+):
+    """Outputs of the named submodules of ``model`` over ``images`` (float32, on the CPU)."""
+    outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def keep(name: str, out: torch.Tensor) -> None:
+        # A copy: an in-place ReLU after the conv would otherwise rewrite what we kept.
+        outs[name].append(out.detach().to("cpu", torch.float32, copy=True))
+
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: keep(n, out))
+        for n in names
+    ]
+    try:
+        for i in range(0, len(images), batch_size):
+            model(images[i : i + batch_size])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in outs.items()}
+
+
+def holdout_mask(n: int, fraction: float) -> torch.Tensor:
+    """Every ``1/fraction``-th image is held out (deterministic, spread over the set)."""
+    mask = torch.zeros(n, dtype=torch.bool)
+    if fraction > 0:
+        step = max(2, round(1 / fraction))
+        mask[step - 1 :: step] = True
+    return mask
+
+
+def _moments(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> Moments:
+    m = Moments.zeros(layer)
+    for i in range(0, len(x), batch):
+        m.add(layer, x[i : i + batch], y[i : i + batch])
+    return m
+
+
+@torch.no_grad()
+def calibrate_(
+    model: nn.Module,
+    reference: nn.Module,
+    images: torch.Tensor,
+    mode: str = "auto",
+    ridge: float = 1e-4,
+    rounds: int = 2,
+    holdout: float = 0.125,
+    progress: bool = False,
+) -> list[CalibrationRecord]:
+    """Refit every ``DecoupledConv2d`` of ``model`` in place, in forward order.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The decoupled network.
+    reference : nn.Module
+        The network before decoupling (after any BatchNorm folding), with a conv of the same
+        name for every decoupled layer; its outputs are the targets.
+    images : torch.Tensor
+        Unlabelled calibration images ``(n, C, H, W)``, preprocessed as the model expects.
+        They go through the decoupled network as one batch.
+    mode : {"auto", "last", "alternating", "none"}
+    ridge : float
+        Ridge strength relative to the mean diagonal of the normal equations.
+    holdout : float
+        Fraction of images kept out of the fit to choose the mode (``auto``) and to report errors.
+    """
+    if mode not in REFIT_MODES:
+        raise ValueError(f"refit mode must be one of {', '.join(REFIT_MODES)}; got {mode!r}")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DecoupledConv2d)]
+    if mode == "none" or not layers:
+        return []
+    model.eval()
+    reference.eval()
+    targets = capture_outputs(reference, [n for n, _ in layers], images)
+    held = holdout_mask(len(images), holdout)
+    fit = ~held if held.any() and (~held).sum() > 0 else torch.ones_like(held)
+    candidates = ("last", "alternating") if mode == "auto" else (mode,)
+    records: list[CalibrationRecord] = []
+    bar = tqdm(total=len(layers), desc="calibrate", disable=not progress, leave=False)
+
+    def hook(layer: DecoupledConv2d, args, name: str) -> None:
+        x, y = args[0], targets[name]
+        m_fit = _moments(layer, x[fit], y[fit])
+        m_val = _moments(layer, x[held], y[held]) if held.any() else m_fit
+        start = Factors.of(layer)
+        err = {"data-free": m_val.relative_error(start.weight(), start.bias)}
+        last = refit_last(start, m_fit, ridge)
+        fitted = {"last": last}
+        if "alternating" in candidates:
+            fitted["alternating"] = _alternate(last, m_fit, ridge, rounds)
+        for c in candidates:
+            err[c] = m_val.relative_error(fitted[c].weight(), fitted[c].bias)
+        best = min(err, key=err.get) if mode == "auto" else mode
+        if best != "data-free":
+            fitted[best].load_into(layer)
+        records.append(CalibrationRecord(name, best, err["data-free"], err[best], err))
+        bar.update(1)
+
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in layers
+    ]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+    return records

@@ -1,0 +1,175 @@
+"""The whole product flow on one model: fold BN, choose ranks, decouple, calibrate.
+
+``compress_`` strings together :func:`~decouple.bn_fold.fold_batchnorm_`,
+:mod:`~decouple.allocate` (when a FLOPs budget is given), :func:`~decouple.surgery.decouple_`
+and :func:`~decouple.calibrate.calibrate_` (when calibration images are given), and returns what
+each step did. The CLI and the experiments both call it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .allocate import (
+    CRITERIA,
+    Allocation,
+    allocate,
+    collect_moments,
+    conv_flops,
+    data_losses,
+    decoupled_flops,
+    energy_losses,
+    layer_options,
+    probe_shapes,
+)
+from .bn_fold import fold_batchnorm_
+from .calibrate import CalibrationRecord, calibrate_
+from .config import DecoupleConfig
+from .decomposition import max_rank
+from .report import count_flops
+from .surgery import LayerRecord, decouple_, why_not_decouplable
+
+
+@dataclass
+class CompressResult:
+    """Records of every step of :func:`compress_`."""
+
+    records: list[LayerRecord]
+    fold_error: str | None = None
+    allocation: Allocation | None = None
+    calibration: list[CalibrationRecord] = field(default_factory=list)
+
+    def extra(self) -> dict:
+        """What the report adds beside the per-layer table."""
+        out: dict = {}
+        if self.fold_error:
+            out["bn_fold_error"] = self.fold_error
+        if self.allocation is not None:
+            a = self.allocation
+            out["allocation"] = {
+                "target_flops": a.target_flops,
+                "planned_flops": a.total_flops,
+                "reached": a.total_flops <= a.target_flops,
+                "ranks": a.ranks(),
+                "reasons": a.reasons,
+            }
+        if self.calibration:
+            out["calibration"] = [c.to_dict() for c in self.calibration]
+        return out
+
+
+def decouplable_convs(model: nn.Module, config: DecoupleConfig) -> list[str]:
+    """Names of the convs that ``decouple_`` may touch under ``config`` (ignoring its ranks)."""
+    names = []
+    for name, m in model.named_modules():
+        spec = config.spec_for(name)
+        if type(m) is nn.Conv2d and why_not_decouplable(m) is None and not (spec and spec.skip):
+            names.append(name)
+    return names
+
+
+def plan_ranks(
+    model: nn.Module,
+    config: DecoupleConfig,
+    input_shape: tuple[int, ...],
+    target_flops: float,
+    criterion: str = "energy",
+    calib_images: torch.Tensor | None = None,
+    min_saving: float = 0.1,
+    ridge: float = 1e-4,
+) -> Allocation:
+    """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
+
+    ``target_flops`` is a fraction of the whole model's FLOPs as ``FlopCounterMode`` counts them
+    for one input of ``input_shape``; layers not decoupled count at their full cost.
+    """
+    if not 0 < target_flops <= 1:
+        raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+    if criterion == "data" and calib_images is None:
+        raise ValueError("the data criterion needs calibration images")
+    names = decouplable_convs(model, config)
+    p = next(model.parameters())
+    total, _ = count_flops(model, torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+    shapes = probe_shapes(model, names, input_shape)
+    moments = collect_moments(model, names, calib_images) if criterion == "data" else {}
+    options, layers_flops = {}, 0
+    for name in names:
+        conv = model.get_submodule(name)
+        order = config.resolve(name).order or config.order
+        in_hw, out_hw = shapes[name]
+        original = conv_flops(conv, out_hw)
+        layers_flops += original
+        full = max_rank(tuple(conv.weight.shape), order, conv.groups)
+        costs = [decoupled_flops(conv, order, t, in_hw, out_hw) for t in range(1, full + 1)]
+        losses = (
+            energy_losses(conv, order)
+            if criterion == "energy"
+            else data_losses(conv, order, moments[name], ridge)
+        )
+        options[name] = layer_options(losses, original, costs, min_saving)
+    return allocate(options, total - layers_flops, int(target_flops * total))
+
+
+def compress_(
+    model: nn.Module,
+    config: DecoupleConfig,
+    input_shape: tuple[int, ...],
+    target_flops: float | None = None,
+    criterion: str | None = None,
+    calib_images: torch.Tensor | None = None,
+    refit: str = "auto",
+    ridge: float = 1e-4,
+    min_saving: float = 0.1,
+    progress: bool = False,
+) -> CompressResult:
+    """Fold BN, optionally allocate ranks under a budget, decouple, optionally calibrate; in place.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode. Changed in place.
+    config : DecoupleConfig
+        Order, BN folding and overrides; with ``target_flops`` its rank/energy are replaced by the
+        allocation (``"skip"`` overrides still hold).
+    input_shape : tuple of int
+        One input's shape ``(C, H, W)``: FLOPs are counted for it.
+    target_flops : float, optional
+        Fraction of the model's FLOPs to keep, in (0, 1].
+    criterion : {"energy", "data"}, optional
+        Allocation criterion; default ``data`` when calibration images are given, else ``energy``.
+    calib_images : torch.Tensor, optional
+        Unlabelled, preprocessed images for the data criterion and the refit.
+    refit : {"auto", "last", "alternating", "none"}
+        Calibration refit mode (used only with ``calib_images``).
+    """
+    fold_error = None
+    folded: dict[str, str] = {}
+    if config.fold_bn:
+        result = fold_batchnorm_(model)
+        folded, fold_error = result.folded, result.error
+    plain = replace(config, fold_bn=False)
+    reference = copy.deepcopy(model) if calib_images is not None else None
+    allocation = None
+    if target_flops is not None:
+        criterion = criterion or ("data" if calib_images is not None else "energy")
+        allocation = plan_ranks(
+            model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge
+        )
+        skips = {k: s for k, s in plain.overrides if s.skip}
+        ranks = {n: ("skip" if t == 0 else {"rank": t}) for n, t in allocation.ranks().items()}
+        plain = replace(plain, rank=None, energy=None, overrides={**skips, **ranks})
+    records = decouple_(model, plain)
+    for r in records:
+        r.bn_folded = folded.get(r.name)
+        if allocation is not None and r.name in allocation.reasons:
+            r.reason = allocation.reasons[r.name]
+    calibration = []
+    if calib_images is not None and refit != "none":
+        calibration = calibrate_(model, reference, calib_images, refit, ridge, progress=progress)
+    return CompressResult(records, fold_error, allocation, calibration)
