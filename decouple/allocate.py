@@ -143,6 +143,7 @@ class Allocation:
     reasons: dict[str, str]
     fixed_flops: int
     target_flops: int
+    criterion: str = ""
 
     @property
     def total_flops(self) -> int:

@@ -115,7 +115,12 @@ def _ridge_solve(a: torch.Tensor, b: torch.Tensor, w0: torch.Tensor, ridge: floa
     lam = ridge * a.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
     eye = torch.eye(d, dtype=a.dtype)
     lam = lam[..., None, None] if a.dim() == 3 else lam
-    return torch.linalg.solve(a + lam * eye, b + lam * w0)
+    lhs, rhs = a + lam * eye, b + lam * w0
+    # The system is symmetric positive definite: Cholesky is the stable, pivot-free solver.
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(rhs, chol)
+    return torch.linalg.lstsq(lhs, rhs).solution  # numerically indefinite: least squares
 
 
 def _split(m: Moments, j: int):

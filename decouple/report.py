@@ -141,6 +141,25 @@ class Report:
                 f"accuracy: top-1 {100 * acc['before']['top1']:.2f} % -> {100 * acc['after']['top1']:.2f} % "
                 f"on {acc['before']['n']} {acc.get('data', 'images')}"
             )
+        alloc = self.extra.get("allocation")
+        if alloc:
+            state = "reached" if alloc["reached"] else "NOT reachable; cheapest ranks used"
+            lines.append(
+                f"budget: {alloc['target_flops']:,} FLOPs ({state}); "
+                f"planned {alloc['planned_flops']:,} with per-layer T chosen by {alloc['criterion']}"
+            )
+        calib = self.extra.get("calibration")
+        if calib:
+            modes = {}
+            for c in calib:
+                modes[c["mode"]] = modes.get(c["mode"], 0) + 1
+            before = sum(c["error_before"] for c in calib) / len(calib)
+            after = sum(c["error_after"] for c in calib) / len(calib)
+            kinds = ", ".join(f"{n} {m}" for m, n in sorted(modes.items()))
+            lines.append(
+                f"calibration: {len(calib)} layers refit on {self.extra.get('calibration_images', '?')} "
+                f"images ({kinds}); mean held-out layer error {before:.3f} -> {after:.3f}"
+            )
         if self.extra.get("bn_fold_error"):
             lines.append(f"BatchNorm folding not applied: {self.extra['bn_fold_error']}")
         return lines
