@@ -16,7 +16,11 @@ from pathlib import Path
 
 import torch
 
+from .allocate import CRITERIA
+from .calibrate import REFIT_MODES
+from .compress import compress_
 from .config import DecoupleConfig
+from .data import ImageSet, load_images
 from .decomposition import ORDERS
 from .evaluate import evaluate
 from .model_io import (
@@ -30,8 +34,9 @@ from .model_io import (
     torch_bytes,
     write_files_atomically,
 )
+from .models import get_model_info
 from .report import build_report
-from .surgery import decouple_with_fold_info, make_recipe
+from .surgery import make_recipe
 
 EPILOG = """examples:
   decouple --demo --rank 3                       the bundled digits CNN, accuracy before/after
@@ -84,6 +89,45 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="E",
         help="per layer, smallest T keeping this fraction of singular-value energy, in (0, 1]",
+    )
+    rank.add_argument(
+        "--target-flops",
+        type=float,
+        metavar="R",
+        help="choose per-layer T so the model keeps this fraction of its FLOPs, in (0, 1]",
+    )
+    p.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        help="rank allocation criterion for --target-flops: singular-value energy (data-free, "
+        "default) or measured layer output error on --calib images",
+    )
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="labelled images for accuracy before/after: the CIFAR-10 test batch file, the "
+        "CIFAR-10 JPEG tar, an ImageFolder directory, or a .pt of {images, labels}",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="PATH",
+        help="unlabelled images (same forms as --data) to refit the decoupled layers on; "
+        "images that --data also holds are never used",
+    )
+    p.add_argument(
+        "--calib-size", type=int, default=512, metavar="N", help="calibration images (default 512)"
+    )
+    p.add_argument(
+        "--refit",
+        choices=REFIT_MODES,
+        default="auto",
+        help="calibration refit: last factor, alternating, the better per layer (auto), or none",
+    )
+    p.add_argument(
+        "--mean", metavar="R,G,B", help="per-channel mean for --data/--calib pixels in [0, 1]"
+    )
+    p.add_argument(
+        "--std", metavar="R,G,B", help="per-channel std (default: from the arch, if known)"
     )
     p.add_argument(
         "--order", choices=ORDERS, help="depthwise first (dw-pw, default) or pointwise first"
@@ -148,10 +192,17 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
     data["overrides"] = {**overrides, **{name: "skip" for name in args.skip}}
     config = DecoupleConfig.from_dict(data)
     ranked = any(not s.skip for _, s in config.overrides)
-    if config.rank is None and config.energy is None and not ranked:
+    if config.rank is None and config.energy is None and not ranked and args.target_flops is None:
         raise InputError(
-            "say how many terms to keep: --rank T or --energy E (or per-layer ranks in --config)"
+            "say how many terms to keep: --rank T, --energy E or --target-flops R "
+            "(or per-layer ranks in --config)"
         )
+    if args.target_flops is not None and not 0 < args.target_flops <= 1:
+        raise InputError(f"--target-flops must be a fraction in (0, 1]; got {args.target_flops}")
+    if args.criterion == "data" and not args.calib:
+        raise InputError("--criterion data measures layers on calibration images: pass --calib")
+    if args.calib_size < 1:
+        raise InputError(f"--calib-size must be >= 1; got {args.calib_size}")
     return config
 
 
@@ -183,6 +234,79 @@ def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path) -> d
         "report": report,
         "markdown": report.with_suffix(".md"),
     }
+
+
+def _channels(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"--{what} must be comma-separated numbers; got {text!r}") from None
+
+
+def load_cli_images(args: argparse.Namespace, arch: str | None, shape: tuple[int, ...]):
+    """``--data`` as ``(name, images, labels)`` and ``--calib`` as images, preprocessed.
+
+    The mean and std come from ``--mean/--std``, else from the architecture's registry entry.
+    Calibration never uses an image that ``--data`` holds (same source numbering, e.g. the
+    CIFAR-10 test index), and takes a seeded sample of ``--calib-size`` images.
+    """
+    if args.demo:
+        from . import demo
+
+        images, labels = demo.load_demo_test_set()
+        data = ("digits test images", images, labels)
+        calib = None
+        if args.calib:
+            raise InputError("--demo brings its own test images; --calib is not supported with it")
+        return data, calib
+    meta = {}
+    if arch is not None:
+        try:
+            meta = get_model_info(arch).meta
+        except KeyError:
+            pass
+    mean = _channels(args.mean, "mean") or meta.get("mean")
+    std = _channels(args.std, "std") or meta.get("std")
+    data = calib = None
+    first_free = 0
+    if args.data:
+        held = _read_images(args.data, "--data")
+        if held.labels is None:
+            raise InputError(f"--data {args.data} has no labels; accuracy needs them")
+        _check_image_shape(held, shape, "--data")
+        data = (held.name, held.as_float(mean, std), held.labels)
+        if held.indices is not None:
+            first_free = int(held.indices.max()) + 1
+    if args.calib:
+        pool = _read_images(args.calib, "--calib", min_index=first_free, limit=args.calib_size)
+        if len(pool) > args.calib_size:  # sources without their own sampling
+            keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
+            pool = pool.subset(keep[: args.calib_size].sort().values)
+        _check_image_shape(pool, shape, "--calib")
+        calib = pool.as_float(mean, std)
+    return data, calib
+
+
+def _read_images(path: str, what: str, **kwargs) -> ImageSet:
+    if not Path(path).exists():
+        raise InputError(f"{what}: no such file or directory: {path}")
+    try:
+        images = load_images(path, **kwargs)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{what} {path}: {str(e).strip().splitlines()[0]}") from None
+    if len(images) == 0:
+        raise InputError(f"{what} {path} holds no images")
+    return images
+
+
+def _check_image_shape(images: ImageSet, shape: tuple[int, ...], what: str) -> None:
+    if tuple(images.images.shape[1:]) != tuple(shape):
+        raise InputError(
+            f"{what} images have shape {tuple(images.images.shape[1:])}, "
+            f"but the model takes {tuple(shape)}"
+        )
 
 
 def _single_tensor_output(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
@@ -242,26 +366,35 @@ def _decouple_file(
     if shape is None:
         raise InputError("cannot tell what input this model takes; pass --input-shape C,H,W")
     _single_tensor_output(model, shape)
+    data, calib = load_cli_images(args, arch, shape)
     original = copy.deepcopy(model)
 
-    records, fold_error = decouple_with_fold_info(model, config)
+    result = compress_(
+        model,
+        config,
+        shape,
+        target_flops=args.target_flops,
+        criterion=args.criterion,
+        calib_images=calib,
+        refit=args.refit,
+        progress=sys.stderr.isatty(),
+    )
+    records = result.records
     if not any(r.action == "decoupled" for r in records):
         seen = ", ".join(sorted({r.reason for r in records})) or "no Conv2d at all"
         raise InputError(f"nothing to decouple in {model_path}: every conv was kept ({seen})")
 
-    extra = {"model": str(model_path), "arch": arch, "config": config.to_dict()}
-    if fold_error:
-        extra["bn_fold_error"] = fold_error
+    extra = {"model": str(model_path), "arch": arch, "config": config.to_dict(), **result.extra()}
+    if calib is not None:
+        extra["calibration_images"] = len(calib)
     inputs = None
-    if args.demo:
-        from . import demo
-
-        images, labels = demo.load_demo_test_set()
+    if data is not None:
+        name, images, labels = data
         inputs = images[:256]
         extra["accuracy"] = {
-            "data": "digits test images",
-            "before": evaluate(original, images, labels),
-            "after": evaluate(model, images, labels),
+            "data": name,
+            "before": evaluate(original, images, labels, progress=sys.stderr.isatty()),
+            "after": evaluate(model, images, labels, progress=sys.stderr.isatty()),
         }
     report = build_report(original, model, records, shape, inputs=inputs, extra=extra)
 

@@ -42,3 +42,27 @@ def evaluate(
         correct5 += int((top == y[:, None]).any(dim=1).sum())
     n = len(images)
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss / n, "n": n}
+
+
+@torch.no_grad()
+def evaluate_set(
+    model: nn.Module,
+    data,
+    mean=None,
+    std=None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict:
+    """:func:`evaluate` on an :class:`~decouple.data.ImageSet`, preprocessing batch by batch."""
+    if data.labels is None:
+        raise ValueError(f"{data.name} has no labels")
+    totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0}
+    batches = range(0, len(data), batch_size)
+    for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+        x = data.as_float(mean, std, i, i + batch_size)
+        part = evaluate(model, x, data.labels[i : i + batch_size], batch_size, device)
+        for k in totals:
+            totals[k] += part[k] * part["n"]
+    n = len(data)
+    return {**{k: v / n for k, v in totals.items()}, "n": n}

@@ -146,7 +146,8 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
 def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str) -> None:
     """Raise :class:`InputError` summarising how ``state_dict`` fails to fit ``model``."""
     want = model.state_dict()
-    missing = [k for k in want if k not in state_dict]
+    # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it).
+    missing = [k for k in want if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in want]
     shapes = [
         f"{k} {tuple(state_dict[k].shape)} vs {tuple(want[k].shape)}"

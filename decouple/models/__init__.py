@@ -1,6 +1,20 @@
 """Architectures that ship with decouple, reachable by name through the registry."""
 
-from . import digits  # noqa: F401  (registers "digits_cnn")
-from .registry import ModelInfo, build_model, get_model_info, list_models, register_model
+from . import cifar_resnet, digits  # noqa: F401  (register "cifar_resnet*" and "digits_cnn")
+from .registry import (
+    ModelInfo,
+    build_model,
+    get_model_info,
+    list_models,
+    register_family,
+    register_model,
+)
 
-__all__ = ["ModelInfo", "build_model", "get_model_info", "list_models", "register_model"]
+__all__ = [
+    "ModelInfo",
+    "build_model",
+    "get_model_info",
+    "list_models",
+    "register_family",
+    "register_model",
+]

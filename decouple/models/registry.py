@@ -6,6 +6,7 @@ network and the input shape it expects. ``--arch NAME`` looks here first, then i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,12 +63,30 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+_FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], ModelInfo]]] = []
+
+
+def register_family(pattern: str, factory: Callable[[re.Match], ModelInfo]) -> None:
+    """Register names matching ``pattern`` (``re.fullmatch``), e.g. every CIFAR ResNet depth.
+
+    ``factory(match)`` returns the :class:`ModelInfo`, or raises ``ValueError`` for a name of
+    the family's shape that it cannot build (such as an impossible depth).
+    """
+    _FAMILIES.append((re.compile(pattern), factory))
+
+
 def get_model_info(name: str) -> ModelInfo:
     """Metadata of a registered architecture; ``KeyError`` naming the known ones otherwise."""
-    try:
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}") from None
+    for pattern, factory in _FAMILIES:
+        match = pattern.fullmatch(name)
+        if match:
+            try:
+                return factory(match)
+            except ValueError as e:
+                raise KeyError(f"unknown model {name!r}: {e}") from None
+    raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
 
 
 def build_model(name: str, **kwargs) -> nn.Module:
