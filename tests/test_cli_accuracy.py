@@ -1,0 +1,162 @@
+"""The accuracy side of the CLI: --data, --calib, --target-flops, --criterion, --refit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from decouple.cli import main
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def _tiny_archs(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A small_cnn state_dict, labelled images and unlabelled calibration images (3×8×8)."""
+    import tiny_archs
+
+    torch.manual_seed(0)
+    model = tiny_archs.small_cnn().eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    torch.save(model.state_dict(), tmp_path / "net.pt")
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8)
+    torch.save({"images": images, "labels": torch.arange(40) % 4}, tmp_path / "data.pt")
+    torch.save({"images": images.flip(0)}, tmp_path / "calib.pt")
+    return tmp_path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def base_args(tmp):
+    return [tmp / "net.pt", "--arch", "tiny_archs:small_cnn", "--input-shape", "3,8,8"]
+
+
+def test_budget_without_data(files, capsys):
+    code, out, err = run(capsys, *base_args(files), "--target-flops", "0.6")
+    assert code == 0, err
+    report = json.loads((files / "net.decoupled.report.json").read_text())
+    alloc = report["allocation"]
+    assert alloc["criterion"] == "energy" and alloc["planned_flops"] <= alloc["target_flops"]
+    assert report["totals"]["flops_after"] == alloc["planned_flops"]
+    assert "budget:" in out
+    layers = {r["name"]: r for r in report["layers"]}
+    assert all(
+        r["reason"] == alloc["reasons"][n] for n, r in layers.items() if n in alloc["reasons"]
+    )
+
+
+@pytest.mark.parametrize("refit", ["auto", "last", "alternating"])
+def test_data_and_calibration(files, capsys, refit):
+    code, out, err = run(
+        capsys,
+        *base_args(files),
+        "--rank",
+        "1",
+        "--data",
+        files / "data.pt",
+        "--calib",
+        files / "calib.pt",
+        "--calib-size",
+        "24",
+        "--refit",
+        refit,
+    )
+    assert code == 0, err
+    report = json.loads((files / "net.decoupled.report.json").read_text())
+    assert report["calibration_images"] == 24
+    assert {c["name"] for c in report["calibration"]} == {"0", "3"}
+    if refit != "auto":
+        assert {c["mode"] for c in report["calibration"]} == {refit}
+    acc = report["accuracy"]
+    assert acc["before"]["n"] == acc["after"]["n"] == 40
+    assert "accuracy:" in out and "calibration:" in out
+
+
+def test_data_criterion_needs_and_uses_calibration(files, capsys):
+    code, _, err = run(
+        capsys,
+        *base_args(files),
+        "--target-flops",
+        "0.6",
+        "--criterion",
+        "data",
+        "--calib",
+        files / "calib.pt",
+    )
+    assert code == 0, err
+    report = json.loads((files / "net.decoupled.report.json").read_text())
+    assert report["allocation"]["criterion"] == "data"
+
+
+@pytest.mark.parametrize(
+    "extra,expect",
+    [
+        (["--target-flops", "0"], "--target-flops"),
+        (["--target-flops", "1.5"], "--target-flops"),
+        (["--target-flops", "0.5", "--criterion", "data"], "--calib"),
+        (["--rank", "2", "--target-flops", "0.5"], "not allowed with"),
+        (["--rank", "2", "--calib-size", "0", "--calib", "CALIB"], "--calib-size"),
+        (["--rank", "2", "--data", "MISSING"], "no such file"),
+        (["--rank", "2", "--data", "CALIB"], "no labels"),
+        (["--rank", "2", "--data", "WRONGSHAPE"], "shape"),
+        (["--rank", "2", "--refit", "best"], "invalid choice"),
+        (["--rank", "2", "--mean", "a,b", "--data", "DATA"], "--mean"),
+    ],
+)
+def test_bad_accuracy_options(files, capsys, extra, expect):
+    torch.save(
+        {"images": torch.zeros(4, 3, 5, 5, dtype=torch.uint8), "labels": torch.zeros(4)},
+        files / "wrong.pt",
+    )
+    names = {
+        "CALIB": files / "calib.pt",
+        "MISSING": files / "nope.pt",
+        "DATA": files / "data.pt",
+        "WRONGSHAPE": files / "wrong.pt",
+    }
+    before = sorted(p.name for p in files.iterdir())
+    code, out, err = run(capsys, *base_args(files), *[names.get(e, e) for e in extra])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert expect in err, err
+    assert sorted(p.name for p in files.iterdir()) == before
+
+
+def test_cifar_resnet20_end_to_end(cifar_assets, tmp_path, capsys):
+    """The real checkpoint, half the FLOPs, calibrated on JPEGs that never touch the test images."""
+    code, out, err = run(
+        capsys,
+        cifar_assets / "resnet20-12fca82f.th",
+        "--arch",
+        "cifar_resnet20",
+        "--target-flops",
+        "0.5",
+        "--data",
+        cifar_assets / "test_batch.truncated_first_3145728_bytes",
+        "--calib",
+        cifar_assets / "cifar10_test_jpeg_q75_YoongiKim.tar",
+        "--calib-size",
+        "128",
+        "--out",
+        tmp_path / "r20.pt",
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / "r20.report.json").read_text())
+    assert report["totals"]["flops_ratio"] >= 2.0
+    before, after = report["accuracy"]["before"]["top1"], report["accuracy"]["after"]["top1"]
+    assert round(before * 1017) == 932 and after > before - 0.03
+    assert report["calibration_images"] == 128
