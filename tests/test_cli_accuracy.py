@@ -160,3 +160,35 @@ def test_cifar_resnet20_end_to_end(cifar_assets, tmp_path, capsys):
     before, after = report["accuracy"]["before"]["top1"], report["accuracy"]["after"]["top1"]
     assert round(before * 1017) == 932 and after > before - 0.03
     assert report["calibration_images"] == 128
+
+
+@pytest.mark.parametrize("depth", [14, 26])
+def test_other_cifar_depths_in_the_checkpoint_format(tmp_path, capsys, depth):
+    """A depth not in ../shared, saved as the shared checkpoints are: DataParallel keys in a dict."""
+    from decouple.models import build_model
+
+    torch.manual_seed(depth)
+    model = build_model(f"cifar_resnet{depth}")
+    state = {f"module.{k}": v for k, v in model.state_dict().items() if "num_batches" not in k}
+    torch.save({"state_dict": state, "best_prec1": 0.0}, tmp_path / f"resnet{depth}.th")
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 32, 32), generator=g, dtype=torch.uint8)
+    torch.save({"images": images, "labels": torch.arange(24) % 10}, tmp_path / "data.pt")
+    code, out, err = run(
+        capsys,
+        tmp_path / f"resnet{depth}.th",
+        "--arch",
+        f"cifar_resnet{depth}",
+        "--target-flops",
+        "0.5",
+        "--data",
+        tmp_path / "data.pt",
+        "--calib",
+        tmp_path / "data.pt",
+        "--calib-size",
+        "16",
+    )
+    assert code == 0, err
+    report = json.loads((tmp_path / f"resnet{depth}.decoupled.report.json").read_text())
+    assert report["allocation"]["reached"] and report["totals"]["flops_ratio"] >= 2.0
+    assert len(report["calibration"]) == sum(r["action"] == "decoupled" for r in report["layers"])
