@@ -48,17 +48,8 @@ class Factors:
 
     @classmethod
     def of(cls, layer: DecoupledConv2d) -> Factors:
-        dec = layer.factors()
-        s, t, kh, kw = dec.depthwise.shape
-        bias = None if layer.bias is None else layer.bias.detach().double().clone()
-        return cls(
-            dec.order,
-            dec.groups,
-            dec.weight_shape,
-            dec.depthwise.reshape(s, t, kh * kw).clone(),
-            dec.pointwise.clone(),
-            bias,
-        )
+        """The current factors of ``layer`` (copies)."""
+        return cls.from_decoupling(layer.factors(), layer.bias)
 
     @classmethod
     def from_decoupling(cls, dec: Decoupling, bias: torch.Tensor | None) -> Factors:

@@ -96,17 +96,15 @@ class DecoupledConv2d(nn.Module):
         return cls.from_decoupling(conv, dec)
 
     @classmethod
-    def from_decoupling(cls, conv: nn.Conv2d, dec: Decoupling) -> DecoupledConv2d:
-        """Build the layer for ``conv`` from factors computed by :func:`decouple_weight`."""
-        if tuple(conv.weight.shape) != dec.weight_shape or conv.groups != dec.groups:
-            raise ValueError("the decoupling was computed for a different convolution")
+    def empty_like(cls, conv: nn.Conv2d, rank: int, order: str) -> DecoupledConv2d:
+        """An uninitialised layer with ``conv``'s geometry, bias, device and dtype."""
         w = conv.weight
-        layer = cls(
+        return cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
-            dec.rank,
-            dec.order,
+            rank,
+            order,
             stride=conv.stride,
             padding=conv.padding,
             dilation=conv.dilation,
@@ -116,6 +114,13 @@ class DecoupledConv2d(nn.Module):
             device=w.device,
             dtype=w.dtype,
         )
+
+    @classmethod
+    def from_decoupling(cls, conv: nn.Conv2d, dec: Decoupling) -> DecoupledConv2d:
+        """Build the layer for ``conv`` from factors computed by :func:`decouple_weight`."""
+        if tuple(conv.weight.shape) != dec.weight_shape or conv.groups != dec.groups:
+            raise ValueError("the decoupling was computed for a different convolution")
+        layer = cls.empty_like(conv, dec.rank, dec.order)
         layer.load_factors(dec)
         if conv.bias is not None:
             with torch.no_grad():

@@ -219,21 +219,6 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
             continue
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"recipe layer {name!r} is a {type(conv).__name__}, not a Conv2d")
-        w = conv.weight
-        layer = DecoupledConv2d(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            spec["rank"],
-            spec["order"],
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-        )
+        layer = DecoupledConv2d.empty_like(conv, spec["rank"], spec["order"])
         model.set_submodule(name, layer)
     return model
