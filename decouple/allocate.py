@@ -1,10 +1,12 @@
-"""Rank allocation under a global FLOPs budget.
+"""Rank allocation under a global FLOPs budget, for every method.
 
-Each decouplable layer has options: keep the original conv, or decouple it at ``T = 1 … full``.
-Every option has a cost (its FLOPs, from the closed forms, which match ``FlopCounterMode``) and
-a loss, by one of two criteria:
+Each decouplable layer has options: keep the original conv, or factor it at one of its candidate
+ranks (network decoupling: every ``T = 1 … full``; CP and Tucker: a grid of ranks, see
+:func:`decouple.methods.candidate_ranks`). Every option has a cost (its FLOPs, from the closed
+forms, which match ``FlopCounterMode``) and a loss, by one of two criteria:
 
-* ``energy`` (data-free): the fraction of the kernel's squared norm dropped, ``1 − energy(T)``;
+* ``energy`` (data-free): the fraction of the kernel's squared norm not reproduced,
+  ``‖W − Ŵ‖² / ‖W‖²`` (for network decoupling, ``1 − energy(T)`` of the singular values);
 * ``data``: the layer's squared relative output error on held-out calibration images, after the
   closed-form refit of its last factor (what calibration will do), with the original network's
   inputs.
@@ -21,29 +23,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibrate import Factors, holdout_mask, refit_last
+from .calibrate import Factors, holdout_mask, refit_last, refit_pointwise_out
 from .decomposition import decouple_weight
+from .methods import (
+    FactorCache,
+    FactorOptions,
+    candidate_ranks,
+    conv_flops,
+    factored_flops,
+)
 from .moments import Moments
 
 CRITERIA = ("energy", "data")
 
 
-def conv_flops(conv: nn.Conv2d, out_hw: tuple[int, int]) -> int:
-    """FLOPs of ``conv`` for one image (2 per multiply-add, as ``FlopCounterMode`` counts)."""
-    kh, kw = conv.kernel_size
-    return (
-        2 * out_hw[0] * out_hw[1] * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
-    )
-
-
 def decoupled_flops(conv: nn.Conv2d, order: str, rank: int, in_hw, out_hw) -> int:
-    """FLOPs of ``conv`` decoupled at ``rank`` for one image, from the layer's two convs."""
-    c, n, g = conv.in_channels, conv.out_channels, conv.groups
-    k = conv.kernel_size[0] * conv.kernel_size[1]
-    hw_in, hw_out = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
-    if order == "dw-pw":
-        return 2 * hw_out * c * rank * k + 2 * hw_out * n * (c * rank // g)
-    return 2 * hw_in * n * rank * (c // g) + 2 * hw_out * n * rank * k
+    """FLOPs of ``conv`` decoupled (network decoupling) at ``rank`` for one image."""
+    return factored_flops(conv, "nd", order, rank, in_hw, out_hw)
 
 
 @torch.no_grad()
@@ -124,6 +120,41 @@ def data_losses(
         fac = refit_last(Factors.from_decoupling(full.truncated(t), conv.bias), fit, ridge)
         losses.append(val.relative_error(fac.weight(), fac.bias) ** 2)
     return losses
+
+
+def factored_options(
+    conv: nn.Conv2d,
+    method: str,
+    in_hw,
+    out_hw,
+    min_saving: float,
+    moments: tuple[Moments, Moments] | None = None,
+    ridge: float = 1e-4,
+    cache: FactorCache | None = None,
+    options: FactorOptions | None = None,
+) -> list[Option]:
+    """Options of a CP or Tucker layer: the original conv and every candidate rank, with the
+    kernel error (``moments`` None) or the held-out output error after the last-1×1 refit."""
+    cache = cache if cache is not None else FactorCache()
+    options = options or FactorOptions()
+    original = conv_flops(conv, out_hw)
+    opts = [Option(0, original, 0.0)]
+    bias = None if conv.bias is None else conv.bias.detach().double().cpu()
+    for rank, flops in candidate_ranks(
+        conv, method, "", in_hw, out_hw, (1 - min_saving) * original
+    ):
+        done = cache.factor(conv, method, rank, None, "dw-pw", options)
+        if moments is None:
+            loss = done.rel_error**2
+        else:
+            fit, val = moments
+            f = done.layer.factors()
+            head = f.head_matrix()
+            out, b = refit_pointwise_out(head, f.out, bias, fit, ridge)
+            kernel = torch.einsum("gnr,grf->gnf", out, head).reshape(f.weight_shape)
+            loss = val.relative_error(kernel, b) ** 2
+        opts.append(Option(rank, flops, float(loss)))
+    return opts
 
 
 @dataclass

@@ -25,7 +25,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decomposition import Decoupling
+from .factorized import FactorizedConv2d
 from .layers import DecoupledConv2d
+from .methods import FACTORED_LAYERS
 from .moments import Moments
 
 REFIT_MODES = ("none", "last", "alternating", "auto")
@@ -202,6 +204,54 @@ def refit_first(fac: Factors, m: Moments, ridge: float = 1e-4) -> Factors:
     return out
 
 
+def refit_pointwise_out(
+    head: torch.Tensor,
+    out: torch.Tensor,
+    bias: torch.Tensor | None,
+    m: Moments,
+    ridge: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Refit the last 1×1 conv of a CP or Tucker layer (and the bias), the convs before it fixed.
+
+    Parameters
+    ----------
+    head : torch.Tensor
+        ``(g, R, F)``: the linear map from a patch to the features the last 1×1 conv reads
+        (``head_matrix()`` of the layer's factors).
+    out : torch.Tensor
+        ``(g, N/g, R)``: the current weights of the last 1×1 conv, the ridge's anchor.
+    bias : torch.Tensor or None
+        ``(N,)``.
+    m : Moments
+        Patch moments of the layer's inputs against the original layer's outputs.
+
+    Returns
+    -------
+    out, bias : the refit weights in the same shapes.
+    """
+    g, ng, r = out.shape
+    new_out, new_bias = out.clone(), None if bias is None else bias.clone()
+    for j in range(g):
+        xx, xb, cnt, xy, yb = _split(m, j)
+        h = head[j]
+        a, b, w0 = h @ xx @ h.T, h @ xy, out[j].T
+        if bias is not None:
+            col = h @ xb
+            a = torch.cat([torch.cat([a, col[:, None]], 1), torch.cat([col, cnt[None]])[None]], 0)
+            b = torch.cat([b, yb[None]], 0)
+            w0 = torch.cat([w0, bias[j * ng : (j + 1) * ng][None]], 0)
+        w = _ridge_solve(a, b, w0, ridge)
+        new_out[j] = w[:r].T
+        if bias is not None:
+            new_bias[j * ng : (j + 1) * ng] = w[-1]
+    return new_out, new_bias
+
+
+def _kernel(head: torch.Tensor, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The k×k kernel of a CP/Tucker layer from its head map and last 1×1 weights."""
+    return torch.einsum("gnr,grf->gnf", out, head).reshape(shape)
+
+
 def refit(fac: Factors, m: Moments, mode: str, ridge: float = 1e-4, rounds: int = 2) -> Factors:
     """Apply one refit ``mode`` (``"last"`` or ``"alternating"``) to ``fac``."""
     if mode not in ("last", "alternating"):
@@ -282,7 +332,10 @@ def calibrate_(
     holdout: float = 0.125,
     progress: bool = False,
 ) -> list[CalibrationRecord]:
-    """Refit every ``DecoupledConv2d`` of ``model`` in place, in forward order.
+    """Refit every factored layer of ``model`` in place, in forward order.
+
+    Network decoupling layers refit either factor (see the module docstring); CP and Tucker
+    layers refit their last 1×1 conv (``last``; ``alternating`` means the same for them).
 
     Parameters
     ----------
@@ -302,7 +355,7 @@ def calibrate_(
     """
     if mode not in REFIT_MODES:
         raise ValueError(f"refit mode must be one of {', '.join(REFIT_MODES)}; got {mode!r}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DecoupledConv2d)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, FACTORED_LAYERS)]
     if mode == "none" or not layers:
         return []
     model.eval()
@@ -314,10 +367,14 @@ def calibrate_(
     records: list[CalibrationRecord] = []
     bar = tqdm(total=len(layers), desc="calibrate", disable=not progress, leave=False)
 
-    def hook(layer: DecoupledConv2d, args, name: str) -> None:
+    def hook(layer: nn.Module, args, name: str) -> None:
         x, y = args[0], targets[name]
         m_fit = _moments(layer, x[fit], y[fit])
         m_val = _moments(layer, x[held], y[held]) if held.any() else m_fit
+        if isinstance(layer, FactorizedConv2d):
+            records.append(_refit_factorized(layer, name, m_fit, m_val, mode, ridge))
+            bar.update(1)
+            return
         start = Factors.of(layer)
         err = {"data-free": m_val.relative_error(start.weight(), start.bias)}
         last = refit_last(start, m_fit, ridge)
@@ -342,3 +399,23 @@ def calibrate_(
             h.remove()
         bar.close()
     return records
+
+
+@torch.no_grad()
+def _refit_factorized(
+    layer: FactorizedConv2d, name: str, m_fit: Moments, m_val: Moments, mode: str, ridge: float
+) -> CalibrationRecord:
+    """Refit the last 1×1 conv of a CP/Tucker layer if it measures better (``auto``) or always."""
+    f = layer.factors()
+    head, shape = f.head_matrix(), f.weight_shape
+    bias = None if layer.bias is None else layer.bias.detach().double().cpu()
+    err = {"data-free": m_val.relative_error(_kernel(head, f.out, shape), bias)}
+    out, new_bias = refit_pointwise_out(head, f.out, bias, m_fit, ridge)
+    err["last"] = m_val.relative_error(_kernel(head, out, shape), new_bias)
+    best = min(err, key=err.get) if mode == "auto" else "last"
+    if best == "last":
+        w = layer.pointwise_out.weight
+        w.copy_(out.reshape(w.shape).to(w.device, w.dtype))
+        if new_bias is not None:
+            layer.bias.copy_(new_bias.to(layer.bias.device, layer.bias.dtype))
+    return CalibrationRecord(name, best, err["data-free"], err[best], err)

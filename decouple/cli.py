@@ -23,6 +23,7 @@ from .config import DecoupleConfig
 from .data import ImageSet, load_images
 from .decomposition import ORDERS
 from .evaluate import evaluate
+from .methods import METHODS
 from .model_io import (
     WEIGHT_SUFFIXES,
     InputError,
@@ -43,6 +44,7 @@ EPILOG = """examples:
   decouple resnet18.pt --arch resnet18 --rank 2  a torchvision state_dict
   decouple net.pt --arch mypkg.nets:build --energy 0.9 --skip 'layer4\\..*'
   decouple whole_model.pt --trust-pickle --rank 3 --order pw-dw
+  decouple net.pt --arch cifar_resnet20 --method tucker --target-flops 0.5 --calib cifar.tar
 
 outputs (next to MODEL unless --out/--report say otherwise):
   X.decoupled.pt           the decoupled model, same kind as the input (state_dict or module)
@@ -83,12 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
         "name (built with weights=None), or package.module:callable",
     )
     rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--rank", type=int, metavar="T", help="terms per layer (>= 1)")
+    rank.add_argument(
+        "--rank",
+        type=int,
+        metavar="T",
+        help="terms per layer (>= 1): nd T per channel slice; cp R per group; tucker r per mode",
+    )
     rank.add_argument(
         "--energy",
         type=float,
         metavar="E",
-        help="per layer, smallest T keeping this fraction of singular-value energy, in (0, 1]",
+        help="per layer, smallest T keeping this fraction of singular-value energy, in (0, 1] "
+        "(tucker: per channel mode; not for cp)",
     )
     rank.add_argument(
         "--target-flops",
@@ -130,7 +138,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--std", metavar="R,G,B", help="per-channel std (default: from the arch, if known)"
     )
     p.add_argument(
-        "--order", choices=ORDERS, help="depthwise first (dw-pw, default) or pointwise first"
+        "--method",
+        choices=METHODS,
+        help="nd: network decoupling (default); cp: CP, 1x1 -> kx1 -> 1xk -> 1x1; "
+        "tucker: Tucker-2, 1x1 -> kxk -> 1x1",
+    )
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        help="network decoupling: depthwise first (dw-pw, default) or pointwise first",
     )
     p.add_argument(
         "--skip",
@@ -182,7 +198,11 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
         data.update(loaded)
     if args.rank is not None or args.energy is not None:
         data["rank"], data["energy"] = args.rank, args.energy
+    if args.method:
+        data["method"] = args.method
     if args.order:
+        if data.get("method", "nd") != "nd":
+            raise InputError(f"--order applies to --method nd only, not {data['method']}")
         data["order"] = args.order
     if args.fold_bn is not None:
         data["fold_bn"] = args.fold_bn

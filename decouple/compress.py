@@ -23,6 +23,7 @@ from .allocate import (
     data_losses,
     decoupled_flops,
     energy_losses,
+    factored_options,
     layer_options,
     probe_shapes,
 )
@@ -30,8 +31,9 @@ from .bn_fold import fold_batchnorm_
 from .calibrate import CalibrationRecord, calibrate_
 from .config import DecoupleConfig
 from .decomposition import max_rank
+from .methods import FactorCache, is_factored
 from .report import count_flops
-from .surgery import LayerRecord, decouple_, why_not_decouplable
+from .surgery import LayerRecord, decouple_with_fold_info, why_not_decouplable
 
 
 @dataclass
@@ -65,12 +67,25 @@ class CompressResult:
 
 def decouplable_convs(model: nn.Module, config: DecoupleConfig) -> list[str]:
     """Names of the convs that ``decouple_`` may touch under ``config`` (ignoring its ranks)."""
-    names = []
+    names, inside = [], []
     for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue  # the convs inside a factored layer are its parts, not candidates
+        if is_factored(m):
+            inside.append(name)
+            continue
         spec = config.spec_for(name)
         if type(m) is nn.Conv2d and why_not_decouplable(m) is None and not (spec and spec.skip):
             names.append(name)
     return names
+
+
+def method_and_order(config: DecoupleConfig, name: str) -> tuple[str, str]:
+    """The method and order layer ``name`` gets (its override's, else the config's)."""
+    spec = config.spec_for(name)
+    method = (spec.method if spec and spec.method else None) or config.method
+    order = (spec.order if spec and spec.order else None) or config.order
+    return method, order
 
 
 def plan_ranks(
@@ -82,11 +97,14 @@ def plan_ranks(
     calib_images: torch.Tensor | None = None,
     min_saving: float = 0.1,
     ridge: float = 1e-4,
+    cache: FactorCache | None = None,
 ) -> Allocation:
     """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
 
     ``target_flops`` is a fraction of the whole model's FLOPs as ``FlopCounterMode`` counts them
-    for one input of ``input_shape``; layers not decoupled count at their full cost.
+    for one input of ``input_shape``; layers not decoupled count at their full cost. Each layer
+    is priced with its own method (``config.method`` or its override); ``cache`` keeps the CP and
+    Tucker factorizations for the decoupling that follows.
     """
     if not 0 < target_flops <= 1:
         raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
@@ -102,10 +120,16 @@ def plan_ranks(
     options, layers_flops = {}, 0
     for name in names:
         conv = model.get_submodule(name)
-        order = config.resolve(name).order or config.order
+        method, order = method_and_order(config, name)
         in_hw, out_hw = shapes[name]
         original = conv_flops(conv, out_hw)
         layers_flops += original
+        if method != "nd":
+            options[name] = factored_options(
+                conv, method, in_hw, out_hw, min_saving,
+                moments.get(name), ridge, cache, config.factor_options(),
+            )  # fmt: skip
+            continue
         full = max_rank(tuple(conv.weight.shape), order, conv.groups)
         costs = [decoupled_flops(conv, order, t, in_hw, out_hw) for t in range(1, full + 1)]
         losses = (
@@ -130,6 +154,7 @@ def compress_(
     ridge: float = 1e-4,
     min_saving: float = 0.1,
     progress: bool = False,
+    cache: FactorCache | None = None,
 ) -> CompressResult:
     """Fold BN, optionally allocate ranks under a budget, decouple, optionally calibrate; in place.
 
@@ -150,7 +175,11 @@ def compress_(
         Unlabelled, preprocessed images for the data criterion and the refit.
     refit : {"auto", "last", "alternating", "none"}
         Calibration refit mode (used only with ``calib_images``).
+    cache : FactorCache, optional
+        Reuse CP/Tucker factorizations across calls (e.g. a sweep over budgets on copies of one
+        model); by default one cache lives for this call.
     """
+    cache = cache if cache is not None else FactorCache()
     fold_error = None
     folded: dict[str, str] = {}
     if config.fold_bn:
@@ -164,12 +193,16 @@ def compress_(
         # the CIFAR ResNets (results/README.md), at a fraction of the cost.
         criterion = criterion or "energy"
         allocation = plan_ranks(
-            model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge
-        )
+            model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge,
+            cache,
+        )  # fmt: skip
         skips = {k: s for k, s in plain.overrides if s.skip}
-        ranks = {n: ("skip" if t == 0 else {"rank": t}) for n, t in allocation.ranks().items()}
+        ranks = {}
+        for n, t in allocation.ranks().items():
+            method, order = method_and_order(plain, n)
+            ranks[n] = "skip" if t == 0 else {"rank": t, "method": method, "order": order}
         plain = replace(plain, rank=None, energy=None, overrides={**skips, **ranks})
-    records = decouple_(model, plain)
+    records, _ = decouple_with_fold_info(model, plain, cache=cache)
     for r in records:
         r.bn_folded = folded.get(r.name)
         if allocation is not None and r.name in allocation.reasons:

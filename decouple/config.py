@@ -12,7 +12,9 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .cp import CP_MAX_ITER
 from .decomposition import ORDERS
+from .methods import METHODS, FactorOptions
 
 
 def _check_rank(rank: Any, what: str = "rank") -> None:
@@ -27,6 +29,11 @@ def _check_energy(energy: Any) -> None:
         raise ValueError(f"energy must be a number in (0, 1]; got {energy!r}")
 
 
+def _check_method(method: Any) -> None:
+    if method is not None and method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+
+
 def _check_order(order: Any) -> None:
     if order is not None and order not in ORDERS:
         raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
@@ -34,7 +41,7 @@ def _check_order(order: Any) -> None:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """What to do with one layer: its own rank or energy, its own order, or ``skip``.
+    """What to do with one layer: its own method, rank or energy, order, or ``skip``.
 
     Fields left ``None`` fall back to the :class:`DecoupleConfig` defaults.
     """
@@ -43,15 +50,19 @@ class LayerSpec:
     energy: float | None = None
     order: str | None = None
     skip: bool = False
+    method: str | None = None
 
     def __post_init__(self) -> None:
         _check_rank(self.rank)
         _check_energy(self.energy)
         _check_order(self.order)
+        _check_method(self.method)
         if self.rank is not None and self.energy is not None:
             raise ValueError("give a layer either rank or energy, not both")
-        if self.skip and (self.rank or self.energy or self.order):
-            raise ValueError("a skipped layer takes no rank, energy or order")
+        if self.skip and (self.rank or self.energy or self.order or self.method):
+            raise ValueError("a skipped layer takes no rank, energy, order or method")
+        if self.method == "cp" and self.energy is not None:
+            raise ValueError("CP takes a rank, not an energy (ALS has no closed-form energy rule)")
 
     @classmethod
     def coerce(cls, value: Any) -> LayerSpec:
@@ -69,10 +80,11 @@ class LayerSpec:
         if isinstance(value, float):
             return cls(energy=value)
         if isinstance(value, dict):
-            unknown = set(value) - {"rank", "energy", "order", "skip"}
+            unknown = set(value) - {"rank", "energy", "order", "skip", "method"}
             if unknown:
                 raise ValueError(
-                    f"unknown layer override keys {sorted(unknown)}; allowed: rank, energy, order, skip"
+                    f"unknown layer override keys {sorted(unknown)}; "
+                    "allowed: rank, energy, order, method, skip"
                 )
             return cls(**value)
         raise ValueError(
@@ -97,14 +109,21 @@ class DecoupleConfig:
         Instead of ``rank``: per layer, the smallest ``T`` keeping this fraction of the kernel's
         squared Frobenius norm (singular-value energy), in ``(0, 1]``.
     order : {"dw-pw", "pw-dw"}
-        Default order of the two convs.
+        Default order of the two convs (network decoupling only).
     fold_bn : bool
         Fold each BatchNorm into the conv that feeds only it, before decoupling (inference only:
         the running statistics are baked in).
     overrides : mapping of str to LayerSpec (or its short forms)
         Keys are exact module names or regular expressions matched with ``re.fullmatch``; an exact
         name wins, then the first matching pattern in order. Values: ``"skip"``, an int rank, a
-        float energy, a dict with ``rank``/``energy``/``order``, or a :class:`LayerSpec`.
+        float energy, a dict with ``rank``/``energy``/``order``/``method``, or a :class:`LayerSpec`.
+    method : {"nd", "cp", "tucker"}
+        Network decoupling (default), CP (rank ``R`` terms per group) or Tucker-2 (rank ``r`` for
+        both channel modes, clipped to each mode's size). CP takes no ``energy``.
+    cp_max_iter : int
+        CP-ALS sweeps at most (a layer that stops here is reported as not converged).
+    seed : int
+        Seed of the iterative decompositions (CP, Tucker), so runs repeat.
 
     Layers matched by no override when neither ``rank`` nor ``energy`` is set are left as they are,
     so a mapping of names to ranks alone is a complete per-layer config.
@@ -115,14 +134,31 @@ class DecoupleConfig:
     order: str = "dw-pw"
     fold_bn: bool = False
     overrides: Any = field(default_factory=tuple)
+    method: str = "nd"
+    cp_max_iter: int = CP_MAX_ITER
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _check_rank(self.rank)
         _check_energy(self.energy)
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {self.order!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.rank is not None and self.energy is not None:
             raise ValueError("give either rank or energy, not both")
+        if self.method == "cp" and self.energy is not None:
+            raise ValueError("CP takes a rank, not an energy (ALS has no closed-form energy rule)")
+        for name in ("cp_max_iter", "seed"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (name == "cp_max_iter")
+            ):
+                raise ValueError(
+                    f"{name} must be an integer >= {int(name == 'cp_max_iter')}; got {value!r}"
+                )
         if not isinstance(self.fold_bn, bool):
             raise ValueError(f"fold_bn must be a bool; got {self.fold_bn!r}")
         items = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides
@@ -140,6 +176,10 @@ class DecoupleConfig:
         # Stored as a tuple of pairs so the config stays hashable and ordered.
         object.__setattr__(self, "overrides", tuple(pairs))
 
+    def factor_options(self) -> FactorOptions:
+        """Settings of the iterative decompositions (CP-ALS, Tucker's HOOI)."""
+        return FactorOptions(cp_max_iter=self.cp_max_iter, seed=self.seed)
+
     def spec_for(self, name: str) -> LayerSpec | None:
         """The override for module ``name``: exact name first, then the first regex that matches."""
         for key, spec in self.overrides:
@@ -156,11 +196,12 @@ class DecoupleConfig:
         if spec is not None and spec.skip:
             return spec
         order = (spec.order if spec and spec.order else None) or self.order
+        method = (spec.method if spec and spec.method else None) or self.method
         if spec and (spec.rank is not None or spec.energy is not None):
-            return LayerSpec(rank=spec.rank, energy=spec.energy, order=order)
+            return LayerSpec(rank=spec.rank, energy=spec.energy, order=order, method=method)
         if self.rank is None and self.energy is None:
             return LayerSpec(skip=True)
-        return LayerSpec(rank=self.rank, energy=self.energy, order=order)
+        return LayerSpec(rank=self.rank, energy=self.energy, order=order, method=method)
 
     def to_dict(self) -> dict:
         return {
@@ -169,11 +210,16 @@ class DecoupleConfig:
             "order": self.order,
             "fold_bn": self.fold_bn,
             "overrides": {k: v.to_json_value() for k, v in self.overrides},
+            "method": self.method,
+            "cp_max_iter": self.cp_max_iter,
+            "seed": self.seed,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> DecoupleConfig:
-        unknown = set(data) - {"rank", "energy", "order", "fold_bn", "overrides"}
+        unknown = set(data) - {
+            "rank", "energy", "order", "fold_bn", "overrides", "method", "cp_max_iter", "seed"
+        }  # fmt: skip
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
         return cls(**data)

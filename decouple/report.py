@@ -96,7 +96,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def table_rows(self) -> list[list[str]]:
-        rows = [["layer", "shape", "order", "T", "rel err", "params", "MFLOPs", "note"]]
+        rows = [["layer", "shape", "method", "rank", "rel err", "params", "MFLOPs", "note"]]
         for r in self.layers:
             k = "x".join(map(str, r.kernel_size))
             shape = f"{r.in_channels}->{r.out_channels} {k}" + (
@@ -110,8 +110,8 @@ class Report:
                 [
                     r.name,
                     shape,
-                    r.order if dec else "-",
-                    f"{r.rank}/{r.max_rank}" if dec else "-",
+                    _method_text(r) if dec else "-",
+                    (r.rank_text or f"{r.rank}/{r.max_rank}") if dec else "-",
                     f"{r.rel_error:.4f}" if dec else "-",
                     f"{r.params_before:,} -> {r.params_after:,}" if dec else f"{r.params_before:,}",
                     _mflops(r.flops_before, r.flops_after) if dec else _mflops(r.flops_before),
@@ -160,6 +160,12 @@ class Report:
                 f"calibration: {len(calib)} layers refit on {self.extra.get('calibration_images', '?')} "
                 f"images ({kinds}); mean held-out layer error {before:.3f} -> {after:.3f}"
             )
+        stuck = [r.name for r in self.decoupled if r.converged is False]
+        if stuck:
+            lines.append(
+                f"CP-ALS did not converge in {len(stuck)} layer(s) (the rank is used as reached): "
+                + ", ".join(stuck)
+            )
         if self.extra.get("bn_fold_error"):
             lines.append(f"BatchNorm folding not applied: {self.extra['bn_fold_error']}")
         return lines
@@ -179,6 +185,11 @@ class Report:
         out += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]]
         return "\n".join(out) + "\n"
+
+
+def _method_text(r: LayerRecord) -> str:
+    method = r.method or "nd"
+    return f"nd {r.order}" if method == "nd" else method
 
 
 def _ratio(before: int, after: int) -> float:

@@ -1,8 +1,10 @@
-"""Model surgery: replace every regular k×k ``nn.Conv2d`` of a model by a ``DecoupledConv2d``.
+"""Model surgery: replace every regular k×k ``nn.Conv2d`` of a model by its factored layer.
 
 ``decouple_(model, config)`` is the one in-place verb (after torchao's ``quantize_``): it walks
-``named_children``, leaves 1×1 convs, depthwise convs and already-decoupled layers alone (so running
+``named_children``, leaves 1×1 convs, depthwise convs and already-factored layers alone (so running
 it twice changes nothing), applies per-layer overrides, and returns one record per conv it met.
+The layer is a ``DecoupledConv2d`` (network decoupling, the default), a ``CPConv2d`` or a
+``TuckerConv2d``, as ``config.method`` or a per-layer override says.
 A *recipe* (plain JSON) replays the same structural change on a fresh architecture so that a saved
 ``state_dict`` of the decoupled model loads into it.
 """
@@ -17,8 +19,14 @@ from torch import nn
 
 from .bn_fold import apply_fold_structure_, fold_batchnorm_
 from .config import DecoupleConfig
-from .decomposition import decouple_weight, rank_for_energy
-from .layers import DecoupledConv2d
+from .methods import (
+    FACTORED_LAYERS,
+    FactorCache,
+    empty_layer,
+    factor_conv,
+    layer_method,
+    recipe_entry,
+)
 
 RECIPE_FORMAT = "decouple-recipe"
 RECIPE_VERSION = 1
@@ -29,8 +37,10 @@ class LayerRecord:
     """What happened to one convolution.
 
     ``action`` is ``"decoupled"`` or ``"kept"``; ``reason`` says why (or how ``T`` was chosen).
-    ``rel_error`` is the relative Frobenius error of the kernel, ``energy`` the fraction of its
-    squared norm kept. FLOPs are filled in by :func:`decouple.report.build_report`.
+    ``method`` is ``nd``, ``cp`` or ``tucker``; ``rank`` the number of terms (Tucker: the larger
+    of its two ranks; ``rank_text`` shows both). ``rel_error`` is the relative Frobenius error of
+    the kernel, ``energy`` the fraction of its squared norm reproduced. ``converged`` and
+    ``iterations`` report CP-ALS. FLOPs are filled in by :func:`decouple.report.build_report`.
     """
 
     name: str
@@ -51,6 +61,11 @@ class LayerRecord:
     bn_folded: str | None = None
     flops_before: int | None = None
     flops_after: int | None = None
+    method: str | None = None
+    rank_text: str | None = None
+    converged: bool | None = None
+    iterations: int | None = None
+    structure: dict | None = None  # what a recipe needs to rebuild the layer
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,7 +103,7 @@ def why_not_decouplable(conv: nn.Conv2d) -> str | None:
 
 
 def _decouple_conv(
-    name: str, conv: nn.Conv2d, config: DecoupleConfig
+    name: str, conv: nn.Conv2d, config: DecoupleConfig, cache: FactorCache | None
 ) -> tuple[nn.Module, LayerRecord]:
     reason = why_not_decouplable(conv)
     if reason is not None:
@@ -99,21 +114,19 @@ def _decouple_conv(
         return conv, _base_record(name, conv, "kept", why)
     if not torch.isfinite(conv.weight).all():
         raise ValueError(f"layer {name!r} has NaN or Inf weights")
-    full = decouple_weight(conv.weight, None, spec.order, conv.groups)
-    if spec.energy is not None:
-        t = rank_for_energy(full.singular_values, spec.energy)
-        how = f"energy {spec.energy:g} -> T={t}"
-    else:
-        t = min(spec.rank, full.max_rank)
-        how = f"rank {spec.rank}" + (f" clipped to full rank {t}" if spec.rank > t else "")
-    dec = full.truncated(t)
-    layer = DecoupledConv2d.from_decoupling(conv, dec)
+    args = (conv, spec.method, spec.rank, spec.energy, spec.order, config.factor_options())
+    done = cache.factor(*args) if cache is not None else factor_conv(*args)
+    layer = done.layer
     layer.train(conv.training)
-    rec = _base_record(name, conv, "decoupled", how)
-    rec.order, rec.rank, rec.max_rank = spec.order, t, full.max_rank
-    rec.energy = float(full.layer_energy()[t - 1])
-    rec.rel_error = dec.relative_error()
+    rec = _base_record(name, conv, "decoupled", done.how)
+    rec.method, rec.rank, rec.rank_text = spec.method, done.rank, done.rank_text
+    rec.order = spec.order if spec.method == "nd" else None
+    if spec.method == "nd":
+        rec.max_rank = int(done.rank_text.split("/")[1])
+    rec.energy, rec.rel_error = done.energy, done.rel_error
+    rec.converged, rec.iterations = done.converged, done.iterations
     rec.params_after = _n_params(layer)
+    rec.structure = recipe_entry(layer)
     return layer, rec
 
 
@@ -136,7 +149,7 @@ def decouple_(
     Returns
     -------
     list of LayerRecord
-        One per ``nn.Conv2d`` or ``DecoupledConv2d`` met, in definition order. Folded BNs are
+        One per ``nn.Conv2d`` or factored layer met, in definition order. Folded BNs are
         named on their conv's record (``bn_folded``); :func:`decouple_with_fold_info` also says
         why folding could not run on a model ``torch.fx`` cannot trace.
     """
@@ -147,8 +160,12 @@ def decouple_with_fold_info(
     model: nn.Module,
     config: DecoupleConfig,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    cache: FactorCache | None = None,
 ) -> tuple[list[LayerRecord], str | None]:
-    """:func:`decouple_`, also returning why BN folding could not run (``None`` if it ran or was off)."""
+    """:func:`decouple_`, also returning why BN folding could not run (``None`` if it ran or was off).
+
+    ``cache`` (a :class:`~decouple.methods.FactorCache`) reuses factorizations computed before.
+    """
     folded, fold_error = {}, None
     if config.fold_bn:
         result = fold_batchnorm_(model)
@@ -162,9 +179,10 @@ def decouple_with_fold_info(
             if child is None:
                 continue
             name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, DecoupledConv2d):
+            if isinstance(child, FACTORED_LAYERS):
                 rec = _base_record(name, child, "kept", "already decoupled")
-                rec.order, rec.rank = child.order, child.rank
+                rec.method, rec.rank = layer_method(child), child.rank
+                rec.order = getattr(child, "order", None)
                 records.append(rec)
             elif isinstance(child, nn.Conv2d):
                 if id(child) in done:
@@ -173,7 +191,7 @@ def decouple_with_fold_info(
                 if filter_fn is not None and not filter_fn(child, name):
                     new, rec = child, _base_record(name, child, "kept", "excluded by filter_fn")
                 else:
-                    new, rec = _decouple_conv(name, child, config)
+                    new, rec = _decouple_conv(name, child, config, cache)
                 rec.bn_folded = folded.get(name)
                 records.append(rec)
                 done[id(child)] = new
@@ -193,9 +211,7 @@ def make_recipe(records: list[LayerRecord], config: DecoupleConfig | None = None
         "version": RECIPE_VERSION,
         "config": config.to_dict() if config is not None else None,
         "folded_bn": {r.name: r.bn_folded for r in records if r.bn_folded},
-        "layers": {
-            r.name: {"rank": r.rank, "order": r.order} for r in records if r.action == "decoupled"
-        },
+        "layers": {r.name: r.structure for r in records if r.action == "decoupled"},
     }
 
 
@@ -203,8 +219,8 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
     """Give a freshly built ``model`` the structure described by ``recipe``, in place.
 
     Folded BNs become ``nn.Identity`` (their convs gain a bias) and each listed conv becomes an
-    empty ``DecoupledConv2d`` of the recorded rank and order. Load the decoupled ``state_dict``
-    afterwards. Returns ``model``.
+    empty factored layer of the recorded method, rank and order (entries without a method are
+    network decoupling). Load the decoupled ``state_dict`` afterwards. Returns ``model``.
     """
     if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
         raise ValueError("not a decouple recipe (missing format: 'decouple-recipe')")
@@ -215,10 +231,12 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
     apply_fold_structure_(model, recipe.get("folded_bn") or {})
     for name, spec in recipe["layers"].items():
         conv = model.get_submodule(name)
-        if isinstance(conv, DecoupledConv2d):
+        if isinstance(conv, FACTORED_LAYERS):
             continue
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"recipe layer {name!r} is a {type(conv).__name__}, not a Conv2d")
-        layer = DecoupledConv2d.empty_like(conv, spec["rank"], spec["order"])
+        method = spec.get("method", "nd")
+        rank = spec["ranks"] if method == "tucker" else spec["rank"]
+        layer = empty_layer(conv, method, rank, spec.get("order") or "dw-pw")
         model.set_submodule(name, layer)
     return model

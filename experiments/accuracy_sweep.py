@@ -51,23 +51,59 @@ def settings(quick: bool) -> list[dict]:
     for order in ("dw-pw", "pw-dw"):
         for t in ranks:
             for calibrated in (False, True):
-                runs.append(dict(scheme="uniform", order=order, rank=t, target=None,
-                                 criterion="", calibrated=calibrated))
+                runs.append(
+                    dict(
+                        scheme="uniform",
+                        order=order,
+                        rank=t,
+                        target=None,
+                        criterion="",
+                        calibrated=calibrated,
+                    )
+                )
         for r in budgets:
             for criterion, calibrated in (("energy", False), ("energy", True), ("data", True)):
                 if quick and criterion == "data":
                     continue
                 if order == "pw-dw" and criterion == "data":  # keep the sweep under half an hour
                     continue
-                runs.append(dict(scheme="budget", order=order, rank=None, target=r,
-                                 criterion=criterion, calibrated=calibrated))
+                runs.append(
+                    dict(
+                        scheme="budget",
+                        order=order,
+                        rank=None,
+                        target=r,
+                        criterion=criterion,
+                        calibrated=calibrated,
+                    )
+                )
     return runs
+
+
+def load_sets(assets: Path | None, calib_size: int):
+    """The 1,017 exact-pixel test images and ``calib_size`` JPEG images with test index >= 1017."""
+    assets = assets or shared_assets_dir()
+    if assets is None:
+        sys.exit("the shared CIFAR-10 assets were not found (../shared/assets/cifar10)")
+    batch = assets / "test_batch.truncated_first_3145728_bytes"
+    test = load_cifar10_exact(batch)
+    calib_set = load_cifar10_jpeg(
+        assets / "cifar10_test_jpeg_q75_YoongiKim.tar",
+        batch,
+        min_index=len(test),
+        limit=calib_size,
+        seed=0,
+    )
+    assert int(calib_set.indices.min()) >= len(test), "calibration must not touch evaluation images"
+    return assets, test, calib_set
 
 
 def run_one(base, spec, calib, images, labels, flops0) -> dict:
     model = copy.deepcopy(base)
     overrides = {"conv1": "skip"} if spec["scheme"] == "uniform" else {}
-    config = DecoupleConfig(rank=spec["rank"], order=spec["order"], fold_bn=True, overrides=overrides)
+    config = DecoupleConfig(
+        rank=spec["rank"], order=spec["order"], fold_bn=True, overrides=overrides
+    )
     start = time.perf_counter()
     result = compress_(
         model,
@@ -103,8 +139,12 @@ def time_calibration(depth: int, calib: torch.Tensor) -> dict:
     model = build_model(f"cifar_resnet{depth}").eval()
     start = time.perf_counter()
     result = compress_(model, DecoupleConfig(rank=3, fold_bn=True), SHAPE, calib_images=calib)
-    return {"depth": depth, "layers": len(result.calibration), "images": len(calib),
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "depth": depth,
+        "layers": len(result.calibration),
+        "images": len(calib),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -133,8 +173,13 @@ def plot(rows: list[dict], path: Path) -> None:
             marker, ls = styles[calibrated]
             label = f"{scheme} {order}" + (f" {criterion}" if criterion else "")
             label += " calibrated" if calibrated else " data-free"
-            ax.plot([p["flops_ratio"] for p in pts], [p["top1"] for p in pts], marker=marker, ls=ls,
-                    label=label)
+            ax.plot(
+                [p["flops_ratio"] for p in pts],
+                [p["top1"] for p in pts],
+                marker=marker,
+                ls=ls,
+                label=label,
+            )
         ax.set_title(f"{name}: top-1 on 1,017 exact CIFAR-10 test images")
         ax.set_xlabel("FLOPs reduction of the whole model (x, FlopCounterMode)")
         ax.set_ylabel("top-1 (%)")
@@ -147,14 +192,33 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def best_at(rows, name, ratio, calibrated):
-    ok = [r for r in rows if r["model"] == name and r["scheme"] != "original"
-          and r["calibrated"] == calibrated and r["flops_ratio"] >= ratio]
+    ok = [
+        r
+        for r in rows
+        if r["model"] == name
+        and r["scheme"] != "original"
+        and r["calibrated"] == calibrated
+        and r["flops_ratio"] >= ratio
+    ]
     return max(ok, key=lambda r: r["top1"]) if ok else None
 
 
 def write_readme(rows, timing, path: Path, command: str) -> None:
-    cols = ["model", "scheme", "order", "rank", "target", "criterion", "calibrated", "flops_ratio",
-            "top1", "drop", "top5", "seconds", "refit_modes"]
+    cols = [
+        "model",
+        "scheme",
+        "order",
+        "rank",
+        "target",
+        "criterion",
+        "calibrated",
+        "flops_ratio",
+        "top1",
+        "drop",
+        "top5",
+        "seconds",
+        "refit_modes",
+    ]
     lines = [
         "# Results: accuracy without retraining",
         "",
@@ -180,18 +244,38 @@ def write_readme(rows, timing, path: Path, command: str) -> None:
             if b is None:
                 cells.append("none")
             else:
-                how = f"T={b['rank']}" if b["scheme"] == "uniform" else f"budget {b['target']} {b['criterion']}"
-                cells.append(f"{how} {b['order']}: {b['flops_ratio']:.2f}×, {b['top1']:.2f} %, "
-                             f"{b['drop']:+.2f}")
+                how = (
+                    f"T={b['rank']}"
+                    if b["scheme"] == "uniform"
+                    else f"budget {b['target']} {b['criterion']}"
+                )
+                cells.append(
+                    f"{how} {b['order']}: {b['flops_ratio']:.2f}×, {b['top1']:.2f} %, "
+                    f"{b['drop']:+.2f}"
+                )
         lines.append(f"| {name} | {base['top1']:.2f} % | {cells[0]} | {cells[1]} |")
-    lines += ["", "![accuracy vs FLOPs](accuracy_vs_flops.png)", "", "## Every run", "",
-              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += [
+        "",
+        "![accuracy vs FLOPs](accuracy_vs_flops.png)",
+        "",
+        "## Every run",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for r in rows:
         lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     if timing:
-        lines += ["", "## Calibration time (decouple at T=3 and refit, 512 images)", "",
-                  "| depth | layers | images | seconds |", "|---:|---:|---:|---:|"]
-        lines += [f"| {t['depth']} | {t['layers']} | {t['images']} | {t['seconds']} |" for t in timing]
+        lines += [
+            "",
+            "## Calibration time (decouple at T=3 and refit, 512 images)",
+            "",
+            "| depth | layers | images | seconds |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {t['depth']} | {t['layers']} | {t['images']} | {t['seconds']} |" for t in timing
+        ]
         lines += ["", "ResNet-56 has random weights here (only the time is measured)."]
     path.write_text("\n".join(lines) + "\n")
 
@@ -207,21 +291,19 @@ def write_csv(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assets", type=Path, default=None, help="the shared cifar10 folder")
-    parser.add_argument("--model", action="append", default=[], metavar="PATH:ARCH",
-                        help="checkpoint and architecture (repeatable); default: the shared ones")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PATH:ARCH",
+        help="checkpoint and architecture (repeatable); default: the shared ones",
+    )
     parser.add_argument("--calib-size", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="a small grid (for notebooks and CI)")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
     parser.add_argument("--no-timing", action="store_true", help="skip the ResNet-56 timing")
     args = parser.parse_args()
-    assets = args.assets or shared_assets_dir()
-    if assets is None:
-        sys.exit("accuracy_sweep: the shared CIFAR-10 assets were not found (../shared/assets/cifar10)")
-    batch = assets / "test_batch.truncated_first_3145728_bytes"
-    test = load_cifar10_exact(batch)
-    calib_set = load_cifar10_jpeg(assets / "cifar10_test_jpeg_q75_YoongiKim.tar", batch,
-                                  min_index=len(test), limit=args.calib_size, seed=0)
-    assert int(calib_set.indices.min()) >= len(test), "calibration must not touch evaluation images"
+    assets, test, calib_set = load_sets(args.assets, args.calib_size)
     models = [m.rsplit(":", 1) for m in args.model] or [[str(assets / f), a] for f, a in SHARED]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -233,10 +315,21 @@ def main() -> None:
         flops0, _ = count_flops(base, torch.zeros(1, *SHAPE))
         acc = evaluate(base, images, test.labels)
         name = arch.replace("cifar_", "")
-        original = {"model": name, "scheme": "original", "order": "", "rank": "", "target": "",
-                    "criterion": "", "calibrated": False, "flops": flops0, "flops_ratio": 1.0,
-                    "top1": round(100 * acc["top1"], 2), "top5": round(100 * acc["top5"], 2),
-                    "loss": round(acc["loss"], 4), "drop": 0.0}
+        original = {
+            "model": name,
+            "scheme": "original",
+            "order": "",
+            "rank": "",
+            "target": "",
+            "criterion": "",
+            "calibrated": False,
+            "flops": flops0,
+            "flops_ratio": 1.0,
+            "top1": round(100 * acc["top1"], 2),
+            "top5": round(100 * acc["top5"], 2),
+            "loss": round(acc["loss"], 4),
+            "drop": 0.0,
+        }
         rows.append(original)
         print(f"{name}: original top-1 {original['top1']:.2f} %, {flops0:,} FLOPs", flush=True)
         for spec in settings(args.quick):
@@ -245,14 +338,19 @@ def main() -> None:
             row["rank"] = "" if row["rank"] is None else row["rank"]
             row["drop"] = round(row["top1"] - original["top1"], 2)
             rows.append(row)
-            print(f"  {spec['scheme']:7s} {spec['order']} T={row['rank'] or '-':<2} R={row['target'] or '-':<4} "
-                  f"{spec['criterion'] or '-':6s} {'calibrated' if spec['calibrated'] else 'data-free '} "
-                  f"{row['flops_ratio']:.2f}x  top-1 {row['top1']:6.2f} ({row['drop']:+.2f})  {row['seconds']}s",
-                  flush=True)
+            print(
+                f"  {spec['scheme']:7s} {spec['order']} T={row['rank'] or '-':<2} R={row['target'] or '-':<4} "
+                f"{spec['criterion'] or '-':6s} {'calibrated' if spec['calibrated'] else 'data-free '} "
+                f"{row['flops_ratio']:.2f}x  top-1 {row['top1']:6.2f} ({row['drop']:+.2f})  {row['seconds']}s",
+                flush=True,
+            )
     timing = [] if args.no_timing else [time_calibration(d, calib) for d in (20, 56)]
     for t in timing:
-        print(f"calibration time: ResNet-{t['depth']}, {t['layers']} layers, {t['images']} images: "
-              f"{t['seconds']} s", flush=True)
+        print(
+            f"calibration time: ResNet-{t['depth']}, {t['layers']} layers, {t['images']} images: "
+            f"{t['seconds']} s",
+            flush=True,
+        )
     write_csv(rows, args.out / "accuracy.csv")
     if timing:
         write_csv(timing, args.out / "calibration_time.csv")

@@ -160,7 +160,7 @@ def test_state_dict_end_to_end(digits_sd: Path, tmp_path: Path, capsys) -> None:
 
     recipe = json.loads(paths["recipe"].read_text())
     assert recipe["format"] == "decouple-recipe"
-    assert recipe["layers"] == {n: {"rank": 2, "order": "dw-pw"} for n in CONVS}
+    assert recipe["layers"] == {n: {"method": "nd", "rank": 2, "order": "dw-pw"} for n in CONVS}
     assert recipe["folded_bn"] == {f"conv{i}": f"bn{i}" for i in range(1, 5)}
 
     md = paths["markdown"].read_text()

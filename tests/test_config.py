@@ -41,9 +41,9 @@ def test_resolution_order():
         energy=0.9, order="pw-dw", overrides={"a.*": 2, "ab": "skip", "c": {"order": "dw-pw"}}
     )
     assert c.resolve("ab").skip
-    assert c.resolve("ax") == LayerSpec(rank=2, order="pw-dw")
-    assert c.resolve("c") == LayerSpec(energy=0.9, order="dw-pw")
-    assert c.resolve("z") == LayerSpec(energy=0.9, order="pw-dw")
+    assert c.resolve("ax") == LayerSpec(rank=2, order="pw-dw", method="nd")
+    assert c.resolve("c") == LayerSpec(energy=0.9, order="dw-pw", method="nd")
+    assert c.resolve("z") == LayerSpec(energy=0.9, order="pw-dw", method="nd")
     assert DecoupleConfig().resolve("z").skip  # no rule at all: leave it
 
 

@@ -1,0 +1,330 @@
+"""CP and Tucker-2 convolution layers: chains of plain ``nn.Conv2d`` ending in a 1×1 conv.
+
+* ``CPConv2d``: 1×1 ``C → g·R`` → depthwise ``kh×1`` → depthwise ``1×kw`` → 1×1 ``g·R → N``
+* ``TuckerConv2d``: 1×1 ``C → g·R_in`` → ``kh×kw`` core ``g·R_in → g·R_out`` → 1×1 ``g·R_out → N``
+
+They keep the contract of :class:`~decouple.layers.DecoupledConv2d`: built ``from_conv`` or
+empty from a conv's geometry (so a saved ``state_dict`` loads), every ``nn.Conv2d`` option
+honoured. The spatial convs carry the stride, padding, dilation and padding_mode (CP splits them
+into their vertical and horizontal halves: every padding mode pads each axis independently);
+the last 1×1 conv carries the bias, and is what calibration refits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from .cp import CP_MAX_ITER, CP_TOL, CPFactors, cp_weight
+from .tucker import TuckerFactors, tucker2_weight, tucker_ranks
+
+
+class FactorizedConv2d(nn.Module):
+    """Common geometry and helpers of the CP and Tucker layers (not used on its own)."""
+
+    method = ""
+
+    def _set_geometry(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+    ) -> None:
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in={in_channels} and out={out_channels}")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.padding_mode = padding_mode
+
+    @staticmethod
+    def _geometry_of(conv: nn.Conv2d) -> dict:
+        w = conv.weight
+        return dict(
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=w.device,
+            dtype=w.dtype,
+        )
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before ``pointwise_out`` (a linear map of ``x``; calibration's features)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise_out(self.head(x))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.pointwise_out.bias
+
+    def _copy_bias(self, conv: nn.Conv2d) -> None:
+        if conv.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(conv.bias)
+
+    def reconstructed_weight(self) -> torch.Tensor:
+        """The equivalent k×k kernel ``(N, C/g, kh, kw)`` in the layer's dtype."""
+        return self.factors().reconstruct().to(self.pointwise_out.weight.dtype)
+
+    def _geometry_repr(self) -> str:
+        s = f", stride={self.stride}"
+        if self.padding != (0, 0):
+            s += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s
+
+
+def _axis_padding(padding, axis: int):
+    """The padding of one axis of a 2-D conv for a 1-D (kh×1 or 1×kw) conv."""
+    if isinstance(padding, str):  # 'same' / 'valid' resolve per axis by themselves
+        return padding
+    return (padding[0], 0) if axis == 0 else (0, padding[1])
+
+
+class CPConv2d(FactorizedConv2d):
+    """A k×k convolution as ``rank`` CP terms per group, in four plain convs.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size
+        As the original conv.
+    rank : int
+        CP terms per group, ``R``.
+    stride, padding, dilation, groups, bias, padding_mode
+        As in ``nn.Conv2d``; copied verbatim from the original conv.
+    """
+
+    method = "cp"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        rank: int,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"CP rank must be an integer >= 1; got {rank!r}")
+        self._set_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        self.rank = rank
+        g, r, (kh, kw) = groups, rank, self.kernel_size
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        kw_ = dict(device=device, dtype=dtype)
+        self.pointwise_in = nn.Conv2d(in_channels, g * r, 1, groups=g, bias=False, **kw_)
+        self.vertical = nn.Conv2d(
+            g * r, g * r, (kh, 1), stride=(sh, 1), padding=_axis_padding(self.padding, 0),
+            dilation=(dh, 1), groups=g * r, bias=False, padding_mode=padding_mode, **kw_,
+        )  # fmt: skip
+        self.horizontal = nn.Conv2d(
+            g * r, g * r, (1, kw), stride=(1, sw), padding=_axis_padding(self.padding, 1),
+            dilation=(1, dw), groups=g * r, bias=False, padding_mode=padding_mode, **kw_,
+        )  # fmt: skip
+        self.pointwise_out = nn.Conv2d(g * r, out_channels, 1, groups=g, bias=bias, **kw_)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.horizontal(self.vertical(self.pointwise_in(x)))
+
+    @classmethod
+    def empty_like(cls, conv: nn.Conv2d, rank: int) -> CPConv2d:
+        """An uninitialised layer with ``conv``'s geometry, bias, device and dtype."""
+        return cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, **cls._geometry_of(conv)
+        )
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, factors: CPFactors) -> CPConv2d:
+        if tuple(conv.weight.shape) != factors.weight_shape or conv.groups != factors.groups:
+            raise ValueError("the CP factors were computed for a different convolution")
+        layer = cls.empty_like(conv, factors.rank)
+        layer.load_factors(factors)
+        layer._copy_bias(conv)
+        return layer
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        rank: int,
+        n_iter_max: int = CP_MAX_ITER,
+        tol: float = CP_TOL,
+        seed: int = 0,
+    ) -> CPConv2d:
+        """CP-decompose ``conv`` at ``rank`` (see :func:`decouple.cp.cp_weight`)."""
+        return cls.from_factors(
+            conv, cp_weight(conv.weight, rank, conv.groups, n_iter_max, tol, seed)
+        )
+
+    @torch.no_grad()
+    def load_factors(self, f: CPFactors) -> None:
+        g, r, (kh, kw) = self.groups, self.rank, self.kernel_size
+        n, c = self.out_channels, self.in_channels
+        if f.rank != r:
+            raise ValueError(f"factors have rank {f.rank}; layer wants {r}")
+        self.pointwise_in.weight.copy_(f.inp.transpose(1, 2).reshape(g * r, c // g, 1, 1))
+        self.vertical.weight.copy_(f.vertical.transpose(1, 2).reshape(g * r, 1, kh, 1))
+        self.horizontal.weight.copy_(f.horizontal.transpose(1, 2).reshape(g * r, 1, 1, kw))
+        self.pointwise_out.weight.copy_(f.out.reshape(n, r, 1, 1))
+
+    def factors(self) -> CPFactors:
+        """The layer's current weights as :class:`~decouple.cp.CPFactors`."""
+        g, r, (kh, kw) = self.groups, self.rank, self.kernel_size
+        n, c = self.out_channels, self.in_channels
+
+        def w(conv):
+            return conv.weight.detach().double().cpu()
+
+        return CPFactors(
+            (n, c // g, kh, kw),
+            g,
+            out=w(self.pointwise_out).reshape(g, n // g, r),
+            inp=w(self.pointwise_in).reshape(g, r, c // g).transpose(1, 2),
+            vertical=w(self.vertical).reshape(g, r, kh).transpose(1, 2),
+            horizontal=w(self.horizontal).reshape(g, r, kw).transpose(1, 2),
+            iterations=[],
+            converged=True,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"method='cp', rank={self.rank}" + self._geometry_repr()
+        )
+
+
+class TuckerConv2d(FactorizedConv2d):
+    """A k×k convolution as a Tucker-2 bottleneck per group, in three plain convs.
+
+    Parameters
+    ----------
+    in_channels, out_channels, kernel_size
+        As the original conv.
+    ranks : (int, int)
+        ``(R_out, R_in)`` per group: the core conv maps ``g·R_in`` to ``g·R_out`` channels.
+    stride, padding, dilation, groups, bias, padding_mode
+        As in ``nn.Conv2d``; the core conv carries the spatial ones.
+    """
+
+    method = "tucker"
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        ranks,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self._set_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        r_out, r_in = (ranks, ranks) if isinstance(ranks, int) else tuple(ranks)
+        if min(r_out, r_in) < 1:
+            raise ValueError(f"Tucker ranks must be >= 1; got {ranks!r}")
+        self.ranks = (int(r_out), int(r_in))
+        g, kw_ = groups, dict(device=device, dtype=dtype)
+        self.pointwise_in = nn.Conv2d(in_channels, g * r_in, 1, groups=g, bias=False, **kw_)
+        self.core = nn.Conv2d(
+            g * r_in, g * r_out, self.kernel_size, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=g, bias=False, padding_mode=padding_mode, **kw_,
+        )  # fmt: skip
+        self.pointwise_out = nn.Conv2d(g * r_out, out_channels, 1, groups=g, bias=bias, **kw_)
+
+    @property
+    def rank(self) -> int:
+        """The larger of the two ranks (for tables that show one number)."""
+        return max(self.ranks)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core(self.pointwise_in(x))
+
+    @classmethod
+    def empty_like(cls, conv: nn.Conv2d, ranks) -> TuckerConv2d:
+        """An uninitialised layer with ``conv``'s geometry; ``ranks`` clipped to full."""
+        ranks = tucker_ranks(tuple(conv.weight.shape), conv.groups, ranks)
+        return cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, ranks, **cls._geometry_of(conv)
+        )
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, factors: TuckerFactors) -> TuckerConv2d:
+        if tuple(conv.weight.shape) != factors.weight_shape or conv.groups != factors.groups:
+            raise ValueError("the Tucker factors were computed for a different convolution")
+        layer = cls.empty_like(conv, factors.ranks)
+        layer.load_factors(factors)
+        layer._copy_bias(conv)
+        return layer
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, ranks=None, seed: int = 0) -> TuckerConv2d:
+        """Tucker-2 of ``conv`` at ``ranks`` (``None``: full ranks, which is exact)."""
+        if ranks is None:
+            ranks = (conv.out_channels, conv.in_channels)
+        return cls.from_factors(conv, tucker2_weight(conv.weight, ranks, conv.groups, seed))
+
+    @torch.no_grad()
+    def load_factors(self, f: TuckerFactors) -> None:
+        g, (r_out, r_in) = self.groups, self.ranks
+        n, c = self.out_channels, self.in_channels
+        if f.ranks != self.ranks:
+            raise ValueError(f"factors have ranks {f.ranks}; layer wants {self.ranks}")
+        self.pointwise_in.weight.copy_(f.inp.transpose(1, 2).reshape(g * r_in, c // g, 1, 1))
+        self.core.weight.copy_(f.core.reshape(g * r_out, r_in, *self.kernel_size))
+        self.pointwise_out.weight.copy_(f.out.reshape(n, r_out, 1, 1))
+
+    def factors(self) -> TuckerFactors:
+        """The layer's current weights as :class:`~decouple.tucker.TuckerFactors`."""
+        g, (r_out, r_in), (kh, kw) = self.groups, self.ranks, self.kernel_size
+        n, c = self.out_channels, self.in_channels
+
+        def w(conv):
+            return conv.weight.detach().double().cpu()
+
+        return TuckerFactors(
+            (n, c // g, kh, kw),
+            g,
+            core=w(self.core).reshape(g, r_out, r_in, kh, kw),
+            out=w(self.pointwise_out).reshape(g, n // g, r_out),
+            inp=w(self.pointwise_in).reshape(g, r_in, c // g).transpose(1, 2),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"method='tucker', ranks={self.ranks}" + self._geometry_repr()
+        )

@@ -1,0 +1,241 @@
+"""The three ways to factor a conv, behind one interface for surgery, budgets and calibration.
+
+* ``nd`` — network decoupling (:mod:`decouple.decomposition`, :class:`DecoupledConv2d`), order
+  ``dw-pw`` or ``pw-dw``; rank ``T`` terms per channel slice.
+* ``cp`` — CP (:mod:`decouple.cp`, :class:`CPConv2d`); rank ``R`` terms per group.
+* ``tucker`` — Tucker-2 (:mod:`decouple.tucker`, :class:`TuckerConv2d`); one rank ``r`` means
+  ``(R_out, R_in) = (r, r)`` clipped to each mode's full size.
+
+For each method this module knows how to build the layer, what it costs in FLOPs (closed forms
+that match ``FlopCounterMode``), and which ranks are worth offering to the budget allocator.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from .cp import CP_MAX_ITER, CP_TOL, cp_max_rank, cp_weight
+from .decomposition import decouple_weight, rank_for_energy
+from .factorized import CPConv2d, FactorizedConv2d, TuckerConv2d
+from .layers import DecoupledConv2d
+from .tucker import tucker2_weight, tucker_max_ranks, tucker_ranks, tucker_ranks_for_energy
+
+METHODS = ("nd", "cp", "tucker")
+FACTORED_LAYERS = (DecoupledConv2d, FactorizedConv2d)
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    return method
+
+
+def layer_method(layer: nn.Module) -> str:
+    """``"nd"``, ``"cp"`` or ``"tucker"`` for a factored layer."""
+    return "nd" if isinstance(layer, DecoupledConv2d) else layer.method
+
+
+@dataclass
+class Factored:
+    """A conv replaced by ``layer``, with how far the kernel moved."""
+
+    layer: nn.Module
+    rank: int  # nd: T; cp: R; tucker: max(R_out, R_in)
+    rank_text: str  # how the table shows it, e.g. "3/9", "R=40", "16x8"
+    rel_error: float
+    energy: float  # fraction of the kernel's squared norm the approximation reproduces
+    how: str  # why this rank
+    converged: bool | None = None
+    iterations: int | None = None
+
+
+@dataclass(frozen=True)
+class FactorOptions:
+    """Settings of the iterative methods (CP-ALS; Tucker's HOOI takes only the seed)."""
+
+    cp_max_iter: int = CP_MAX_ITER
+    cp_tol: float = CP_TOL
+    seed: int = 0
+
+
+def factor_conv(
+    conv: nn.Conv2d,
+    method: str,
+    rank: int | None,
+    energy: float | None,
+    order: str = "dw-pw",
+    options: FactorOptions | None = None,
+) -> Factored:
+    """Factor ``conv`` by ``method`` at a fixed ``rank`` or an ``energy`` threshold."""
+    check_method(method)
+    options = options or FactorOptions()
+    if method == "nd":
+        full = decouple_weight(conv.weight, None, order, conv.groups)
+        if energy is not None:
+            t = rank_for_energy(full.singular_values, energy)
+            how = f"energy {energy:g} -> T={t}"
+        else:
+            t = min(rank, full.max_rank)
+            how = f"rank {rank}" + (f" clipped to full rank {t}" if rank > t else "")
+        dec = full.truncated(t)
+        layer = DecoupledConv2d.from_decoupling(conv, dec)
+        kept = float(full.layer_energy()[t - 1])
+        return Factored(layer, t, f"{t}/{full.max_rank}", dec.relative_error(), kept, how)
+    if method == "tucker":
+        shape = tuple(conv.weight.shape)
+        if energy is not None:
+            ranks = tucker_ranks_for_energy(conv.weight, conv.groups, energy)
+            how = f"energy {energy:g} per mode -> ranks {ranks[0]}x{ranks[1]}"
+        else:
+            ranks = tucker_ranks(shape, conv.groups, rank)
+            how = f"rank {rank}" + (
+                f" clipped to {ranks[0]}x{ranks[1]}" if max(ranks) < rank else ""
+            )
+        factors = tucker2_weight(conv.weight, ranks, conv.groups, options.seed)
+        layer = TuckerConv2d.from_factors(conv, factors)
+        err = factors.relative_error(conv.weight)
+        full = tucker_max_ranks(shape, conv.groups)
+        text = f"{ranks[0]}x{ranks[1]}/{full[0]}x{full[1]}"
+        return Factored(layer, max(ranks), text, err, 1 - err**2, how)
+    if energy is not None:
+        raise ValueError(
+            "CP has no closed-form energy rule (ALS is iterative): give it a rank or a FLOPs budget"
+        )
+    factors = cp_weight(
+        conv.weight, rank, conv.groups, options.cp_max_iter, options.cp_tol, options.seed
+    )
+    layer = CPConv2d.from_factors(conv, factors)
+    err = factors.relative_error(conv.weight)
+    r = factors.rank
+    how = f"rank {rank}" + (f" clipped to {r}" if r < rank else "")
+    how += "" if factors.converged else " (CP-ALS did not converge)"
+    return Factored(
+        layer, r, f"R={r}", err, 1 - err**2, how, factors.converged, max(factors.iterations)
+    )
+
+
+def empty_layer(conv: nn.Conv2d, method: str, rank, order: str = "dw-pw") -> nn.Module:
+    """An uninitialised factored layer with ``conv``'s geometry (to load a ``state_dict``)."""
+    check_method(method)
+    if method == "nd":
+        return DecoupledConv2d.empty_like(conv, rank, order)
+    if method == "cp":
+        return CPConv2d.empty_like(conv, rank)
+    return TuckerConv2d.empty_like(conv, rank)
+
+
+def recipe_entry(layer: nn.Module) -> dict:
+    """What a recipe stores to rebuild ``layer`` empty."""
+    method = layer_method(layer)
+    if method == "nd":
+        return {"method": "nd", "rank": layer.rank, "order": layer.order}
+    if method == "cp":
+        return {"method": "cp", "rank": layer.rank}
+    return {"method": "tucker", "ranks": list(layer.ranks)}
+
+
+def conv_flops(conv: nn.Conv2d, out_hw: tuple[int, int]) -> int:
+    """FLOPs of ``conv`` for one image (2 per multiply-add, as ``FlopCounterMode`` counts)."""
+    kh, kw = conv.kernel_size
+    return (
+        2 * out_hw[0] * out_hw[1] * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
+    )
+
+
+def factored_flops(conv: nn.Conv2d, method: str, order: str, rank, in_hw, out_hw) -> int:
+    """FLOPs for one image of ``conv`` factored by ``method`` at ``rank`` (closed forms).
+
+    * nd dw-pw: ``2·H'W'·(C·T·k + N·C·T/g)``; nd pw-dw: ``2·(HW·N·T·C/g + H'W'·N·T·k)``
+    * cp: ``2·(HW·C·R + H'·W·g·R·kh + H'W'·g·R·kw + H'W'·N·R)``
+    * tucker: ``2·(HW·C·R_in + H'W'·g·R_out·R_in·k + H'W'·N·R_out)``
+    """
+    c, n, g = conv.in_channels, conv.out_channels, conv.groups
+    kh, kw = conv.kernel_size
+    hw_in, hw_out = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
+    if method == "nd":
+        if order == "dw-pw":
+            return 2 * hw_out * c * rank * kh * kw + 2 * hw_out * n * (c * rank // g)
+        return 2 * hw_in * n * rank * (c // g) + 2 * hw_out * n * rank * kh * kw
+    if method == "cp":
+        vertical = out_hw[0] * in_hw[1]  # the kh×1 conv strides rows only
+        return 2 * rank * (hw_in * c + vertical * g * kh + hw_out * g * kw + hw_out * n)
+    r_out, r_in = tucker_ranks(tuple(conv.weight.shape), g, rank)
+    return 2 * (hw_in * c * r_in + hw_out * g * r_out * r_in * kh * kw + hw_out * n * r_out)
+
+
+def candidate_ranks(conv: nn.Conv2d, method: str, order: str, in_hw, out_hw, max_cost: float):
+    """Ranks the allocator may choose for ``conv``: ``[(rank, flops), …]``, each ``<= max_cost``.
+
+    nd offers every ``T``; Tucker every useful ``r`` on a grid of about 16 cost levels; CP (whose
+    ALS is the expensive part) ranks at 8 cost levels, 10 % to 90 % of ``max_cost``.
+    """
+    if method == "nd":
+        top = decouple_weight(conv.weight, None, order, conv.groups).max_rank
+        ranks = range(1, top + 1)
+    elif method == "tucker":
+        top = max(tucker_max_ranks(tuple(conv.weight.shape), conv.groups))
+        costs = {
+            r: factored_flops(conv, method, order, r, in_hw, out_hw) for r in range(1, top + 1)
+        }
+        levels = torch.linspace(0.05, 1.0, 16).tolist()
+        ranks = sorted(
+            {max((r for r, f in costs.items() if f <= lv * max_cost), default=0) for lv in levels}
+            - {0}
+        )
+    else:
+        unit = factored_flops(conv, method, order, 1, in_hw, out_hw)
+        top = min(int(max_cost // unit), cp_max_rank(tuple(conv.weight.shape), conv.groups))
+        levels = (0.1, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9)
+        ranks = sorted({max(1, int(lv * top)) for lv in levels}) if top >= 1 else []
+    out = []
+    for r in ranks:
+        f = factored_flops(conv, method, order, r, in_hw, out_hw)
+        if f <= max_cost:
+            out.append((r, f))
+    return out
+
+
+def is_factored(module: nn.Module) -> bool:
+    return isinstance(module, FACTORED_LAYERS)
+
+
+class FactorCache:
+    """Memo of :func:`factor_conv` keyed by the conv's contents, so that a rank the budget
+    allocator already computed (CP-ALS is slow) is not computed again, even on a copy of the
+    model. Hits return a fresh deep copy of the layer."""
+
+    def __init__(self) -> None:
+        self._memo: dict = {}
+
+    @staticmethod
+    def _fingerprint(conv: nn.Conv2d) -> str:
+        h = hashlib.sha1()
+        for t in (conv.weight, conv.bias):
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        geometry = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        h.update(repr((tuple(conv.weight.shape), str(conv.weight.dtype), geometry)).encode())
+        return h.hexdigest()
+
+    def factor(self, conv, method, rank, energy, order="dw-pw", options=None) -> Factored:
+        options = options or FactorOptions()
+        key = (
+            self._fingerprint(conv),
+            method,
+            rank,
+            energy,
+            order if method == "nd" else "",
+            options,
+        )
+        if key not in self._memo:
+            self._memo[key] = factor_conv(conv, method, rank, energy, order, options)
+        hit = self._memo[key]
+        return replace(hit, layer=copy.deepcopy(hit.layer))
+
+    def __len__(self) -> int:
+        return len(self._memo)

@@ -1,0 +1,138 @@
+"""Tucker-2 decomposition of a conv kernel, as pure tensor math (Kim et al. 2016).
+
+Only the output and input channel modes of every group's kernel ``(N/g, C/g, kh, kw)`` are
+compressed (tensorly's ``partial_tucker``: HOOI from a truncated HOSVD)::
+
+    W[n, c, i, j] ≈ Σ_{a,b}  out[n, a] · core[a, b, i, j] · inp[c, b]
+
+which runs as three plain convs: 1×1 ``C → R_in``, the core ``kh×kw`` conv ``R_in → R_out``, and
+1×1 ``R_out → N`` (see :class:`decouple.factorized.TuckerConv2d`). The factors are orthonormal,
+so at full ranks the decomposition is exact.
+
+Nothing here knows about ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .decomposition import svd_flip
+from .tensorly_compat import run_partial_tucker
+
+
+def tucker_max_ranks(weight_shape: tuple[int, ...], groups: int = 1) -> tuple[int, int]:
+    """``(R_out, R_in)`` at which Tucker-2 is exact: each mode's unfolding rank bound."""
+    n, cg, kh, kw = weight_shape
+    ng, k = n // groups, kh * kw
+    return min(ng, cg * k), min(cg, ng * k)
+
+
+def tucker_ranks(weight_shape: tuple[int, ...], groups: int, rank) -> tuple[int, int]:
+    """Ranks ``(R_out, R_in)`` for a rank rule: an int (both modes) or a pair; clipped to full."""
+    r_out, r_in = (rank, rank) if isinstance(rank, int) else tuple(rank)
+    for r in (r_out, r_in):
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"Tucker ranks must be integers >= 1; got {rank!r}")
+    m_out, m_in = tucker_max_ranks(weight_shape, groups)
+    return min(r_out, m_out), min(r_in, m_in)
+
+
+def tucker_ranks_for_energy(weight: torch.Tensor, groups: int, energy: float) -> tuple[int, int]:
+    """Per mode, the smallest rank whose unfolding keeps ``energy`` of the squared norm (HOSVD).
+
+    The largest such rank over the groups is used, so every group keeps at least ``energy``.
+    """
+    w = weight.detach().double().cpu()
+    n, cg, kh, kw = w.shape
+    blocks = w.reshape(groups, n // groups, cg, kh * kw)
+    unfold_out = blocks.reshape(groups, n // groups, -1)
+    unfold_in = blocks.transpose(1, 2).reshape(groups, cg, -1)
+    ranks = []
+    for unfolding in (unfold_out, unfold_in):
+        s2 = torch.linalg.svdvals(unfolding).square()
+        total = s2.sum(-1, keepdim=True).clamp_min(1e-300)
+        kept = s2.cumsum(-1) / total
+        need = (kept < energy - 1e-12).sum(-1) + 1  # first index reaching the threshold
+        ranks.append(int(need.clamp(max=s2.shape[-1]).max()))
+    return tucker_ranks(tuple(w.shape), groups, tuple(ranks))
+
+
+@dataclass
+class TuckerFactors:
+    """Tucker-2 factors of a grouped conv kernel, one set per group (float64).
+
+    ``core`` ``(g, R_out, R_in, kh, kw)``, ``out`` ``(g, N/g, R_out)``, ``inp`` ``(g, C/g, R_in)``
+    (orthonormal columns, signs fixed by :func:`~decouple.decomposition.svd_flip`).
+    """
+
+    weight_shape: tuple[int, ...]
+    groups: int
+    core: torch.Tensor
+    out: torch.Tensor
+    inp: torch.Tensor
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        return int(self.core.shape[1]), int(self.core.shape[2])
+
+    def reconstruct(self) -> torch.Tensor:
+        """The kernel the factors represent, ``(N, C/g, kh, kw)`` in float64."""
+        w = torch.einsum("gabij,gna,gcb->gncij", self.core, self.out, self.inp)
+        return w.reshape(self.weight_shape)
+
+    def head_matrix(self) -> torch.Tensor:
+        """``(g, R_out, C/g·kh·kw)``: what the convs before the last 1×1 compute from a patch."""
+        g, r_out = self.groups, self.ranks[0]
+        m = torch.einsum("gabij,gcb->gacij", self.core, self.inp)
+        return m.reshape(g, r_out, -1)
+
+    def relative_error(self, weight: torch.Tensor) -> float:
+        """``‖W − Ŵ‖_F / ‖W‖_F`` against the original kernel."""
+        w = weight.detach().double().cpu()
+        denom = float(w.norm())
+        diff = float((w - self.reconstruct()).norm())
+        return diff / denom if denom > 0 else diff
+
+
+def _flip(factor: torch.Tensor) -> torch.Tensor:
+    """Signs (``±1`` per column) that make each column's largest entry positive."""
+    _, signs_t = svd_flip(factor, torch.eye(factor.shape[1], dtype=factor.dtype))
+    return signs_t.diagonal()
+
+
+def tucker2_weight(weight: torch.Tensor, ranks, groups: int = 1, seed: int = 0) -> TuckerFactors:
+    """Tucker-2 decomposition of every group of a conv kernel.
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        ``(N, C/g, kh, kw)``; computed in float64 on the CPU.
+    ranks : int or (int, int)
+        ``(R_out, R_in)`` per group, or one int for both; clipped to
+        :func:`tucker_max_ranks`, where the decomposition is exact.
+    groups : int
+        The conv's ``groups``; each group is decomposed on its own.
+    seed : int
+        Passed to tensorly (the SVD start is deterministic).
+    """
+    w = weight.detach().double().cpu()
+    r_out, r_in = tucker_ranks(tuple(w.shape), groups, ranks)
+    n, cg, kh, kw = w.shape
+    ng = n // groups
+    cores, outs, inps = [], [], []
+    for j in range(groups):
+        block = w[j * ng : (j + 1) * ng]
+        core, (u_out, u_in) = run_partial_tucker(block.numpy(), (r_out, r_in), seed)
+        core = torch.from_numpy(np.array(core, dtype=np.float64))
+        u_out = torch.from_numpy(np.array(u_out, dtype=np.float64))
+        u_in = torch.from_numpy(np.array(u_in, dtype=np.float64))
+        s_out, s_in = _flip(u_out), _flip(u_in)
+        cores.append(core * s_out[:, None, None, None] * s_in[None, :, None, None])
+        outs.append(u_out * s_out)
+        inps.append(u_in * s_in)
+    return TuckerFactors(
+        tuple(w.shape), groups, torch.stack(cores), torch.stack(outs), torch.stack(inps)
+    )
