@@ -58,6 +58,23 @@ class FactorizedConv2d(nn.Module):
             dtype=w.dtype,
         )
 
+    @classmethod
+    def empty_like(cls, conv: nn.Conv2d, rank):
+        """An uninitialised layer with ``conv``'s geometry, bias, device and dtype."""
+        return cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, **cls._geometry_of(conv)
+        )
+
+    @classmethod
+    def from_factors(cls, conv: nn.Conv2d, factors):
+        """The layer holding ``factors`` (computed for ``conv``), with ``conv``'s bias."""
+        if tuple(conv.weight.shape) != factors.weight_shape or conv.groups != factors.groups:
+            raise ValueError(f"the {cls.method} factors were computed for a different convolution")
+        layer = cls.empty_like(conv, cls._rank_of(factors))
+        layer.load_factors(factors)
+        layer._copy_bias(conv)
+        return layer
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before ``pointwise_out`` (a linear map of ``x``; calibration's features)."""
         raise NotImplementedError
@@ -152,21 +169,9 @@ class CPConv2d(FactorizedConv2d):
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.horizontal(self.vertical(self.pointwise_in(x)))
 
-    @classmethod
-    def empty_like(cls, conv: nn.Conv2d, rank: int) -> CPConv2d:
-        """An uninitialised layer with ``conv``'s geometry, bias, device and dtype."""
-        return cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, rank, **cls._geometry_of(conv)
-        )
-
-    @classmethod
-    def from_factors(cls, conv: nn.Conv2d, factors: CPFactors) -> CPConv2d:
-        if tuple(conv.weight.shape) != factors.weight_shape or conv.groups != factors.groups:
-            raise ValueError("the CP factors were computed for a different convolution")
-        layer = cls.empty_like(conv, factors.rank)
-        layer.load_factors(factors)
-        layer._copy_bias(conv)
-        return layer
+    @staticmethod
+    def _rank_of(factors: CPFactors) -> int:
+        return factors.rank
 
     @classmethod
     def from_conv(
@@ -276,19 +281,11 @@ class TuckerConv2d(FactorizedConv2d):
     @classmethod
     def empty_like(cls, conv: nn.Conv2d, ranks) -> TuckerConv2d:
         """An uninitialised layer with ``conv``'s geometry; ``ranks`` clipped to full."""
-        ranks = tucker_ranks(tuple(conv.weight.shape), conv.groups, ranks)
-        return cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, ranks, **cls._geometry_of(conv)
-        )
+        return super().empty_like(conv, tucker_ranks(tuple(conv.weight.shape), conv.groups, ranks))
 
-    @classmethod
-    def from_factors(cls, conv: nn.Conv2d, factors: TuckerFactors) -> TuckerConv2d:
-        if tuple(conv.weight.shape) != factors.weight_shape or conv.groups != factors.groups:
-            raise ValueError("the Tucker factors were computed for a different convolution")
-        layer = cls.empty_like(conv, factors.ranks)
-        layer.load_factors(factors)
-        layer._copy_bias(conv)
-        return layer
+    @staticmethod
+    def _rank_of(factors: TuckerFactors) -> tuple[int, int]:
+        return factors.ranks
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks=None, seed: int = 0) -> TuckerConv2d:
