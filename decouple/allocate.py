@@ -23,7 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibrate import Factors, holdout_mask, refit_last, refit_pointwise_out
+from .calibrate import (
+    Factors,
+    holdout_mask,
+    kernel_from_head,
+    refit_last,
+    refit_pointwise_out,
+)
 from .decomposition import decouple_weight
 from .methods import (
     FactorCache,
@@ -35,6 +41,7 @@ from .methods import (
 from .moments import Moments
 
 CRITERIA = ("energy", "data")
+MIN_SAVING = 0.1  # a rank must save at least this fraction of a layer's FLOPs to be offered
 
 
 def decoupled_flops(conv: nn.Conv2d, order: str, rank: int, in_hw, out_hw) -> int:
@@ -151,7 +158,7 @@ def factored_options(
             f = done.layer.factors()
             head = f.head_matrix()
             out, b = refit_pointwise_out(head, f.out, bias, fit, ridge)
-            kernel = torch.einsum("gnr,grf->gnf", out, head).reshape(f.weight_shape)
+            kernel = kernel_from_head(head, out, f.weight_shape)
             loss = val.relative_error(kernel, b) ** 2
         opts.append(Option(rank, flops, float(loss)))
     return opts

@@ -122,6 +122,24 @@ def _split(m: Moments, j: int):
     return m.xx[j, :f, :f], m.xx[j, :f, f], m.xx[j, f, f], m.xy[j, :f], m.xy[j, f]
 
 
+def _solve_1x1(h, m: Moments, j: int, w0, b0, ridge: float):
+    """Ridge least squares for a 1×1 conv reading the features ``h @ patch`` of group ``j``.
+
+    ``h`` ``(R, F)`` maps a patch to the features; ``w0`` ``(R, N/g)`` and ``b0`` ``(N/g,)`` (or
+    None: no bias) are the current weights, the ridge's anchor. Returns the new pair.
+    """
+    xx, xb, cnt, xy, yb = _split(m, j)
+    a, b = h @ xx @ h.T, h @ xy
+    if b0 is not None:  # the bias is one more feature, constant 1
+        col = h @ xb
+        a = torch.cat([torch.cat([a, col[:, None]], 1), torch.cat([col, cnt[None]])[None]], 0)
+        b = torch.cat([b, yb[None]], 0)
+        w0 = torch.cat([w0, b0[None]], 0)
+    w = _ridge_solve(a, b, w0, ridge)
+    r = h.shape[0]
+    return w[:r], (w[-1] if b0 is not None else None)
+
+
 def refit_last(fac: Factors, m: Moments, ridge: float = 1e-4) -> Factors:
     """Refit the factor that runs last (and the bias), the first factor fixed."""
     out = fac.copy()
@@ -130,7 +148,6 @@ def refit_last(fac: Factors, m: Moments, ridge: float = 1e-4) -> Factors:
     ng = n // g
     has_bias = fac.bias is not None
     for j in range(g):
-        xx, xb, cnt, xy, yb = _split(m, j)
         ns = slice(j * ng, (j + 1) * ng)
         if fac.order == "dw-pw":
             cs = slice(j * cg, (j + 1) * cg)
@@ -139,20 +156,13 @@ def refit_last(fac: Factors, m: Moments, ridge: float = 1e-4) -> Factors:
                 "ctk,cd->ctdk", fac.depthwise[cs], torch.eye(cg, dtype=torch.float64)
             )
             phi = phi.reshape(cg * t, cg * k)
-            a, b = phi @ xx @ phi.T, phi @ xy
             w0 = fac.pointwise[cs].reshape(cg * t, ng)
+            w, b = _solve_1x1(phi, m, j, w0, fac.bias[ns] if has_bias else None, ridge)
+            out.pointwise[cs] = w.reshape(cg, t, ng)
             if has_bias:
-                col = phi @ xb
-                a = torch.cat(
-                    [torch.cat([a, col[:, None]], 1), torch.cat([col, cnt[None]])[None]], 0
-                )
-                b = torch.cat([b, yb[None]], 0)
-                w0 = torch.cat([w0, fac.bias[ns][None]], 0)
-            w = _ridge_solve(a, b, w0, ridge)
-            out.pointwise[cs] = w[: cg * t].reshape(cg, t, ng)
-            if has_bias:
-                out.bias[ns] = w[-1]
+                out.bias[ns] = b
         else:
+            xx, xb, cnt, xy, yb = _split(m, j)
             p = fac.pointwise[ns]  # (Ng, T, Cg)
             xx4 = xx.reshape(cg, k, cg, k)
             q = torch.einsum("ntc,ckdl->ntkdl", p, xx4)
@@ -229,25 +239,18 @@ def refit_pointwise_out(
     -------
     out, bias : the refit weights in the same shapes.
     """
-    g, ng, r = out.shape
+    g, ng, _ = out.shape
     new_out, new_bias = out.clone(), None if bias is None else bias.clone()
     for j in range(g):
-        xx, xb, cnt, xy, yb = _split(m, j)
-        h = head[j]
-        a, b, w0 = h @ xx @ h.T, h @ xy, out[j].T
+        ns = slice(j * ng, (j + 1) * ng)
+        w, b = _solve_1x1(head[j], m, j, out[j].T, None if bias is None else bias[ns], ridge)
+        new_out[j] = w.T
         if bias is not None:
-            col = h @ xb
-            a = torch.cat([torch.cat([a, col[:, None]], 1), torch.cat([col, cnt[None]])[None]], 0)
-            b = torch.cat([b, yb[None]], 0)
-            w0 = torch.cat([w0, bias[j * ng : (j + 1) * ng][None]], 0)
-        w = _ridge_solve(a, b, w0, ridge)
-        new_out[j] = w[:r].T
-        if bias is not None:
-            new_bias[j * ng : (j + 1) * ng] = w[-1]
+            new_bias[ns] = b
     return new_out, new_bias
 
 
-def _kernel(head: torch.Tensor, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def kernel_from_head(head: torch.Tensor, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The k×k kernel of a CP/Tucker layer from its head map and last 1×1 weights."""
     return torch.einsum("gnr,grf->gnf", out, head).reshape(shape)
 
@@ -409,9 +412,9 @@ def _refit_factorized(
     f = layer.factors()
     head, shape = f.head_matrix(), f.weight_shape
     bias = None if layer.bias is None else layer.bias.detach().double().cpu()
-    err = {"data-free": m_val.relative_error(_kernel(head, f.out, shape), bias)}
+    err = {"data-free": m_val.relative_error(kernel_from_head(head, f.out, shape), bias)}
     out, new_bias = refit_pointwise_out(head, f.out, bias, m_fit, ridge)
-    err["last"] = m_val.relative_error(_kernel(head, out, shape), new_bias)
+    err["last"] = m_val.relative_error(kernel_from_head(head, out, shape), new_bias)
     best = min(err, key=err.get) if mode == "auto" else "last"
     if best == "last":
         w = layer.pointwise_out.weight

@@ -16,6 +16,7 @@ from torch import nn
 
 from .allocate import (
     CRITERIA,
+    MIN_SAVING,
     Allocation,
     allocate,
     collect_moments,
@@ -95,7 +96,7 @@ def plan_ranks(
     target_flops: float,
     criterion: str = "energy",
     calib_images: torch.Tensor | None = None,
-    min_saving: float = 0.1,
+    min_saving: float = MIN_SAVING,
     ridge: float = 1e-4,
     cache: FactorCache | None = None,
 ) -> Allocation:
@@ -152,7 +153,7 @@ def compress_(
     calib_images: torch.Tensor | None = None,
     refit: str = "auto",
     ridge: float = 1e-4,
-    min_saving: float = 0.1,
+    min_saving: float = MIN_SAVING,
     progress: bool = False,
     cache: FactorCache | None = None,
 ) -> CompressResult:

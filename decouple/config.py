@@ -14,12 +14,12 @@ from typing import Any
 
 from .cp import CP_MAX_ITER
 from .decomposition import ORDERS
-from .methods import METHODS, FactorOptions
+from .methods import FactorOptions, check_method
 
 
-def _check_rank(rank: Any, what: str = "rank") -> None:
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"{what} must be an integer >= 1; got {rank!r}")
+def _check_rank(rank: Any, what: str = "rank", low: int = 1) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < low):
+        raise ValueError(f"{what} must be an integer >= {low}; got {rank!r}")
 
 
 def _check_energy(energy: Any) -> None:
@@ -29,9 +29,11 @@ def _check_energy(energy: Any) -> None:
         raise ValueError(f"energy must be a number in (0, 1]; got {energy!r}")
 
 
-def _check_method(method: Any) -> None:
-    if method is not None and method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+def _check_method(method: Any, energy: Any) -> None:
+    if method is not None:
+        check_method(method)
+    if method == "cp" and energy is not None:
+        raise ValueError("CP takes a rank, not an energy (ALS has no closed-form energy rule)")
 
 
 def _check_order(order: Any) -> None:
@@ -56,13 +58,11 @@ class LayerSpec:
         _check_rank(self.rank)
         _check_energy(self.energy)
         _check_order(self.order)
-        _check_method(self.method)
+        _check_method(self.method, self.energy)
         if self.rank is not None and self.energy is not None:
             raise ValueError("give a layer either rank or energy, not both")
         if self.skip and (self.rank or self.energy or self.order or self.method):
             raise ValueError("a skipped layer takes no rank, energy, order or method")
-        if self.method == "cp" and self.energy is not None:
-            raise ValueError("CP takes a rank, not an energy (ALS has no closed-form energy rule)")
 
     @classmethod
     def coerce(cls, value: Any) -> LayerSpec:
@@ -143,22 +143,12 @@ class DecoupleConfig:
         _check_energy(self.energy)
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {self.order!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        check_method(self.method)
+        _check_method(self.method, self.energy)
         if self.rank is not None and self.energy is not None:
             raise ValueError("give either rank or energy, not both")
-        if self.method == "cp" and self.energy is not None:
-            raise ValueError("CP takes a rank, not an energy (ALS has no closed-form energy rule)")
-        for name in ("cp_max_iter", "seed"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int)
-                or value < (name == "cp_max_iter")
-            ):
-                raise ValueError(
-                    f"{name} must be an integer >= {int(name == 'cp_max_iter')}; got {value!r}"
-                )
+        _check_rank(self.cp_max_iter, "cp_max_iter")
+        _check_rank(self.seed, "seed", low=0)
         if not isinstance(self.fold_bn, bool):
             raise ValueError(f"fold_bn must be a bool; got {self.fold_bn!r}")
         items = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides

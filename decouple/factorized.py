@@ -14,55 +14,22 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
 
+from .conv_geometry import ConvGeometry, conv_geometry
 from .cp import CP_MAX_ITER, CP_TOL, CPFactors, cp_weight
 from .tucker import TuckerFactors, tucker2_weight, tucker_ranks
 
 
-class FactorizedConv2d(nn.Module):
+class FactorizedConv2d(ConvGeometry):
     """Common geometry and helpers of the CP and Tucker layers (not used on its own)."""
 
     method = ""
-
-    def _set_geometry(
-        self,
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride,
-        padding,
-        dilation,
-        groups,
-        padding_mode,
-    ) -> None:
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in={in_channels} and out={out_channels}")
-        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
-        self.kernel_size = _pair(kernel_size)
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.padding_mode = padding_mode
-
-    @staticmethod
-    def _geometry_of(conv: nn.Conv2d) -> dict:
-        w = conv.weight
-        return dict(
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-        )
 
     @classmethod
     def empty_like(cls, conv: nn.Conv2d, rank):
         """An uninitialised layer with ``conv``'s geometry, bias, device and dtype."""
         return cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, rank, **cls._geometry_of(conv)
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, **conv_geometry(conv)
         )
 
     @classmethod
@@ -94,18 +61,6 @@ class FactorizedConv2d(nn.Module):
     def reconstructed_weight(self) -> torch.Tensor:
         """The equivalent k×k kernel ``(N, C/g, kh, kw)`` in the layer's dtype."""
         return self.factors().reconstruct().to(self.pointwise_out.weight.dtype)
-
-    def _geometry_repr(self) -> str:
-        s = f", stride={self.stride}"
-        if self.padding != (0, 0):
-            s += f", padding={self.padding!r}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return s
 
 
 def _axis_padding(padding, axis: int):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.utils import _pair
 
+from .conv_geometry import ConvGeometry, conv_geometry
 from .decomposition import Decoupling, check_order, decouple_weight
 
 
-class DecoupledConv2d(nn.Module):
+class DecoupledConv2d(ConvGeometry):
     """A k×k convolution rewritten as ``rank`` depthwise-separable terms.
 
     Built empty from shapes (so a saved ``state_dict`` loads into it) or from an existing conv
@@ -57,14 +57,10 @@ class DecoupledConv2d(nn.Module):
         check_order(order)
         if rank < 1:
             raise ValueError(f"rank must be >= 1; got {rank}")
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in={in_channels} and out={out_channels}")
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.rank, self.order, self.groups = int(rank), order, groups
-        self.stride, self.dilation = _pair(stride), _pair(dilation)
-        self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.padding_mode = padding_mode
+        self._set_geometry(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        self.rank, self.order = int(rank), order
         c, n, t, kw = in_channels, out_channels, self.rank, dict(device=device, dtype=dtype)
         spatial = dict(
             kernel_size=self.kernel_size,
@@ -98,21 +94,13 @@ class DecoupledConv2d(nn.Module):
     @classmethod
     def empty_like(cls, conv: nn.Conv2d, rank: int, order: str) -> DecoupledConv2d:
         """An uninitialised layer with ``conv``'s geometry, bias, device and dtype."""
-        w = conv.weight
         return cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
             rank,
             order,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
+            **conv_geometry(conv),
         )
 
     @classmethod
@@ -168,16 +156,7 @@ class DecoupledConv2d(nn.Module):
         return self.factors().reconstruct().to(self.depthwise.weight.dtype)
 
     def extra_repr(self) -> str:
-        s = (
+        return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"rank={self.rank}, order={self.order!r}, stride={self.stride}"
+            f"rank={self.rank}, order={self.order!r}" + self._geometry_repr()
         )
-        if self.padding != (0, 0):
-            s += f", padding={self.padding!r}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        return s

@@ -52,6 +52,7 @@ class Factored:
     how: str  # why this rank
     converged: bool | None = None
     iterations: int | None = None
+    max_rank: int | None = None  # nd: the slice rank, where decoupling is exact
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def factor_conv(
         dec = full.truncated(t)
         layer = DecoupledConv2d.from_decoupling(conv, dec)
         kept = float(full.layer_energy()[t - 1])
-        return Factored(layer, t, f"{t}/{full.max_rank}", dec.relative_error(), kept, how)
+        text = f"{t}/{full.max_rank}"
+        return Factored(layer, t, text, dec.relative_error(), kept, how, max_rank=full.max_rank)
     if method == "tucker":
         shape = tuple(conv.weight.shape)
         if energy is not None:

@@ -121,8 +121,7 @@ def _decouple_conv(
     rec = _base_record(name, conv, "decoupled", done.how)
     rec.method, rec.rank, rec.rank_text = spec.method, done.rank, done.rank_text
     rec.order = spec.order if spec.method == "nd" else None
-    if spec.method == "nd":
-        rec.max_rank = int(done.rank_text.split("/")[1])
+    rec.max_rank = done.max_rank
     rec.energy, rec.rel_error = done.energy, done.rel_error
     rec.converged, rec.iterations = done.converged, done.iterations
     rec.params_after = _n_params(layer)

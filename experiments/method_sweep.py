@@ -27,7 +27,8 @@ import torch
 from accuracy_sweep import SHAPE, SHARED, load_sets, write_csv
 
 from decouple import DecoupleConfig, count_flops
-from decouple.allocate import probe_shapes
+from decouple.allocate import MIN_SAVING, probe_shapes
+from decouple.bn_fold import fold_batchnorm_
 from decouple.compress import compress_, decouplable_convs
 from decouple.decomposition import decouple_weight
 from decouple.evaluate import evaluate
@@ -70,10 +71,9 @@ def run_one(
 
 
 def layer_errors(name: str, base, cache: FactorCache, cp_iters: int) -> list[dict]:
-    """Relative kernel error of every candidate rank of every method, per layer (BN folded)."""
+    """Relative kernel error of every rank the allocator offers, per method and layer (BN folded;
+    the same candidates as the budget runs, so CP comes from ``cache`` rather than ALS again)."""
     model = copy.deepcopy(base)
-    from decouple.bn_fold import fold_batchnorm_
-
     fold_batchnorm_(model)
     config = DecoupleConfig(cp_max_iter=cp_iters)
     names = decouplable_convs(model, config)
@@ -86,7 +86,8 @@ def layer_errors(name: str, base, cache: FactorCache, cp_iters: int) -> list[dic
         for method, order in METHODS:
             if method == "nd":
                 full = decouple_weight(conv.weight, None, order, conv.groups)
-            for rank, flops in candidate_ranks(conv, method, order, in_hw, out_hw, original):
+            limit = (1 - MIN_SAVING) * original
+            for rank, flops in candidate_ranks(conv, method, order, in_hw, out_hw, limit):
                 if method == "nd":
                     err, converged = full.truncated(rank).relative_error(), ""
                 else:
