@@ -23,13 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calibrate import (
-    Factors,
-    holdout_mask,
-    kernel_from_head,
-    refit_last,
-    refit_pointwise_out,
-)
+from .calibrate import Factors, holdout_mask, refit_factored, refit_last
 from .decomposition import decouple_weight
 from .methods import (
     FactorCache,
@@ -155,10 +149,7 @@ def factored_options(
             loss = done.rel_error**2
         else:
             fit, val = moments
-            f = done.layer.factors()
-            head = f.head_matrix()
-            out, b = refit_pointwise_out(head, f.out, bias, fit, ridge)
-            kernel = kernel_from_head(head, out, f.weight_shape)
+            _, b, kernel = refit_factored(done.layer.factors(), bias, fit, ridge)
             loss = val.relative_error(kernel, b) ** 2
         opts.append(Option(rank, flops, float(loss)))
     return opts

@@ -250,6 +250,13 @@ def refit_pointwise_out(
     return new_out, new_bias
 
 
+def refit_factored(f, bias: torch.Tensor | None, m: Moments, ridge: float = 1e-4):
+    """:func:`refit_pointwise_out` on CP/Tucker factors ``f``: ``(out, bias, kernel)`` after it."""
+    head = f.head_matrix()
+    out, new_bias = refit_pointwise_out(head, f.out, bias, m, ridge)
+    return out, new_bias, kernel_from_head(head, out, f.weight_shape)
+
+
 def kernel_from_head(head: torch.Tensor, out: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The k×k kernel of a CP/Tucker layer from its head map and last 1×1 weights."""
     return torch.einsum("gnr,grf->gnf", out, head).reshape(shape)
@@ -410,11 +417,10 @@ def _refit_factorized(
 ) -> CalibrationRecord:
     """Refit the last 1×1 conv of a CP/Tucker layer if it measures better (``auto``) or always."""
     f = layer.factors()
-    head, shape = f.head_matrix(), f.weight_shape
     bias = None if layer.bias is None else layer.bias.detach().double().cpu()
-    err = {"data-free": m_val.relative_error(kernel_from_head(head, f.out, shape), bias)}
-    out, new_bias = refit_pointwise_out(head, f.out, bias, m_fit, ridge)
-    err["last"] = m_val.relative_error(kernel_from_head(head, out, shape), new_bias)
+    err = {"data-free": m_val.relative_error(f.reconstruct(), bias)}
+    out, new_bias, kernel = refit_factored(f, bias, m_fit, ridge)
+    err["last"] = m_val.relative_error(kernel, new_bias)
     best = min(err, key=err.get) if mode == "auto" else "last"
     if best == "last":
         w = layer.pointwise_out.weight

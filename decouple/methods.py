@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .cp import CP_MAX_ITER, CP_TOL, cp_max_rank, cp_weight
-from .decomposition import decouple_weight, rank_for_energy
+from .decomposition import decouple_weight, max_rank, rank_for_energy
 from .factorized import CPConv2d, FactorizedConv2d, TuckerConv2d
 from .layers import DecoupledConv2d
 from .tucker import tucker2_weight, tucker_max_ranks, tucker_ranks, tucker_ranks_for_energy
@@ -177,7 +177,7 @@ def candidate_ranks(conv: nn.Conv2d, method: str, order: str, in_hw, out_hw, max
     ALS is the expensive part) ranks at 8 cost levels, 10 % to 90 % of ``max_cost``.
     """
     if method == "nd":
-        top = decouple_weight(conv.weight, None, order, conv.groups).max_rank
+        top = max_rank(tuple(conv.weight.shape), order, conv.groups)  # no SVD needed
         ranks = range(1, top + 1)
     elif method == "tucker":
         top = max(tucker_max_ranks(tuple(conv.weight.shape), conv.groups))
