@@ -1,6 +1,6 @@
 """Network decoupling vs CP vs Tucker-2 at equal FLOPs on the real pretrained CIFAR-10 ResNets.
 
-Run (needs ../shared/assets; about 30 minutes on 2 cores):
+Run (needs ../shared/assets; about 10 minutes on 2 cores):
 
     pip install -e '.[dev]' && python experiments/method_sweep.py
 
