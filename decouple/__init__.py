@@ -11,6 +11,11 @@ Where things live:
 * :mod:`decouple.bn_fold` — BatchNorm folding, proven safe on the ``torch.fx`` graph
 * :mod:`decouple.surgery` — ``decouple_`` (in place) and recipes that replay it on a fresh model
 * :mod:`decouple.report` — FLOPs, params, per-layer and output error; JSON, Markdown, text
+* :mod:`decouple.latency` — measured latency (``torch.utils.benchmark``) in eager, channels-last
+  or ONNX Runtime
+* :mod:`decouple.realize` — the fastest exact realization of each layer, or its original conv back
+* :mod:`decouple.latency_budget` — per-layer T from measured latency tables (``--target-latency``)
+* :mod:`decouple.export` — ONNX export checked against ONNX Runtime; ``torch.export``
 * :mod:`decouple.model_io` — safe loading, ``--arch`` resolution, atomic writes, reloading
 * :mod:`decouple.cli` — ``python -m decouple``
 """
@@ -19,8 +24,10 @@ from .config import DecoupleConfig, LayerSpec
 from .cp import cp_weight
 from .decomposition import Decoupling, decouple_weight, max_rank, rank_for_energy, spectrum
 from .factorized import CPConv2d, TuckerConv2d
+from .latency import LatencyConfig, measure
 from .layers import DecoupledConv2d
 from .model_io import load_decoupled
+from .realize import choose_realizations_
 from .report import Report, build_report, count_flops
 from .surgery import LayerRecord, apply_recipe_, decouple_, make_recipe
 from .tucker import tucker2_weight
@@ -33,11 +40,13 @@ __all__ = [
     "DecoupledConv2d",
     "Decoupling",
     "LayerRecord",
+    "LatencyConfig",
     "LayerSpec",
     "Report",
     "apply_recipe_",
     "TuckerConv2d",
     "build_report",
+    "choose_realizations_",
     "count_flops",
     "cp_weight",
     "decouple_",
@@ -45,6 +54,7 @@ __all__ = [
     "load_decoupled",
     "make_recipe",
     "max_rank",
+    "measure",
     "rank_for_energy",
     "spectrum",
     "tucker2_weight",

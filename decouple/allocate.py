@@ -160,23 +160,24 @@ class Option:
     """One choice for a layer: ``rank`` 0 keeps the original conv."""
 
     rank: int
-    flops: int
+    cost: int  # FLOPs, or nanoseconds for a latency budget
     loss: float
 
 
 @dataclass
 class Allocation:
-    """The chosen option per layer, why, and the FLOPs it adds up to."""
+    """The chosen option per layer, why, and the cost (FLOPs or ns) it adds up to."""
 
     choice: dict[str, Option]
     reasons: dict[str, str]
     fixed_flops: int
     target_flops: int
     criterion: str = ""
+    unit: str = "FLOPs"  # or "ns": a latency budget, costs measured per layer
 
     @property
     def total_flops(self) -> int:
-        return self.fixed_flops + sum(o.flops for o in self.choice.values())
+        return self.fixed_flops + sum(o.cost for o in self.choice.values())
 
     def ranks(self) -> dict[str, int]:
         return {n: o.rank for n, o in self.choice.items()}
@@ -193,16 +194,22 @@ def layer_options(
     return opts
 
 
-def allocate(options: dict[str, list[Option]], fixed_flops: int, target_flops: int) -> Allocation:
-    """Greedy multiple-choice knapsack: cheapest everywhere, then best loss saved per FLOP."""
-    choice = {n: min(opts, key=lambda o: (o.flops, o.loss)) for n, opts in options.items()}
-    total = fixed_flops + sum(o.flops for o in choice.values())
+def allocate(
+    options: dict[str, list[Option]], fixed_flops: int, target_flops: int, unit: str = "FLOPs"
+) -> Allocation:
+    """Greedy multiple-choice knapsack: cheapest everywhere, then best loss saved per unit cost.
+
+    Costs are FLOPs, or nanoseconds (``unit="ns"``) for a latency budget; ``fixed_flops`` is the
+    cost of everything not on offer.
+    """
+    choice = {n: min(opts, key=lambda o: (o.cost, o.loss)) for n, opts in options.items()}
+    total = fixed_flops + sum(o.cost for o in choice.values())
     while True:
         best, best_ratio = None, 0.0
         for n, opts in options.items():
             cur = choice[n]
             for o in opts:
-                d_flops, d_loss = o.flops - cur.flops, cur.loss - o.loss
+                d_flops, d_loss = o.cost - cur.cost, cur.loss - o.loss
                 if d_flops > 0 and d_loss > 0 and total + d_flops <= target_flops:
                     ratio = d_loss / d_flops
                     if ratio > best_ratio:
@@ -210,7 +217,7 @@ def allocate(options: dict[str, list[Option]], fixed_flops: int, target_flops: i
         if best is None:
             break
         n, o = best
-        total += o.flops - choice[n].flops
+        total += o.cost - choice[n].cost
         choice[n] = o
     reasons = {}
     for n, o in choice.items():
@@ -219,8 +226,9 @@ def allocate(options: dict[str, list[Option]], fixed_flops: int, target_flops: i
             reasons[n] = (
                 "kept: the budget allows the exact conv"
                 if saving
-                else "kept: no T saves enough FLOPs"
+                else ("kept: no T saves enough FLOPs" if unit == "FLOPs" else "kept: not faster")
             )
         else:
-            reasons[n] = f"T={o.rank} by budget (loss {o.loss:.3g})"
-    return Allocation(choice, reasons, fixed_flops, target_flops)
+            what = "budget" if unit == "FLOPs" else "latency budget"
+            reasons[n] = f"T={o.rank} by {what} (loss {o.loss:.3g})"
+    return Allocation(choice, reasons, fixed_flops, target_flops, unit=unit)

@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 
 from .allocate import CRITERIA
+from .bn_fold import fold_batchnorm_
 from .calibrate import REFIT_MODES
 from .compress import compress_
 from .config import DecoupleConfig
 from .data import ImageSet, load_images
 from .decomposition import ORDERS
 from .evaluate import evaluate
+from .latency import RUNTIMES, LatencyConfig, compare
 from .methods import METHODS
 from .model_io import (
     WEIGHT_SUFFIXES,
@@ -45,11 +47,14 @@ EPILOG = """examples:
   decouple net.pt --arch mypkg.nets:build --energy 0.9 --skip 'layer4\\..*'
   decouple whole_model.pt --trust-pickle --rank 3 --order pw-dw
   decouple net.pt --arch cifar_resnet20 --method tucker --target-flops 0.5 --calib cifar.tar
+  decouple r18.pt --arch resnet18 --rank 2 --skip conv1 --latency --runtime onnxruntime --onnx
+  decouple r18.pt --arch resnet18 --target-latency 0.6 --batch 8 --skip conv1
 
 outputs (next to MODEL unless --out/--report say otherwise):
   X.decoupled.pt           the decoupled model, same kind as the input (state_dict or module)
   X.decoupled.recipe.json  replays the change on a fresh architecture: decouple.load_decoupled()
-  X.decoupled.report.json  per-layer error, params, FLOPs; and .report.md
+  X.decoupled.report.json  per-layer error, params, FLOPs (and latency); and .report.md
+  X.decoupled.onnx         with --onnx
 """
 
 
@@ -97,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="E",
         help="per layer, smallest T keeping this fraction of singular-value energy, in (0, 1] "
         "(tucker: per channel mode; not for cp)",
+    )
+    rank.add_argument(
+        "--target-latency",
+        type=float,
+        metavar="R",
+        help="choose per-layer T and realization from measured per-layer latency tables so the "
+        "model keeps this fraction of its measured latency, in (0, 1] (implies --latency)",
     )
     rank.add_argument(
         "--target-flops",
@@ -172,6 +184,35 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C,H,W",
         help="one input's shape, for FLOPs and the output check (default: from the arch)",
     )
+    timing = p.add_argument_group("latency (measured with torch.utils.benchmark)")
+    timing.add_argument(
+        "--latency",
+        action="store_true",
+        help="time every decoupled layer's realizations against its original conv, keep the "
+        "fastest (the original where nothing is faster), and report model latency before/after",
+    )
+    timing.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="eager",
+        help="where latency is measured: PyTorch eager (NCHW), eager channels-last, or ONNX "
+        "Runtime (CPU); default eager",
+    )
+    timing.add_argument(
+        "--batch", type=int, default=1, metavar="B", help="batch size for latency (default 1)"
+    )
+    timing.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="device for latency (default cpu)"
+    )
+    timing.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's setting)"
+    )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write the decoupled model as ONNX (X.decoupled.onnx), checked with the onnx "
+        "checker and against ONNX Runtime",
+    )
     p.add_argument(
         "--out", metavar="PATH", help="decoupled model file (default: MODEL with .decoupled)"
     )
@@ -212,10 +253,11 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
     data["overrides"] = {**overrides, **{name: "skip" for name in args.skip}}
     config = DecoupleConfig.from_dict(data)
     ranked = any(not s.skip for _, s in config.overrides)
-    if config.rank is None and config.energy is None and not ranked and args.target_flops is None:
+    budget = args.target_flops is not None or args.target_latency is not None
+    if config.rank is None and config.energy is None and not ranked and not budget:
         raise InputError(
-            "say how many terms to keep: --rank T, --energy E or --target-flops R "
-            "(or per-layer ranks in --config)"
+            "say how many terms to keep: --rank T, --energy E, --target-flops R or "
+            "--target-latency R (or per-layer ranks in --config)"
         )
     if args.target_flops is not None and not 0 < args.target_flops <= 1:
         raise InputError(f"--target-flops must be a fraction in (0, 1]; got {args.target_flops}")
@@ -223,7 +265,41 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
         raise InputError("--criterion data measures layers on calibration images: pass --calib")
     if args.calib_size < 1:
         raise InputError(f"--calib-size must be >= 1; got {args.calib_size}")
+    if args.target_latency is not None and not 0 < args.target_latency <= 1:
+        raise InputError(
+            f"--target-latency must be a fraction in (0, 1]; got {args.target_latency}"
+        )
     return config
+
+
+def make_latency_config(args: argparse.Namespace) -> LatencyConfig | None:
+    """The latency settings, or None when neither --latency nor --target-latency is given."""
+    if not (args.latency or args.target_latency is not None):
+        for flag, value, default in (
+            ("--runtime", args.runtime, "eager"),
+            ("--batch", args.batch, 1),
+            ("--device", args.device, "cpu"),
+            ("--threads", args.threads, None),
+        ):
+            if value != default:
+                raise InputError(f"{flag} sets how latency is measured: add --latency")
+        return None
+    if args.runtime == "onnxruntime":
+        _need_export_packages()
+    try:
+        return LatencyConfig(
+            runtime=args.runtime, batch=args.batch, device=args.device, threads=args.threads
+        )
+    except ValueError as e:
+        raise InputError(f"latency settings: {e}") from None
+
+
+def _need_export_packages() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"{' and '.join(missing)} not installed; pip install 'decouple[export]'")
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -248,12 +324,15 @@ def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path) -> d
         report = report.with_suffix(".json") if report.suffix == ".md" else report
     else:
         report = sidecar_path(out, ".report.json")
-    return {
+    paths = {
         "model": out,
         "recipe": recipe_path_for(out),
         "report": report,
         "markdown": report.with_suffix(".md"),
     }
+    if args.onnx:
+        paths["onnx"] = sidecar_path(out, ".onnx")
+    return paths
 
 
 def _channels(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -360,6 +439,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         model_path, arch = Path(args.model), args.arch
     config = make_config(args)
+    make_latency_config(args)  # bad latency flags fail before anything is loaded
+    if args.onnx:
+        _need_export_packages()
     out_dir = model_path.parent
     if args.demo and not args.out:  # never write into the installed package, nor over anything
         out_dir = Path(tempfile.mkdtemp(prefix="decouple-demo-"))
@@ -388,6 +470,9 @@ def _decouple_file(
     _single_tensor_output(model, shape)
     data, calib = load_cli_images(args, arch, shape)
     original = copy.deepcopy(model)
+    latency = make_latency_config(args)
+    if latency is not None and latency.device == "cuda":
+        model = model.cuda()
 
     result = compress_(
         model,
@@ -395,12 +480,17 @@ def _decouple_file(
         shape,
         target_flops=args.target_flops,
         criterion=args.criterion,
-        calib_images=calib,
+        calib_images=None if calib is None else calib.to(latency.device if latency else "cpu"),
         refit=args.refit,
         progress=sys.stderr.isatty(),
+        target_latency=args.target_latency,
+        latency=latency,
+        realize=latency is not None,
     )
+    model = model.cpu()
     records = result.records
-    if not any(r.action == "decoupled" for r in records):
+    timed_out = any(r.reason.startswith("kept: not faster") for r in records)
+    if not timed_out and not any(r.action == "decoupled" for r in records):
         seen = ", ".join(sorted({r.reason for r in records})) or "no Conv2d at all"
         raise InputError(f"nothing to decouple in {model_path}: every conv was kept ({seen})")
 
@@ -416,23 +506,53 @@ def _decouple_file(
             "before": evaluate(original, images, labels, progress=sys.stderr.isatty()),
             "after": evaluate(model, images, labels, progress=sys.stderr.isatty()),
         }
+    if latency is not None:
+        extra["latency"] = _measure_latency(original, model, config, shape, latency)
+    payloads = {}
+    if args.onnx:
+        from .export import check_onnx, onnx_bytes
+
+        example = torch.zeros((1, *shape), dtype=next(model.parameters()).dtype)
+        try:
+            payloads[paths["onnx"]] = onnx_bytes(model, example)
+        except RuntimeError as e:  # an op of the user's model that no ONNX exporter covers
+            raise InputError(f"--onnx: {e}") from None
+        check = check_onnx(model, example, payloads[paths["onnx"]])
+        if not check["ok"]:
+            raise InputError(
+                f"the ONNX export does not match PyTorch (max abs error {check['max_abs_err']:.3g})"
+            )
+        extra["onnx"] = check
     report = build_report(original, model, records, shape, inputs=inputs, extra=extra)
 
     recipe = json.dumps(make_recipe(records, config), indent=2) + "\n"
-    write_files_atomically(
-        {
-            paths["model"]: torch_bytes(model if kind == "module" else model.state_dict()),
-            paths["recipe"]: recipe.encode(),
-            paths["report"]: (report.to_json() + "\n").encode(),
-            paths["markdown"]: report.to_markdown().encode(),
-        }
-    )
+    payloads = {
+        paths["model"]: torch_bytes(model if kind == "module" else model.state_dict()),
+        paths["recipe"]: recipe.encode(),
+        paths["report"]: (report.to_json() + "\n").encode(),
+        paths["markdown"]: report.to_markdown().encode(),
+        **payloads,
+    }
+    write_files_atomically(payloads)
 
     print(report.to_text())
     print()
-    for what in ("model", "recipe", "report", "markdown"):
+    for what in paths:
         print(f"wrote {what:8s} {paths[what]}")
     return 0
+
+
+def _measure_latency(original, model, config, shape, latency: LatencyConfig) -> dict:
+    """Model latency before/after, side by side; the baseline gets the same BN folding, so the
+    speedup is the decoupling's alone."""
+    baseline = copy.deepcopy(original)
+    if config.fold_bn:
+        fold_batchnorm_(baseline)
+    dev = latency.device
+    example = latency.example(shape, next(model.parameters()).dtype)
+    out = compare(baseline.to(dev), copy.deepcopy(model).to(dev), example, latency)
+    out["baseline"] = "the input model" + (" with BatchNorm folded" if config.fold_bn else "")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

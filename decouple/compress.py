@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from .allocate import (
     CRITERIA,
     MIN_SAVING,
     Allocation,
+    Option,
     allocate,
     collect_moments,
     conv_flops,
@@ -32,9 +34,15 @@ from .bn_fold import fold_batchnorm_
 from .calibrate import CalibrationRecord, calibrate_
 from .config import DecoupleConfig
 from .decomposition import max_rank
-from .methods import FactorCache, is_factored
+from .latency import LatencyConfig
+from .layers import DecoupledConv2d
+from .methods import FactorCache, is_factored, recipe_entry
+from .realize import ORIGINAL, RealizationChoice, choose_realizations_
 from .report import count_flops
 from .surgery import LayerRecord, decouple_with_fold_info, why_not_decouplable
+
+if TYPE_CHECKING:
+    from .latency_budget import LatencyPlan
 
 
 @dataclass
@@ -45,13 +53,17 @@ class CompressResult:
     fold_error: str | None = None
     allocation: Allocation | None = None
     calibration: list[CalibrationRecord] = field(default_factory=list)
+    latency_plan: LatencyPlan | None = None
+    realizations: dict[str, RealizationChoice] = field(default_factory=dict)
 
     def extra(self) -> dict:
         """What the report adds beside the per-layer table."""
         out: dict = {}
         if self.fold_error:
             out["bn_fold_error"] = self.fold_error
-        if self.allocation is not None:
+        if self.latency_plan is not None:
+            out["latency_allocation"] = self.latency_plan.to_dict()
+        elif self.allocation is not None:
             a = self.allocation
             out["allocation"] = {
                 "criterion": a.criterion,
@@ -63,6 +75,8 @@ class CompressResult:
             }
         if self.calibration:
             out["calibration"] = [c.to_dict() for c in self.calibration]
+        if self.realizations:
+            out["realizations"] = {n: c.to_dict() for n, c in self.realizations.items()}
         return out
 
 
@@ -89,26 +103,21 @@ def method_and_order(config: DecoupleConfig, name: str) -> tuple[str, str]:
     return method, order
 
 
-def plan_ranks(
+def rank_options(
     model: nn.Module,
     config: DecoupleConfig,
     input_shape: tuple[int, ...],
-    target_flops: float,
     criterion: str = "energy",
     calib_images: torch.Tensor | None = None,
     min_saving: float = MIN_SAVING,
     ridge: float = 1e-4,
     cache: FactorCache | None = None,
-) -> Allocation:
-    """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
+) -> tuple[dict[str, list[Option]], int, int]:
+    """Every decouplable layer's options priced in FLOPs, with the model's and those layers' FLOPs.
 
-    ``target_flops`` is a fraction of the whole model's FLOPs as ``FlopCounterMode`` counts them
-    for one input of ``input_shape``; layers not decoupled count at their full cost. Each layer
-    is priced with its own method (``config.method`` or its override); ``cache`` keeps the CP and
-    Tucker factorizations for the decoupling that follows.
+    Each layer is priced with its own method (``config.method`` or its override); ``cache`` keeps
+    the CP and Tucker factorizations for the decoupling that follows.
     """
-    if not 0 < target_flops <= 1:
-        raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
     if criterion == "data" and calib_images is None:
@@ -139,6 +148,30 @@ def plan_ranks(
             else data_losses(conv, order, moments[name], ridge)
         )
         options[name] = layer_options(losses, original, costs, min_saving)
+    return options, total, layers_flops
+
+
+def plan_ranks(
+    model: nn.Module,
+    config: DecoupleConfig,
+    input_shape: tuple[int, ...],
+    target_flops: float,
+    criterion: str = "energy",
+    calib_images: torch.Tensor | None = None,
+    min_saving: float = MIN_SAVING,
+    ridge: float = 1e-4,
+    cache: FactorCache | None = None,
+) -> Allocation:
+    """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
+
+    ``target_flops`` is a fraction of the whole model's FLOPs as ``FlopCounterMode`` counts them
+    for one input of ``input_shape``; layers not decoupled count at their full cost.
+    """
+    if not 0 < target_flops <= 1:
+        raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
+    options, total, layers_flops = rank_options(
+        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache
+    )
     plan = allocate(options, total - layers_flops, int(target_flops * total))
     plan.criterion = criterion
     return plan
@@ -156,8 +189,12 @@ def compress_(
     min_saving: float = MIN_SAVING,
     progress: bool = False,
     cache: FactorCache | None = None,
+    target_latency: float | None = None,
+    latency: LatencyConfig | None = None,
+    realize: bool = False,
 ) -> CompressResult:
-    """Fold BN, optionally allocate ranks under a budget, decouple, optionally calibrate; in place.
+    """Fold BN, optionally allocate ranks under a budget, decouple, optionally calibrate, optionally
+    give every layer its fastest realization; in place.
 
     Parameters
     ----------
@@ -179,7 +216,19 @@ def compress_(
     cache : FactorCache, optional
         Reuse CP/Tucker factorizations across calls (e.g. a sweep over budgets on copies of one
         model); by default one cache lives for this call.
+    target_latency : float, optional
+        Instead of ``target_flops``: fraction of the model's measured latency to keep, in (0, 1];
+        ranks and realizations come from per-layer latency tables (:mod:`decouple.latency_budget`).
+    latency : LatencyConfig, optional
+        Runtime, batch and device of the timings (``target_latency`` and ``realize``).
+    realize : bool
+        After decoupling, time every layer's realizations and the conv it replaced on the model's
+        real inputs and keep the fastest; a layer nothing beats gets its conv back
+        (:func:`decouple.realize.choose_realizations_`). Implied by ``target_latency``.
     """
+    if target_flops is not None and target_latency is not None:
+        raise ValueError("give either target_flops or target_latency, not both")
+    latency = latency or LatencyConfig()
     cache = cache if cache is not None else FactorCache()
     fold_error = None
     folded: dict[str, str] = {}
@@ -188,8 +237,17 @@ def compress_(
         folded, fold_error = result.folded, result.error
     plain = replace(config, fold_bn=False)
     reference = copy.deepcopy(model) if calib_images is not None else None
-    allocation = None
-    if target_flops is not None:
+    allocation = lplan = None
+    if target_latency is not None:
+        from .latency_budget import plan_latency  # it builds on rank_options above
+
+        criterion = criterion or "energy"
+        lplan = plan_latency(
+            model, plain, input_shape, target_latency, latency, criterion, calib_images,
+            min_saving, ridge, cache, progress,
+        )  # fmt: skip
+        allocation = lplan.allocation
+    elif target_flops is not None:
         # Energy by default: with calibration it kept as much accuracy as the data criterion on
         # the CIFAR ResNets (results/README.md), at a fraction of the cost.
         criterion = criterion or "energy"
@@ -197,12 +255,16 @@ def compress_(
             model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge,
             cache,
         )  # fmt: skip
+    if allocation is not None:
         skips = {k: s for k, s in plain.overrides if s.skip}
         ranks = {}
         for n, t in allocation.ranks().items():
             method, order = method_and_order(plain, n)
             ranks[n] = "skip" if t == 0 else {"rank": t, "method": method, "order": order}
         plain = replace(plain, rank=None, energy=None, overrides={**skips, **ranks})
+    # The convs about to be replaced, kept by reference (surgery swaps them out, never edits them)
+    # so that a layer no realization speeds up can have its exact conv back.
+    originals = {n: model.get_submodule(n) for n in decouplable_convs(model, plain)}
     records, _ = decouple_with_fold_info(model, plain, cache=cache)
     for r in records:
         r.bn_folded = folded.get(r.name)
@@ -211,4 +273,35 @@ def compress_(
     calibration = []
     if calib_images is not None and refit != "none":
         calibration = calibrate_(model, reference, calib_images, refit, ridge, progress=progress)
-    return CompressResult(records, fold_error, allocation, calibration)
+    by_name = {r.name: r for r in records}
+    choices: dict[str, RealizationChoice] = {}
+    if lplan is not None:
+        for name, real in lplan.realizations.items():
+            layer = model.get_submodule(name)
+            if isinstance(layer, DecoupledConv2d):
+                layer.set_realization(real)
+            times = lplan.table[name]
+            key = f"T={lplan.allocation.choice[name].rank} {real}"
+            _note_latency(by_name[name], layer, times[ORIGINAL], times[key], real)
+        for name, o in lplan.allocation.choice.items():
+            if o.rank == 0:
+                by_name[name].latency_before_ms = lplan.table[name][ORIGINAL]
+                by_name[name].latency_after_ms = lplan.table[name][ORIGINAL]
+    elif realize:
+        example = latency.example(input_shape, next(model.parameters()).dtype)
+        args = (latency.runtime, latency.layer_rounds, latency.layer_min_run_time, latency.threads)
+        choices = choose_realizations_(model, originals, example, *args, progress=progress)
+        for name, c in choices.items():
+            rec = by_name[name]
+            if c.chosen == ORIGINAL:
+                rec.action, rec.reason = "kept", c.reason()
+                rec.params_after, rec.structure = rec.params_before, None
+            layer = model.get_submodule(name)
+            _note_latency(rec, layer, c.original_ms, c.best_ms, c.chosen)
+    return CompressResult(records, fold_error, allocation, calibration, lplan, choices)
+
+
+def _note_latency(rec: LayerRecord, layer, before_ms: float, after_ms: float, real: str) -> None:
+    rec.latency_before_ms, rec.latency_after_ms, rec.realization = before_ms, after_ms, real
+    if rec.action == "decoupled":
+        rec.structure = recipe_entry(layer)  # now with its realization

@@ -6,15 +6,39 @@
 The k×k conv carries the original stride, padding, dilation and padding_mode; the second conv
 carries the bias. Padding commutes with the 1×1 channel mixing (every padding mode is a per-channel
 linear map), so both orders are exact at full rank.
+
+The same parameters can run in several *realizations* (``layer.realization``), which compute the
+same function but hit different kernels, so which is fastest depends on the runtime, device and
+shape (:mod:`decouple.realize` times them):
+
+* ``grouped``: the two convs above (a depthwise conv with channel multiplier ``T``);
+* ``split``: ``T`` depthwise convs with multiplier 1 (the kernels runtimes optimise best), their
+  outputs interleaved back into the grouped layout, then the 1×1 (pw-dw: 1×1, then ``T``
+  depthwise convs summed);
+* ``repeat`` (dw-pw only): the input's channels repeated ``T`` times, then one depthwise conv
+  with multiplier 1 over ``C·T`` channels, then the 1×1.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .conv_geometry import ConvGeometry, conv_geometry
 from .decomposition import Decoupling, check_order, decouple_weight
+
+REALIZATIONS = {"dw-pw": ("grouped", "split", "repeat"), "pw-dw": ("grouped", "split")}
+
+
+def check_realization(order: str, realization: str) -> str:
+    """``realization`` if layers of ``order`` have it, else ``ValueError`` naming those that exist."""
+    allowed = REALIZATIONS[check_order(order)]
+    if realization not in allowed:
+        raise ValueError(
+            f"realization must be one of {', '.join(allowed)} for {order}; got {realization!r}"
+        )
+    return realization
 
 
 class DecoupledConv2d(ConvGeometry):
@@ -61,6 +85,7 @@ class DecoupledConv2d(ConvGeometry):
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
         )
         self.rank, self.order = int(rank), order
+        self.realization = "grouped"
         c, n, t, kw = in_channels, out_channels, self.rank, dict(device=device, dtype=dtype)
         spatial = dict(
             kernel_size=self.kernel_size,
@@ -77,9 +102,51 @@ class DecoupledConv2d(ConvGeometry):
             self.depthwise = nn.Conv2d(n * t, n, groups=n, bias=bias, **spatial, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.realization == "split":
+            return self._split_dwpw(x) if self.order == "dw-pw" else self._split_pwdw(x)
+        if self.realization == "repeat":
+            return self.pointwise(
+                self._depthwise(
+                    x.repeat_interleave(self.rank, 1),
+                    self.depthwise.weight,
+                    self.in_channels * self.rank,
+                )
+            )
         if self.order == "dw-pw":
             return self.pointwise(self.depthwise(x))
         return self.depthwise(self.pointwise(x))
+
+    def set_realization(self, realization: str) -> DecoupledConv2d:
+        """Run as ``realization`` from now on (same parameters, same function). Returns self."""
+        self.realization = check_realization(self.order, realization)
+        return self
+
+    def _depthwise(self, x, weight, groups, bias=None):
+        """The k×k conv with this layer's geometry, on any weight (padding_mode honoured)."""
+        dw = self.depthwise
+        if dw.padding_mode != "zeros":
+            x = F.pad(x, dw._reversed_padding_repeated_twice, mode=dw.padding_mode)
+            padding = 0
+        else:
+            padding = dw.padding
+        return F.conv2d(x, weight, bias, dw.stride, padding, dw.dilation, groups)
+
+    def _split_dwpw(self, x):
+        c, t = self.in_channels, self.rank
+        w = self.depthwise.weight.view(c, t, 1, *self.kernel_size)
+        terms = [self._depthwise(x, w[:, i], c) for i in range(t)]
+        # Stacking on dim 2 restores the grouped layout (channel c·T + t) the 1×1 expects.
+        return self.pointwise(torch.stack(terms, 2).flatten(1, 2))
+
+    def _split_pwdw(self, x):
+        n, t = self.out_channels, self.rank
+        y = self.pointwise(x)
+        y = y.view(y.shape[0], n, t, *y.shape[2:])
+        w = self.depthwise.weight.view(n, t, 1, *self.kernel_size)
+        out = self._depthwise(y[:, :, 0], w[:, 0], n, self.depthwise.bias)
+        for i in range(1, t):
+            out = out + self._depthwise(y[:, :, i], w[:, i], n)
+        return out
 
     @property
     def bias(self) -> torch.Tensor | None:
@@ -158,5 +225,7 @@ class DecoupledConv2d(ConvGeometry):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"rank={self.rank}, order={self.order!r}" + self._geometry_repr()
+            f"rank={self.rank}, order={self.order!r}"
+            + (f", realization={self.realization!r}" if self.realization != "grouped" else "")
+            + self._geometry_repr()
         )

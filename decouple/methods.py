@@ -135,7 +135,10 @@ def recipe_entry(layer: nn.Module) -> dict:
     """What a recipe stores to rebuild ``layer`` empty."""
     method = layer_method(layer)
     if method == "nd":
-        return {"method": "nd", "rank": layer.rank, "order": layer.order}
+        entry = {"method": "nd", "rank": layer.rank, "order": layer.order}
+        if layer.realization != "grouped":  # same weights; the faster graph for its runtime
+            entry["realization"] = layer.realization
+        return entry
     if method == "cp":
         return {"method": "cp", "rank": layer.rank}
     return {"method": "tucker", "ranks": list(layer.ranks)}

@@ -96,7 +96,10 @@ class Report:
         return json.dumps(self.to_dict(), indent=2)
 
     def table_rows(self) -> list[list[str]]:
+        timed = any(r.latency_before_ms is not None for r in self.layers)
         rows = [["layer", "shape", "method", "rank", "rel err", "params", "MFLOPs", "note"]]
+        if timed:
+            rows[0].insert(7, "ms (alone)")
         for r in self.layers:
             k = "x".join(map(str, r.kernel_size))
             shape = f"{r.in_channels}->{r.out_channels} {k}" + (
@@ -106,18 +109,21 @@ class Report:
                 shape += f" g{r.groups}"
             dec = r.action == "decoupled"
             note = r.reason + (f"; BN {r.bn_folded} folded" if r.bn_folded else "")
-            rows.append(
-                [
-                    r.name,
-                    shape,
-                    _method_text(r) if dec else "-",
-                    (r.rank_text or f"{r.rank}/{r.max_rank}") if dec else "-",
-                    f"{r.rel_error:.4f}" if dec else "-",
-                    f"{r.params_before:,} -> {r.params_after:,}" if dec else f"{r.params_before:,}",
-                    _mflops(r.flops_before, r.flops_after) if dec else _mflops(r.flops_before),
-                    note,
-                ]
-            )
+            if dec and r.realization and r.realization not in r.reason:
+                note += f"; runs as {r.realization}"
+            row = [
+                r.name,
+                shape,
+                _method_text(r) if dec else "-",
+                (r.rank_text or f"{r.rank}/{r.max_rank}") if dec else "-",
+                f"{r.rel_error:.4f}" if dec else "-",
+                f"{r.params_before:,} -> {r.params_after:,}" if dec else f"{r.params_before:,}",
+                _mflops(r.flops_before, r.flops_after) if dec else _mflops(r.flops_before),
+                note,
+            ]
+            if timed:
+                row.insert(7, _ms(r.latency_before_ms, r.latency_after_ms if dec else None))
+            rows.append(row)
         return rows
 
     def summary_lines(self) -> list[str]:
@@ -126,8 +132,12 @@ class Report:
             f"decoupled {t['layers_decoupled']} of {len(self.layers)} convs "
             f"(FLOPs at input {tuple(self.input_shape)}, batch 1)",
             f"params: {t['params_before']:,} -> {t['params_after']:,} ({_fewer(t['params_ratio'])})",
-            f"FLOPs:  {t['flops_before']:,} -> {t['flops_after']:,} ({_fewer(t['flops_ratio'])}; "
-            f"decoupled layers alone {_fewer(t['decoupled_layers_flops_ratio'])})",
+            f"FLOPs:  {t['flops_before']:,} -> {t['flops_after']:,} ({_fewer(t['flops_ratio'])}"
+            + (
+                f"; decoupled layers alone {_fewer(t['decoupled_layers_flops_ratio'])})"
+                if t["layers_decoupled"]
+                else ")"
+            ),
             f"output: relative error {self.output['rel_error']:.4g} on a batch of {self.output['batch']}"
             + (
                 f", top-1 agreement {100 * self.output['argmax_agreement']:.1f} %"
@@ -141,6 +151,33 @@ class Report:
                 f"accuracy: top-1 {100 * acc['before']['top1']:.2f} % -> {100 * acc['after']['top1']:.2f} % "
                 f"on {acc['before']['n']} {acc.get('data', 'images')}"
             )
+        lat = self.extra.get("latency")
+        if lat:
+            b, a = lat["before"], lat["after"]
+            lines.append(
+                f"latency: {b['median_ms']:.2f} ms -> {a['median_ms']:.2f} ms "
+                f"({_faster(lat['speedup'])}; {lat['runtime']} on {lat['device']}, "
+                f"{lat['threads']} threads, batch {lat['batch']}; medians, IQR "
+                f"{b['iqr_ms']:.2f} / {a['iqr_ms']:.2f} ms)"
+            )
+        lalloc = self.extra.get("latency_allocation")
+        if lalloc:
+            state = "reached" if lalloc["reached"] else "NOT reachable; fastest ranks used"
+            lines.append(
+                f"latency budget: {lalloc['target_ms']:.2f} ms of {lalloc['model_ms']:.2f} ms "
+                f"({state}); planned {lalloc['planned_ms']:.2f} ms from per-layer timings, "
+                f"T chosen by {lalloc['criterion']}"
+            )
+        reals = self.extra.get("realizations")
+        if reals:
+            counts: dict[str, int] = {}
+            for c in reals.values():
+                counts[c["chosen"]] = counts.get(c["chosen"], 0) + 1
+            kept = counts.pop("original", 0)
+            parts = [f"{n} {k}" for k, n in sorted(counts.items())]
+            if kept:
+                parts.append(f"{kept} layer(s) kept: not faster than the original conv")
+            lines.append("realizations: " + "; ".join(parts))
         alloc = self.extra.get("allocation")
         if alloc:
             state = "reached" if alloc["reached"] else "NOT reachable; cheapest ranks used"
@@ -173,7 +210,8 @@ class Report:
     def to_text(self) -> str:
         rows = self.table_rows()
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        fmt = "  ".join(f"{{:{'<' if i in (0, 1, 7) else '>'}{w}}}" for i, w in enumerate(widths))
+        left = (0, 1, len(widths) - 1)  # name, shape and note read left to right
+        fmt = "  ".join(f"{{:{'<' if i in left else '>'}{w}}}" for i, w in enumerate(widths))
         lines = [fmt.format(*row).rstrip() for row in rows]
         lines.insert(1, "-" * len(lines[0]))
         return "\n".join(lines + [""] + self.summary_lines())
@@ -190,6 +228,16 @@ class Report:
 def _method_text(r: LayerRecord) -> str:
     method = r.method or "nd"
     return f"nd {r.order}" if method == "nd" else method
+
+
+def _faster(speedup: float) -> str:
+    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
+
+
+def _ms(before: float | None, after: float | None) -> str:
+    if before is None:
+        return "-"
+    return f"{before:.3f}" if after is None else f"{before:.3f} -> {after:.3f}"
 
 
 def _ratio(before: int, after: int) -> float:

@@ -66,6 +66,9 @@ class LayerRecord:
     converged: bool | None = None
     iterations: int | None = None
     structure: dict | None = None  # what a recipe needs to rebuild the layer
+    realization: str | None = None  # set when realizations were timed (decouple.realize)
+    latency_before_ms: float | None = None  # the layer alone, on its real input
+    latency_after_ms: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -237,5 +240,7 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
         method = spec.get("method", "nd")
         rank = spec["ranks"] if method == "tucker" else spec["rank"]
         layer = empty_layer(conv, method, rank, spec.get("order") or "dw-pw")
+        if spec.get("realization"):
+            layer.set_realization(spec["realization"])
         model.set_submodule(name, layer)
     return model

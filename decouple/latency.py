@@ -1,0 +1,284 @@
+"""Measured latency: the clock is the truth, FLOPs are a hint.
+
+Depthwise convs are memory-bound, so a decoupled layer with a third of the FLOPs can run no faster
+than the conv it replaces. Everything here times real runs with ``torch.utils.benchmark`` (warm-up,
+then ``blocked_autorange``; median and interquartile range; thread count and device recorded).
+
+A *runtime* says how a module is run:
+
+* ``eager``: PyTorch eager, inference mode, contiguous (NCHW) tensors;
+* ``channels-last``: PyTorch eager with the model and input in ``torch.channels_last`` (NHWC).
+  It is a property of the whole run, not of one layer: the format propagates from layer to layer,
+  so switching it per layer would add a copy at every switch;
+* ``onnxruntime``: the module exported to ONNX and run by ONNX Runtime on the CPU, with as many
+  intra-op threads as PyTorch uses.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+RUNTIMES = ("eager", "channels-last", "onnxruntime")
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    return runtime
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One timing: median and interquartile range of the per-call time, in milliseconds."""
+
+    median_ms: float
+    iqr_ms: float
+    runs: int
+    runtime: str
+    device: str
+    threads: int
+    batch: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        return f"{self.median_ms:.3f} ms (IQR {self.iqr_ms:.3f}, {self.runs} runs)"
+
+
+def device_name(device: torch.device | str) -> str:
+    """``cpu`` or the CUDA device's name, for the record."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+@dataclass
+class Prepared:
+    """A module made ready for a runtime: call ``fn(arg)`` to run it once."""
+
+    fn: Callable
+    arg: object
+
+
+def prepare(
+    module: nn.Module, example: torch.Tensor, runtime: str = "eager", threads: int | None = None
+) -> Prepared:
+    """Make ``module`` runnable on ``example`` in ``runtime`` without changing ``module``.
+
+    ``channels-last`` runs a converted copy; ``onnxruntime`` an exported copy (CPU only).
+    """
+    check_runtime(runtime)
+    if runtime == "onnxruntime":
+        from .export import onnx_bytes, ort_session
+
+        _check_on_cpu(module)
+        example = example.detach().cpu()
+        session = ort_session(onnx_bytes(module, example), threads)
+        name = session.get_inputs()[0].name
+        return Prepared(lambda a: session.run(None, {name: a}), example.numpy())
+    if runtime == "channels-last":
+        module = copy.deepcopy(module).to(memory_format=torch.channels_last)
+        example = example.contiguous(memory_format=torch.channels_last)
+
+    def run(x):
+        with torch.inference_mode():
+            return module(x)
+
+    return Prepared(run, example)
+
+
+def _check_on_cpu(module: nn.Module) -> None:
+    p = next(module.parameters(), None)
+    if p is not None and p.device.type != "cpu":
+        raise ValueError("the onnxruntime runtime times on the CPU; move the model to the CPU")
+
+
+def _benchmark():
+    """``torch.utils.benchmark``, imported on first use: its import pulls in
+    ``torch.utils.cpp_extension``, which logs a CUDA warning on machines without CUDA, and the
+    CLI keeps stderr for its own one-line messages."""
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        logger.setLevel(level)
+    return benchmark
+
+
+def time_prepared(
+    prepared: Prepared, min_run_time: float = 0.5, warmup: int = 2, threads: int | None = None
+):
+    """``blocked_autorange`` of one prepared call after ``warmup`` untimed calls
+    (a ``torch.utils.benchmark.Measurement``)."""
+    benchmark = _benchmark()
+    for _ in range(warmup):
+        prepared.fn(prepared.arg)
+    timer = benchmark.Timer(
+        stmt="fn(arg)",
+        globals={"fn": prepared.fn, "arg": prepared.arg},
+        num_threads=threads or torch.get_num_threads(),
+    )
+    return timer.blocked_autorange(min_run_time=min_run_time)
+
+
+def measure(
+    module: nn.Module,
+    example: torch.Tensor,
+    runtime: str = "eager",
+    min_run_time: float = 0.5,
+    threads: int | None = None,
+) -> Latency:
+    """Latency of ``module(example)`` in ``runtime`` (a whole model or one layer).
+
+    Parameters
+    ----------
+    module : nn.Module
+        In eval mode, on the device to time on (``onnxruntime``: the CPU).
+    example : torch.Tensor
+        A batch on the same device; its first dimension is recorded as the batch size.
+    runtime : {"eager", "channels-last", "onnxruntime"}
+    min_run_time : float
+        Seconds of timed calls at least (``torch.utils.benchmark`` picks the block size).
+    threads : int, optional
+        CPU threads (default: ``torch.get_num_threads()``).
+    """
+    threads = threads or torch.get_num_threads()
+    m = time_prepared(prepare(module, example, runtime, threads), min_run_time, threads=threads)
+    dev = "cpu" if runtime == "onnxruntime" else device_name(example.device)
+    return Latency(
+        median_ms=m.median * 1e3,
+        iqr_ms=m.iqr * 1e3,
+        runs=sum(m.number_per_run for _ in m.times),
+        runtime=runtime,
+        device=dev,
+        threads=threads,
+        batch=int(example.shape[0]),
+    )
+
+
+def fastest(
+    candidates: dict[str, Prepared], rounds: int = 3, min_run_time: float = 0.05, threads=None
+) -> dict[str, float]:
+    """Best median (ms) of each candidate over ``rounds`` interleaved timings.
+
+    Interleaving (A, B, C, A, B, C, …) and keeping each candidate's best round keeps a burst of
+    machine noise from deciding the choice.
+    """
+    best = dict.fromkeys(candidates, math.inf)
+    for _ in range(rounds):
+        for key, prep in candidates.items():
+            m = time_prepared(prep, min_run_time, warmup=1, threads=threads)
+            best[key] = min(best[key], m.median * 1e3)
+    return best
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict:
+    """The input each named module receives when ``model`` runs on ``example``."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name, inp) -> None:  # a forward hook that returns a value replaces the output
+        seen.setdefault(name, inp[0].detach().clone())
+
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: keep(n, i)) for n in names
+    ]
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """Where and how latency is measured.
+
+    Parameters
+    ----------
+    runtime : {"eager", "channels-last", "onnxruntime"}
+    batch : int
+        Batch size of the timed input.
+    device : str
+        ``cpu`` or ``cuda`` (``onnxruntime`` runs on the CPU only).
+    threads : int, optional
+        CPU threads for PyTorch and ONNX Runtime (default: ``torch.get_num_threads()``).
+    min_run_time : float
+        Seconds of timed calls per whole-model measurement.
+    layer_rounds, layer_min_run_time : int, float
+        Interleaved rounds and seconds per timing when layers are compared.
+    """
+
+    runtime: str = "eager"
+    batch: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+    min_run_time: float = 1.0
+    layer_rounds: int = 3
+    layer_min_run_time: float = 0.05
+
+    def __post_init__(self) -> None:
+        check_runtime(self.runtime)
+        for name in ("batch", "layer_rounds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {v!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ValueError(f"threads must be an integer >= 1 or None; got {self.threads!r}")
+        for name in ("min_run_time", "layer_min_run_time"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a positive number of seconds; got {v!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be one of cpu, cuda; got {self.device!r}")
+        if self.device == "cuda" and self.runtime != "eager":
+            raise ValueError(f"on cuda the runtime must be eager; got {self.runtime!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device cuda asked for, but torch.cuda.is_available() is False")
+
+    def example(self, input_shape: tuple[int, ...], dtype=torch.float32) -> torch.Tensor:
+        """A seeded random batch of ``input_shape`` on the device (values do not change speed
+        except through denormals, which random normals avoid)."""
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn((self.batch, *input_shape), generator=gen, dtype=dtype)
+        return x.to(self.device)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "threads": self.threads or torch.get_num_threads()}
+
+
+def compare(
+    before: nn.Module, after: nn.Module, example: torch.Tensor, config: LatencyConfig
+) -> dict:
+    """Whole-model latency of ``before`` and ``after``, measured side by side.
+
+    Both are timed twice, interleaved (before, after, before, after), and each keeps its better
+    median, so a slow spell of the machine does not land on one side only.
+    """
+    args = (config.runtime, config.min_run_time, config.threads)
+    runs = [measure(m, example, *args) for m in (before, after, before, after)]
+    b = min(runs[0::2], key=lambda r: r.median_ms)
+    a = min(runs[1::2], key=lambda r: r.median_ms)
+    return {
+        "runtime": config.runtime,
+        "device": b.device,
+        "threads": b.threads,
+        "batch": b.batch,
+        "before": b.to_dict(),
+        "after": a.to_dict(),
+        "speedup": b.median_ms / a.median_ms,
+    }

@@ -1,0 +1,131 @@
+"""The CLI's latency flags: ``--latency``, ``--target-latency``, ``--runtime``, ``--batch``,
+``--device``, ``--threads``, and ``--onnx``.
+
+Timings are shortened (a patched ``LatencyConfig``) so the suite stays fast; what is checked is
+what the report says and that every conv is either decoupled or kept for a stated reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import assert_one_line_error, cli
+
+from decouple import cli as cli_module
+from decouple import load_decoupled
+from decouple.latency import LatencyConfig
+from decouple.models import build_model
+
+HAVE_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+
+
+@pytest.fixture(autouse=True)
+def _quick_timings(monkeypatch: pytest.MonkeyPatch) -> None:
+    quick = functools.partial(
+        LatencyConfig, min_run_time=0.02, layer_rounds=1, layer_min_run_time=0.002
+    )
+    monkeypatch.setattr(cli_module, "LatencyConfig", quick)
+
+
+def _report(out: Path) -> dict:
+    return json.loads(out.with_name(out.stem + ".report.json").read_text())
+
+
+def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "d.pt"
+    code, stdout, err = cli(capsys, "--demo", "--rank", "2", "--latency", "--batch", "4",
+                            "--out", out)  # fmt: skip
+    assert code == 0, err
+    report = _report(out)
+    lat = report["latency"]
+    assert lat["batch"] == 4 and lat["runtime"] == "eager" and lat["device"] == "cpu"
+    assert lat["threads"] == torch.get_num_threads()
+    assert lat["before"]["median_ms"] > 0 and lat["after"]["median_ms"] > 0
+    assert lat["speedup"] == pytest.approx(lat["before"]["median_ms"] / lat["after"]["median_ms"])
+    assert "BatchNorm folded" in lat["baseline"]
+    assert set(report["realizations"]) == {"conv1", "conv2", "conv3", "conv4"}
+    for layer in report["layers"]:
+        assert layer["latency_before_ms"] > 0
+        if layer["action"] == "kept":
+            assert layer["reason"].startswith("kept: not faster")
+        else:
+            assert layer["latency_after_ms"] < layer["latency_before_ms"]
+    assert any(line.startswith("latency: ") for line in stdout.splitlines())
+    assert "ms (alone)" in stdout
+    # The saved model reloads with each layer's realization, or its original conv.
+    reloaded = load_decoupled(build_model("digits_cnn"), out)
+    for layer in report["layers"]:
+        module = reloaded.get_submodule(layer["name"])
+        if layer["action"] == "kept":
+            assert type(module) is torch.nn.Conv2d
+        else:
+            assert module.realization == layer["realization"]
+
+
+def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "d.pt"
+    code, stdout, err = cli(capsys, "--demo", "--target-latency", "0.9", "--batch", "32",
+                            "--out", out)  # fmt: skip
+    assert code == 0, err
+    report = _report(out)
+    plan = report["latency_allocation"]
+    assert plan["criterion"] == "energy" and plan["model_ms"] > 0
+    assert plan["target_ms"] == pytest.approx(0.9 * plan["model_ms"], rel=1e-4)
+    assert set(plan["ranks"]) == {"conv1", "conv2", "conv3", "conv4"}
+    for name, rank in plan["ranks"].items():
+        layer = next(r for r in report["layers"] if r["name"] == name)
+        assert (layer["action"] == "decoupled") == (rank > 0)
+        if rank:
+            assert layer["rank"] == rank and name in plan["realizations"]
+    assert "latency budget:" in stdout and "latency:" in stdout
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--rank", "2", "--runtime", "onnxruntime"], "add --latency"),
+        (["--rank", "2", "--batch", "8"], "add --latency"),
+        (["--rank", "2", "--latency", "--batch", "0"], "batch"),
+        (["--rank", "2", "--latency", "--threads", "0"], "threads"),
+        (["--target-latency", "0"], "--target-latency"),
+        (["--target-latency", "1.5"], "--target-latency"),
+        (["--rank", "2", "--target-latency", "0.5"], "not allowed with"),
+        (["--target-flops", "0.5", "--target-latency", "0.5"], "not allowed with"),
+    ],
+)
+def test_bad_latency_flags_are_one_line(tmp_path: Path, capsys, argv, match) -> None:
+    code, _, err = cli(capsys, "--demo", *argv, "--out", tmp_path / "d.pt")
+    assert code == 2
+    assert_one_line_error(err)
+    assert match in err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_cpu_machine_is_one_line(tmp_path: Path, capsys) -> None:
+    code, _, err = cli(capsys, "--demo", "--rank", "2", "--latency", "--device", "cuda",
+                       "--out", tmp_path / "d.pt")  # fmt: skip
+    assert code == 2
+    assert_one_line_error(err)
+    assert "cuda" in err
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnx/onnxruntime not installed (pip install '.[export]')")
+def test_onnx_output_and_onnxruntime_latency(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "d.pt"
+    code, stdout, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--latency",
+                            "--runtime", "onnxruntime", "--out", out)  # fmt: skip
+    assert code == 0, err
+    onnx_path = tmp_path / "d.onnx"
+    assert onnx_path.is_file() and "wrote onnx" in stdout
+    report = _report(out)
+    assert report["onnx"]["ok"] and report["onnx"]["checker"]
+    assert report["latency"]["runtime"] == "onnxruntime"
+    # Nothing is overwritten without --force.
+    code, _, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out)
+    assert code == 2 and "--force" in err

@@ -1,0 +1,327 @@
+"""Realizations, latency measurement, the fastest-realization choice and the latency budget.
+
+Timings are real but tiny; the properties tested do not depend on which candidate wins a race,
+except where a candidate is made slower on purpose (a sleep) so that the right answer is known.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from toys import images, toy
+
+from decouple import DecoupleConfig, DecoupledConv2d, apply_recipe_, decouple_, make_recipe
+from decouple import latency_budget as lb
+from decouple.compress import compress_
+from decouple.latency import Latency, LatencyConfig, capture_inputs, compare, measure
+from decouple.layers import REALIZATIONS
+from decouple.realize import ORIGINAL, choose_realizations_, factored_names, realizations
+
+FAST = dict(rounds=1, min_run_time=0.002)
+
+
+# --------------------------------------------------------------------------------------------
+# realizations compute the same function
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    order=st.sampled_from(["dw-pw", "pw-dw"]),
+    rank=st.integers(1, 4),
+    stride=st.sampled_from([1, 2, (2, 1)]),
+    padding=st.sampled_from([0, 1, (1, 2), "same", "valid"]),
+    dilation=st.sampled_from([1, 2]),
+    groups=st.sampled_from([1, 2]),
+    padding_mode=st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    bias=st.booleans(),
+)
+def test_every_realization_is_the_same_function(
+    order, rank, stride, padding, dilation, groups, padding_mode, bias
+):
+    if padding == "same" and stride != 1:
+        stride = 1  # PyTorch refuses 'same' with stride
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, (3, 2), stride, padding, dilation, groups, bias, padding_mode).double()
+    layer = DecoupledConv2d.from_conv(conv, rank, order)
+    x = torch.randn(2, 4, 9, 8, dtype=torch.float64)
+    reference = layer(x)
+    keys = set(layer.state_dict())
+    for name in REALIZATIONS[order]:
+        out = layer.set_realization(name)(x)
+        assert out.shape == reference.shape
+        torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-10)
+        assert set(layer.state_dict()) == keys  # same parameters whatever the graph
+
+
+def test_full_rank_realizations_are_exact():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 5, 3, padding=1).double()
+    x = torch.randn(1, 3, 7, 7, dtype=torch.float64)
+    for order in ("dw-pw", "pw-dw"):
+        layer = DecoupledConv2d.from_conv(conv, None, order)
+        for name in REALIZATIONS[order]:
+            torch.testing.assert_close(layer.set_realization(name)(x), conv(x))
+
+
+def test_unknown_realization_names_the_allowed_ones():
+    layer = DecoupledConv2d(4, 4, 3, 2, "pw-dw")
+    with pytest.raises(ValueError, match="grouped, split"):
+        layer.set_realization("repeat")
+    with pytest.raises(ValueError, match="'fast'"):
+        DecoupledConv2d(4, 4, 3, 2).set_realization("fast")
+
+
+def test_realization_copies_share_parameters_and_leave_the_layer_alone():
+    layer = DecoupledConv2d(4, 4, 3, 2)
+    copies = realizations(layer)
+    assert set(copies) == set(REALIZATIONS["dw-pw"])
+    assert layer.realization == "grouped"
+    assert all(c.depthwise.weight is layer.depthwise.weight for c in copies.values())
+
+
+def test_recipe_replays_the_realization():
+    model = toy()
+    decouple_(model, DecoupleConfig(rank=2))
+    model.conv2.set_realization("split")
+    recipe = json.loads(json.dumps(make_recipe_for(model)))
+    fresh = apply_recipe_(toy(seed=3), recipe)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.conv2.realization == "split" and fresh.conv1.realization == "grouped"
+    x = images(4)
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def make_recipe_for(model):
+    from decouple.methods import recipe_entry
+    from decouple.surgery import RECIPE_FORMAT, RECIPE_VERSION
+
+    layers = {n: recipe_entry(model.get_submodule(n)) for n in factored_names(model)}
+    recipe = make_recipe([])
+    assert recipe["format"] == RECIPE_FORMAT and recipe["version"] == RECIPE_VERSION
+    return {**recipe, "layers": layers}
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+
+
+def test_measure_records_what_was_timed():
+    conv = nn.Conv2d(3, 4, 3).eval()
+    lat = measure(conv, torch.randn(5, 3, 8, 8), "eager", min_run_time=0.01, threads=1)
+    assert isinstance(lat, Latency)
+    assert lat.median_ms > 0 and lat.iqr_ms >= 0 and lat.runs >= 1
+    assert (lat.batch, lat.threads, lat.device, lat.runtime) == (5, 1, "cpu", "eager")
+    cl = measure(conv, torch.randn(1, 3, 8, 8), "channels-last", min_run_time=0.01)
+    assert cl.runtime == "channels-last"
+    assert conv.weight.is_contiguous()  # the channels-last copy leaves the module alone
+
+
+def test_measure_tells_a_slow_module_from_a_fast_one():
+    class Sleepy(nn.Module):
+        def forward(self, x):
+            time.sleep(0.003)
+            return x
+
+    fast = measure(nn.Identity(), torch.zeros(1), min_run_time=0.01).median_ms
+    slow = measure(Sleepy(), torch.zeros(1), min_run_time=0.02).median_ms
+    assert slow >= 3.0 > fast
+
+
+def test_compare_reports_speedup_of_after_over_before():
+    class Sleepy(nn.Module):
+        def forward(self, x):
+            time.sleep(0.004)
+            return x
+
+    out = compare(Sleepy(), nn.Identity(), torch.zeros(2), LatencyConfig(min_run_time=0.02))
+    assert out["speedup"] > 10 and out["batch"] == 2
+    assert out["before"]["median_ms"] > out["after"]["median_ms"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(runtime="tensorrt"), "eager, channels-last, onnxruntime"),
+        (dict(batch=0), "batch"),
+        (dict(threads=0), "threads"),
+        (dict(min_run_time=0), "min_run_time"),
+        (dict(device="tpu"), "cpu, cuda"),
+        (dict(device="cuda", runtime="onnxruntime"), "eager"),
+    ],
+)
+def test_latency_config_validates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LatencyConfig(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="cuda"):
+        LatencyConfig(device="cuda")
+
+
+def test_capture_inputs_leaves_outputs_alone():
+    model = toy()
+    x = images(2)
+    expected = model(x)
+    seen = capture_inputs(model, ["conv2", "conv3"], x)
+    assert seen["conv2"].shape == (2, 8, 8, 8) and seen["conv3"].shape == (2, 8, 8, 8)
+    torch.testing.assert_close(model(x), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# choosing realizations
+
+
+class SlowConv(nn.Conv2d):
+    """A conv that takes 5 ms more: any decoupled realization must beat it."""
+
+    def forward(self, x):
+        time.sleep(0.005)
+        return super().forward(x)
+
+
+def _decoupled_toy():
+    model = toy()
+    originals = {n: model.get_submodule(n) for n in ("conv1", "conv2", "conv3")}
+    decouple_(model, DecoupleConfig(rank=2))
+    return model, originals
+
+
+def test_a_layer_faster_than_its_original_stays_decoupled():
+    model, originals = _decoupled_toy()
+    slow = SlowConv(8, 8, 3, padding=1, bias=False).double()
+    slow.load_state_dict(originals["conv2"].state_dict())
+    originals["conv2"] = slow
+    choices = choose_realizations_(model, originals, images(2), **FAST)
+    assert isinstance(model.conv2, DecoupledConv2d)
+    c = choices["conv2"]
+    assert c.chosen in REALIZATIONS["dw-pw"] and c.original_ms > 5 > c.best_ms
+    assert model.conv2.realization == c.chosen
+
+
+def test_a_layer_slower_than_its_original_gets_the_original_back():
+    model, originals = _decoupled_toy()
+    x = images(2)
+
+    def slow_forward(inp, layer=model.conv2):
+        time.sleep(0.005)
+        return DecoupledConv2d.forward(layer, inp)
+
+    model.conv2.forward = slow_forward  # every realization (a copy of the layer) is slow too
+    choices = choose_realizations_(model, originals, x, **FAST)
+    assert model.conv2 is originals["conv2"]
+    assert choices["conv2"].chosen == ORIGINAL
+    assert choices["conv2"].reason().startswith("kept: not faster")
+    assert set(choices) == {"conv1", "conv2", "conv3"}
+
+
+def test_compress_with_realize_records_latency_and_keeps_outputs():
+    model = toy()
+    reference = toy()
+    x = images(8)
+    result = compress_(
+        model,
+        DecoupleConfig(rank=2, fold_bn=True),
+        (3, 8, 8),
+        realize=True,
+        latency=LatencyConfig(layer_rounds=1, layer_min_run_time=0.002),
+    )
+    decoupled = {r.name: r for r in result.records}
+    assert set(result.realizations) == {"conv1", "conv2", "conv3"}
+    for name, c in result.realizations.items():
+        rec = decoupled[name]
+        assert rec.latency_before_ms == c.original_ms and rec.latency_after_ms == c.best_ms
+        if c.chosen == ORIGINAL:
+            assert rec.action == "kept" and rec.reason.startswith("kept: not faster")
+            assert type(model.get_submodule(name)) is nn.Conv2d
+        else:
+            assert rec.action == "decoupled" and rec.realization == c.chosen
+            assert rec.structure.get("realization", "grouped") == c.chosen
+    # Realizations are exact, so the model is the rank-2 model whatever won.
+    plain = toy()
+    decouple_(plain, DecoupleConfig(rank=2, fold_bn=True))
+    for name, c in result.realizations.items():
+        if c.chosen == ORIGINAL:
+            plain.set_submodule(name, model.get_submodule(name))
+    torch.testing.assert_close(model(x), plain(x))
+    assert reference is not model
+
+
+# --------------------------------------------------------------------------------------------
+# the latency budget, with a fake clock so that the right answer is known
+
+
+def _fake_clock(monkeypatch):
+    """Original conv 100 µs; rank T costs 10·T µs plus 3 (grouped), 1 (split), 2 (repeat)."""
+    extra = {"grouped": 0.003, "split": 0.001, "repeat": 0.002}
+
+    def time_candidates(candidates, x, *args, **kwargs):
+        out = {}
+        for key in candidates:
+            if key == ORIGINAL:
+                out[key] = 0.1
+            else:
+                t, real = key.split(" ")
+                out[key] = 0.01 * int(t[2:]) + extra[real]
+        return out
+
+    monkeypatch.setattr(lb, "time_candidates", time_candidates)
+    monkeypatch.setattr(lb, "measure", lambda *a, **k: Latency(0.5, 0.0, 1, "eager", "cpu", 1, 1))
+
+
+def test_latency_plan_uses_the_fastest_realization_and_spends_the_budget(monkeypatch):
+    _fake_clock(monkeypatch)
+    model = toy()
+    config = DecoupleConfig(order="dw-pw")
+    plans = [lb.plan_latency(model, config, (3, 8, 8), r) for r in (0.5, 0.7, 0.9)]
+    for plan in plans:
+        assert set(plan.realizations.values()) <= {"split"}
+        assert plan.model_ms == 0.5
+        a = plan.allocation
+        assert a.unit == "ns" and a.fixed_flops == 500_000 - 3 * 100_000
+        if a.total_flops <= a.target_flops:
+            assert plan.to_dict()["reached"]
+    losses = [sum(o.loss for o in p.allocation.choice.values()) for p in plans]
+    assert losses[0] >= losses[1] >= losses[2]  # more time, less approximation error
+    assert plans[0].allocation.total_flops <= plans[0].allocation.target_flops
+
+
+def test_latency_plan_keeps_layers_no_rank_speeds_up(monkeypatch):
+    _fake_clock(monkeypatch)
+    monkeypatch.setattr(
+        lb,
+        "time_candidates",
+        lambda cands, *a, **k: {key: 0.1 if key == ORIGINAL else 0.2 for key in cands},
+    )
+    plan = lb.plan_latency(toy(), DecoupleConfig(), (3, 8, 8), 0.5)
+    assert all(o.rank == 0 for o in plan.allocation.choice.values())
+    assert set(plan.allocation.reasons.values()) == {"kept: not faster"}
+    assert plan.realizations == {}
+
+
+def test_compress_under_a_latency_budget_applies_ranks_and_realizations(monkeypatch):
+    _fake_clock(monkeypatch)
+    model = toy()
+    result = compress_(model, DecoupleConfig(fold_bn=True), (3, 8, 8), target_latency=0.6)
+    plan = result.latency_plan
+    for name, o in plan.allocation.choice.items():
+        layer = model.get_submodule(name)
+        if o.rank:
+            assert layer.rank == o.rank and layer.realization == "split"
+        else:
+            assert type(layer) is nn.Conv2d
+    assert "latency_allocation" in result.extra()
+
+
+def test_target_latency_is_validated():
+    with pytest.raises(ValueError, match="target_latency"):
+        lb.plan_latency(toy(), DecoupleConfig(), (3, 8, 8), 1.5)
+    with pytest.raises(ValueError, match="not both"):
+        compress_(toy(), DecoupleConfig(), (3, 8, 8), target_flops=0.5, target_latency=0.5)
