@@ -510,19 +510,26 @@ def _decouple_file(
         extra["latency"] = _measure_latency(original, model, config, shape, latency)
     payloads = {}
     if args.onnx:
-        from .export import check_onnx, onnx_bytes
+        from .export import check_onnx, onnx_files
 
-        example = torch.zeros((1, *shape), dtype=next(model.parameters()).dtype)
+        # A random input: zeros would let a graph that ignores most of its weights through.
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randn((1, *shape), generator=gen, dtype=next(model.parameters()).dtype)
         try:
-            payloads[paths["onnx"]] = onnx_bytes(model, example)
+            files = onnx_files(model, example, paths["onnx"].name)
         except RuntimeError as e:  # an op of the user's model that no ONNX exporter covers
             raise InputError(f"--onnx: {e}") from None
-        check = check_onnx(model, example, payloads[paths["onnx"]])
+        check = check_onnx(model, example, files)
         if not check["ok"]:
             raise InputError(
                 f"the ONNX export does not match PyTorch (max abs error {check['max_abs_err']:.3g})"
             )
         extra["onnx"] = check
+        for n in files:  # over 2 GiB the weights come in a second file, beside the graph
+            if n != paths["onnx"].name:
+                paths["onnx data"] = paths["onnx"].with_name(n)
+                check_output_paths(paths, [model_path], args.force)
+        payloads = {p: files[p.name] for k, p in paths.items() if k.startswith("onnx")}
     report = build_report(original, model, records, shape, inputs=inputs, extra=extra)
 
     recipe = json.dumps(make_recipe(records, config), indent=2) + "\n"

@@ -37,7 +37,7 @@ from .decomposition import max_rank
 from .latency import LatencyConfig
 from .layers import DecoupledConv2d
 from .methods import FactorCache, is_factored, recipe_entry
-from .realize import ORIGINAL, RealizationChoice, choose_realizations_
+from .realize import ORIGINAL, RealizationChoice, choose_realizations_, confirm_on_model_
 from .report import count_flops
 from .surgery import LayerRecord, decouple_with_fold_info, why_not_decouplable
 
@@ -55,6 +55,7 @@ class CompressResult:
     calibration: list[CalibrationRecord] = field(default_factory=list)
     latency_plan: LatencyPlan | None = None
     realizations: dict[str, RealizationChoice] = field(default_factory=dict)
+    whole_model_ms: dict[str, float] = field(default_factory=dict)  # confirm_on_model_
 
     def extra(self) -> dict:
         """What the report adds beside the per-layer table."""
@@ -77,6 +78,11 @@ class CompressResult:
             out["calibration"] = [c.to_dict() for c in self.calibration]
         if self.realizations:
             out["realizations"] = {n: c.to_dict() for n, c in self.realizations.items()}
+        if self.whole_model_ms:
+            out["realization_check"] = {
+                "whole_model_ms": self.whole_model_ms,
+                "kept": min(self.whole_model_ms, key=self.whole_model_ms.get),
+            }
         return out
 
 
@@ -224,7 +230,8 @@ def compress_(
     realize : bool
         After decoupling, time every layer's realizations and the conv it replaced on the model's
         real inputs and keep the fastest; a layer nothing beats gets its conv back
-        (:func:`decouple.realize.choose_realizations_`). Implied by ``target_latency``.
+        (:func:`decouple.realize.choose_realizations_`); then check the choice on the whole
+        model (:func:`decouple.realize.confirm_on_model_`). Implied by ``target_latency``.
     """
     if target_flops is not None and target_latency is not None:
         raise ValueError("give either target_flops or target_latency, not both")
@@ -275,14 +282,23 @@ def compress_(
         calibration = calibrate_(model, reference, calib_images, refit, ridge, progress=progress)
     by_name = {r.name: r for r in records}
     choices: dict[str, RealizationChoice] = {}
+    whole: dict[str, float] = {}
     if lplan is not None:
+        example = latency.example(input_shape, next(model.parameters()).dtype)
         for name, real in lplan.realizations.items():
             layer = model.get_submodule(name)
             if isinstance(layer, DecoupledConv2d):
                 layer.set_realization(real)
-            times = lplan.table[name]
-            key = f"T={lplan.allocation.choice[name].rank} {real}"
-            _note_latency(by_name[name], layer, times[ORIGINAL], times[key], real)
+            prefix = f"T={lplan.allocation.choice[name].rank} "
+            times = {k.removeprefix(prefix): v for k, v in lplan.table[name].items()
+                     if k == ORIGINAL or k.startswith(prefix)}  # fmt: skip
+            choices[name] = RealizationChoice(name, real, times, min_saving)
+        whole = confirm_on_model_(
+            model, choices, example, latency.runtime, 2, latency.min_run_time, latency.threads
+        )
+        for name, c in choices.items():
+            layer = model.get_submodule(name)
+            _note_latency(by_name[name], layer, c.original_ms, c.best_ms, c.chosen)
         for name, o in lplan.allocation.choice.items():
             if o.rank == 0:
                 by_name[name].latency_before_ms = lplan.table[name][ORIGINAL]
@@ -290,7 +306,12 @@ def compress_(
     elif realize:
         example = latency.example(input_shape, next(model.parameters()).dtype)
         args = (latency.runtime, latency.layer_rounds, latency.layer_min_run_time, latency.threads)
-        choices = choose_realizations_(model, originals, example, *args, progress=progress)
+        choices = choose_realizations_(
+            model, originals, example, *args, progress=progress, min_gain=latency.min_gain
+        )
+        whole = confirm_on_model_(
+            model, choices, example, latency.runtime, 2, latency.min_run_time, latency.threads
+        )
         for name, c in choices.items():
             rec = by_name[name]
             if c.chosen == ORIGINAL:
@@ -298,7 +319,7 @@ def compress_(
                 rec.params_after, rec.structure = rec.params_before, None
             layer = model.get_submodule(name)
             _note_latency(rec, layer, c.original_ms, c.best_ms, c.chosen)
-    return CompressResult(records, fold_error, allocation, calibration, lplan, choices)
+    return CompressResult(records, fold_error, allocation, calibration, lplan, choices, whole)
 
 
 def _note_latency(rec: LayerRecord, layer, before_ms: float, after_ms: float, real: str) -> None:

@@ -8,6 +8,11 @@ ONNX goes through the TorchScript-based exporter (``dynamo=False``): in torch 2.
 exists, needs no package beyond ``onnx``, and exports a decoupled ResNet-18 in about 0.5 s where
 the dynamo exporter takes about 4 s (and needs ``onnxscript``). Where it fails (an op it lacks),
 the dynamo exporter is tried. The batch axis is dynamic, so one file serves any batch size.
+
+One ONNX file is one protobuf message, which cannot exceed 2 GiB. Larger models (a decoupled
+ViT-H/14 has 2.4 GiB of weights) go through :func:`onnx_files`: the dynamo exporter, with the
+weights in a second file beside the graph (ONNX *external data*, which the onnx checker and ONNX
+Runtime read from the graph's folder).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import io
 import logging
 import os
 import sys
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -115,6 +122,12 @@ def _spell_out_same_padding(model: nn.Module) -> nn.Module:
     return model
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers, each shared tensor counted once."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.nbytes for t in tensors.values())
+
+
 def onnx_bytes(
     model: nn.Module,
     example: torch.Tensor,
@@ -146,16 +159,15 @@ def onnx_bytes(
         ``onnx`` is not installed.
     RuntimeError
         Neither exporter could export the model (the first exporter's reason, on one line), or
-        its weights exceed the 2 GiB protobuf limit of one ONNX file.
+        its weights exceed the 2 GiB protobuf limit of one ONNX file (:func:`onnx_files` writes
+        them beside the graph instead).
     """
     _need("onnx")
-    size = sum(
-        t.nbytes for t in {id(t): t for t in (*model.parameters(), *model.buffers())}.values()
-    )
+    size = weight_bytes(model)
     if size >= PROTOBUF_LIMIT:  # fail in a second rather than after minutes of exporting
         raise RuntimeError(
             f"ONNX export failed: the weights take {size / 2**30:.1f} GiB, over the 2 GiB a "
-            "single in-memory ONNX file can hold"
+            "single ONNX file can hold; onnx_files() puts them in a file of their own"
         )
     model = _spell_out_same_padding(model)
     axes = {"x": {0: "batch"}, "y": {0: "batch"}} if dynamic_batch else None
@@ -184,13 +196,87 @@ def onnx_bytes(
     raise RuntimeError(f"ONNX export failed: {_one_line(first)}")
 
 
-def ort_session(data: bytes, threads: int | None = None):
+def onnx_files(
+    model: nn.Module,
+    example: torch.Tensor,
+    name: str = "model.onnx",
+    opset: int | None = None,
+    dynamic_batch: bool = True,
+    external_above: int | None = None,
+) -> dict[str, bytes]:
+    """``model`` in ONNX, as the files to write side by side in one folder.
+
+    Parameters
+    ----------
+    model, example, opset, dynamic_batch
+        As :func:`onnx_bytes`.
+    name : str
+        File name of the graph; the weights' file is named after it.
+    external_above : int, optional
+        Weights of at least this many bytes go to a file of their own (default
+        :data:`PROTOBUF_LIMIT`, the 2 GiB one ONNX file can hold).
+
+    Returns
+    -------
+    dict of str to bytes
+        ``{name: model}`` (:func:`onnx_bytes`) below ``external_above``; above it
+        ``{name: graph, name + ".data": weights}``, the graph naming the weights' file relative to
+        its own folder.
+
+    Raises
+    ------
+    ImportError
+        ``onnx`` (or, for external data, ``onnxscript``) is not installed.
+    RuntimeError
+        The model could not be exported (the exporter's reason, on one line).
+    """
+    if weight_bytes(model) < (PROTOBUF_LIMIT if external_above is None else external_above):
+        return {name: onnx_bytes(model, example, opset, dynamic_batch)}
+    _need("onnx")
+    _need("onnxscript")  # the dynamo exporter: the TorchScript one writes a file per tensor
+    model = _spell_out_same_padding(model)
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    with tempfile.TemporaryDirectory() as tmp:
+        with _quiet(), torch.inference_mode(False), torch.enable_grad():
+            try:
+                program = torch.onnx.export(
+                    model, (example,), input_names=["x"], output_names=["y"], opset_version=opset,
+                    dynamic_shapes=shapes, dynamo=True, verbose=False,
+                )  # fmt: skip
+                program.save(Path(tmp) / name, external_data=True)
+            except Exception as e:  # noqa: BLE001 - reported on one line
+                raise RuntimeError(f"ONNX export failed: {_one_line(e)}") from None
+        # A model whose tensors are all small keeps them inline: no weights file then.
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.stat().st_size}
+
+
+def _graph_name(files: Mapping[str, bytes]) -> str:
+    return next(n for n in files if not n.endswith(".data"))
+
+
+@contextlib.contextmanager
+def _onnx_source(data: bytes | Mapping[str, bytes]):
+    """What onnx and ONNX Runtime load: the bytes of a one-file model, or the path of its graph
+    written beside its weights' file in a temporary folder."""
+    if isinstance(data, Mapping) and len(data) == 1:
+        data = next(iter(data.values()))
+    if isinstance(data, bytes):
+        yield data
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, content in data.items():
+            (Path(tmp) / n).write_bytes(content)
+        yield str(Path(tmp) / _graph_name(data))
+
+
+def ort_session(data: bytes | str | os.PathLike, threads: int | None = None):
     """An ONNX Runtime CPU session for ``data`` with every graph optimisation on.
 
     Parameters
     ----------
-    data : bytes
-        A serialized ONNX model (from :func:`onnx_bytes`).
+    data : bytes or path
+        A serialized ONNX model (from :func:`onnx_bytes`), or the path of an ONNX file (its
+        external data, if any, beside it).
     threads : int, optional
         Intra-op threads; ``None`` uses ``torch.get_num_threads()``, so that ONNX Runtime and
         eager PyTorch are timed on the same cores.
@@ -206,7 +292,8 @@ def ort_session(data: bytes, threads: int | None = None):
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.log_severity_level = 3  # errors only: the CLI keeps stderr for itself
     try:
-        return ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        source = data if isinstance(data, bytes) else os.fspath(data)
+        return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT's exceptions share no useful base class
         missing = "NOT_IMPLEMENTED" in str(e)  # a kernel the CPU provider lacks, float64 convs
         hint = " (its CPU provider lacks a kernel: is the model float32?)" if missing else ""
@@ -249,7 +336,7 @@ def _compare(got: list[np.ndarray], expected: list[np.ndarray], rtol: float, ato
 def check_onnx(
     model: nn.Module,
     example: torch.Tensor,
-    data: bytes,
+    data: bytes | Mapping[str, bytes],
     rtol: float = 1e-3,
     atol: float = 1e-4,
 ) -> dict:
@@ -261,8 +348,8 @@ def check_onnx(
         The exported model (eval mode).
     example : torch.Tensor
         Input to run through both; any batch size when the batch axis is dynamic.
-    data : bytes
-        The serialized ONNX model.
+    data : bytes or dict of str to bytes
+        The serialized ONNX model, or the files of :func:`onnx_files`.
     rtol, atol : float
         Tolerances, see ``ok`` below.
 
@@ -282,18 +369,21 @@ def check_onnx(
         ONNX Runtime cannot load or run the model.
     """
     onnx = _need("onnx")
-    try:
-        onnx.checker.check_model(onnx.load_from_string(data))
-        checker = True
-    except onnx.checker.ValidationError:
-        checker = False
     with torch.no_grad():
         expected = [t.detach().cpu().numpy() for t in _leaves(model(example))]
-    session = ort_session(data)
-    try:
-        got = session.run(None, {session.get_inputs()[0].name: example.detach().cpu().numpy()})
-    except Exception as e:  # noqa: BLE001 - ORT's exceptions share no useful base class
-        raise RuntimeError(f"ONNX Runtime failed to run the model: {_one_line(e)}") from None
+    with _onnx_source(data) as source:
+        try:  # a path is checked with its external data, past the 2 GiB of one message
+            onnx.checker.check_model(
+                source if isinstance(source, str) else onnx.load_from_string(source)
+            )
+            checker = True
+        except onnx.checker.ValidationError:
+            checker = False
+        session = ort_session(source)
+        try:
+            got = session.run(None, {session.get_inputs()[0].name: example.detach().cpu().numpy()})
+        except Exception as e:  # noqa: BLE001 - ORT's exceptions share no useful base class
+            raise RuntimeError(f"ONNX Runtime failed to run the model: {_one_line(e)}") from None
     err, rel, close = _compare(got, expected, rtol, atol)
     return {
         "checker": checker,

@@ -219,6 +219,9 @@ class LatencyConfig:
         Seconds of timed calls per whole-model measurement.
     layer_rounds, layer_min_run_time : int, float
         Interleaved rounds and seconds per timing when layers are compared.
+    min_gain : float
+        A decoupled layer is kept only if its fastest realization takes at most ``1 - min_gain``
+        of its original conv's time (the noise floor of the timings), in [0, 1).
     """
 
     runtime: str = "eager"
@@ -228,6 +231,7 @@ class LatencyConfig:
     min_run_time: float = 1.0
     layer_rounds: int = 3
     layer_min_run_time: float = 0.05
+    min_gain: float = 0.05
 
     def __post_init__(self) -> None:
         check_runtime(self.runtime)
@@ -243,6 +247,9 @@ class LatencyConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{name} must be a positive number of seconds; got {v!r}")
+        g = self.min_gain
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < 1:
+            raise ValueError(f"min_gain must be a fraction in [0, 1); got {g!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be one of cpu, cuda; got {self.device!r}")
         if self.device == "cuda" and self.runtime != "eager":

@@ -16,7 +16,19 @@ shape (:mod:`decouple.realize` times them):
   outputs interleaved back into the grouped layout, then the 1×1 (pw-dw: 1×1, then ``T``
   depthwise convs summed);
 * ``repeat`` (dw-pw only): the input's channels repeated ``T`` times, then one depthwise conv
-  with multiplier 1 over ``C·T`` channels, then the 1×1.
+  with multiplier 1 over ``C·T`` channels, then the 1×1;
+* ``tile`` (dw-pw only): the input concatenated ``T`` times (term-major channel order, a plain
+  copy), one depthwise conv with multiplier 1, and the 1×1 with its columns permuted to match;
+* ``sum``: ``T`` chains of a multiplier-1 depthwise conv and a 1×1 conv (pw-dw: 1×1, then
+  depthwise), added. No concatenation, slicing or interleaving at all.
+
+``tile`` and ``sum`` use only multiplier-1 depthwise convs, 1×1 convs, ``Concat`` and ``Add``:
+runtimes that convert convs to a blocked layout (ONNX Runtime's NCHWc, oneDNN) keep the whole
+layer in it, where a channel multiplier or an interleave falls back to plain NCHW and back.
+Their permuted or sliced weights are derived from the layer's own parameters; in eager inference
+they are cached (keyed on the parameters' versions, so an in-place update is seen), and while
+tracing, exporting or under autograd they are derived afresh so exporters constant-fold them and
+gradients flow.
 """
 
 from __future__ import annotations
@@ -28,7 +40,10 @@ from torch import nn
 from .conv_geometry import ConvGeometry, conv_geometry
 from .decomposition import Decoupling, check_order, decouple_weight
 
-REALIZATIONS = {"dw-pw": ("grouped", "split", "repeat"), "pw-dw": ("grouped", "split")}
+REALIZATIONS = {
+    "dw-pw": ("grouped", "split", "repeat", "tile", "sum"),
+    "pw-dw": ("grouped", "split", "sum"),
+}
 
 
 def check_realization(order: str, realization: str) -> str:
@@ -102,19 +117,11 @@ class DecoupledConv2d(ConvGeometry):
             self.depthwise = nn.Conv2d(n * t, n, groups=n, bias=bias, **spatial, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.realization == "split":
-            return self._split_dwpw(x) if self.order == "dw-pw" else self._split_pwdw(x)
-        if self.realization == "repeat":
-            return self.pointwise(
-                self._depthwise(
-                    x.repeat_interleave(self.rank, 1),
-                    self.depthwise.weight,
-                    self.in_channels * self.rank,
-                )
-            )
-        if self.order == "dw-pw":
-            return self.pointwise(self.depthwise(x))
-        return self.depthwise(self.pointwise(x))
+        if self.realization == "grouped":
+            if self.order == "dw-pw":
+                return self.pointwise(self.depthwise(x))
+            return self.depthwise(self.pointwise(x))
+        return getattr(self, "_" + self.realization)(x)
 
     def set_realization(self, realization: str) -> DecoupledConv2d:
         """Run as ``realization`` from now on (same parameters, same function). Returns self."""
@@ -130,6 +137,12 @@ class DecoupledConv2d(ConvGeometry):
         else:
             padding = dw.padding
         return F.conv2d(x, weight, bias, dw.stride, padding, dw.dilation, groups)
+
+    def _pointwise(self, x, weight, bias=None):
+        return F.conv2d(x, weight, bias, groups=self.groups)
+
+    def _split(self, x):
+        return self._split_dwpw(x) if self.order == "dw-pw" else self._split_pwdw(x)
 
     def _split_dwpw(self, x):
         c, t = self.in_channels, self.rank
@@ -147,6 +160,95 @@ class DecoupledConv2d(ConvGeometry):
         for i in range(1, t):
             out = out + self._depthwise(y[:, :, i], w[:, i], n)
         return out
+
+    def _repeat(self, x):
+        c, t = self.in_channels, self.rank
+        z = self._depthwise(x.repeat_interleave(t, 1), self.depthwise.weight, c * t)
+        return self.pointwise(z)
+
+    def _tile(self, x):
+        c, t, g = self.in_channels, self.rank, self.groups
+        dw, pw = self._derived("tile", self._tile_weights)
+        if g == 1:
+            x = torch.cat([x] * t, 1)
+        else:  # term-major within each group, so every group's channels stay contiguous
+            b, _, h, w = x.shape
+            x = x.view(b, g, 1, c // g, h, w).expand(b, g, t, c // g, h, w).reshape(b, c * t, h, w)
+        return self._pointwise(self._depthwise(x, dw, c * t), pw, self.pointwise.bias)
+
+    def _tile_weights(self):
+        """Both weights reordered from channel-major (c·T + t) to term-major within each group."""
+        c, n, t, g, k = (
+            self.in_channels,
+            self.out_channels,
+            self.rank,
+            self.groups,
+            self.kernel_size,
+        )
+        dw = self.depthwise.weight.view(g, c // g, t, 1, *k).transpose(1, 2).reshape(c * t, 1, *k)
+        pw = self.pointwise.weight.view(n, c // g, t).transpose(1, 2).reshape(n, t * c // g, 1, 1)
+        return dw.contiguous(), pw.contiguous()
+
+    def _sum(self, x):
+        terms = self._derived("sum", self._sum_weights)
+        out = None
+        for i, (dw, pw) in enumerate(terms):
+            if self.order == "dw-pw":
+                bias = self.pointwise.bias if i == 0 else None
+                y = self._pointwise(self._depthwise(x, dw, self.in_channels), pw, bias)
+            else:
+                bias = self.depthwise.bias if i == 0 else None
+                y = self._depthwise(self._pointwise(x, pw), dw, self.out_channels, bias)
+            out = y if out is None else out + y
+        return out
+
+    def _sum_weights(self):
+        """Per term t: its multiplier-1 depthwise weight and its 1×1 weight."""
+        c, n, t, g, k = (
+            self.in_channels,
+            self.out_channels,
+            self.rank,
+            self.groups,
+            self.kernel_size,
+        )
+        if self.order == "dw-pw":
+            dw = self.depthwise.weight.view(c, t, 1, *k)
+            pw = self.pointwise.weight.view(n, c // g, t, 1, 1)
+            return [(dw[:, i].contiguous(), pw[:, :, i].contiguous()) for i in range(t)]
+        pw = self.pointwise.weight.view(n, t, c // g, 1, 1)
+        dw = self.depthwise.weight.view(n, t, 1, *k)
+        return [(dw[:, i].contiguous(), pw[:, i].contiguous()) for i in range(t)]
+
+    def _derived(self, realization: str, make):
+        """``make()``, cached across eager inference calls.
+
+        The cache is used only where it is safe: no autograd (gradients must reach the
+        parameters), no tracing or exporting (exporters must see the derivation to fold it into
+        constants), plain tensors (not an exporter's fake ones, nor inference tensors, which keep no
+        version counter). Its key holds the parameters'
+        identities and version counters, so swapping or editing them in place invalidates it.
+        """
+        params = (self.depthwise.weight, self.pointwise.weight)
+        if (
+            torch.is_grad_enabled()
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+            or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()
+            or any(type(p) not in (torch.Tensor, nn.Parameter) or p.is_inference() for p in params)
+        ):
+            return make()
+        key = (realization, *((p.data_ptr(), p._version, p.device, p.dtype) for p in params))
+        cached = self.__dict__.get("_derived_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, make())
+            self.__dict__["_derived_cache"] = cached
+        return cached[1]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_derived_cache", None)  # derived from the parameters: never saved
+        return state
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -178,6 +178,13 @@ class Report:
             if kept:
                 parts.append(f"{kept} layer(s) kept: not faster than the original conv")
             lines.append("realizations: " + "; ".join(parts))
+        check = self.extra.get("realization_check")
+        if check:
+            ms = check["whole_model_ms"]
+            others = ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items() if k != check["kept"])
+            lines.append(
+                f"whole-model check: kept {check['kept']} ({ms[check['kept']]:.2f} ms; {others})"
+            )
         alloc = self.extra.get("allocation")
         if alloc:
             state = "reached" if alloc["reached"] else "NOT reachable; cheapest ranks used"

@@ -6,11 +6,13 @@ runtime, the BN-folded original is timed, then every k×k conv but the stem is d
 
 * ``naive``: every layer in the two-conv ``grouped`` realization;
 * ``aware``: every layer in its fastest realization on this runtime and input shape, and the
-  original conv back wherever nothing beat it (``decouple.realize.choose_realizations_``).
+  original conv back wherever nothing beat it by 5 % (``decouple.realize.choose_realizations_``),
+  then the choice checked on the whole model against one realization throughout
+  (``confirm_on_model_``; ``whole_model_check`` says which was kept).
 
 After the choice, each layer that stayed decoupled is timed once more against its original conv
-(``recheck_slower`` counts those that came out slower by more than 5 % on that second look:
-the noise floor of this machine). The FLOPs ratio (``FlopCounterMode``, batch 1) is the physical
+(``recheck_slower``: how many came out slower than their conv on that second look;
+``recheck_worst``: the largest ratio of a layer's time to its conv's). The FLOPs ratio (``FlopCounterMode``, batch 1) is the physical
 reference: a speedup equal to it would mean the runtime turns every saved FLOP into time.
 
 Writes ``results/latency.csv`` (one row per model, batch, runtime, order, T), the plot
@@ -39,8 +41,14 @@ import torchvision
 
 from decouple import DecoupleConfig, decouple_
 from decouple.bn_fold import fold_batchnorm_
-from decouple.latency import LatencyConfig, fastest, prepare
-from decouple.realize import ORIGINAL, choose_realizations_, factored_names, time_candidates
+from decouple.latency import LatencyConfig, capture_inputs, fastest, prepare
+from decouple.realize import (
+    ORIGINAL,
+    choose_realizations_,
+    confirm_on_model_,
+    factored_names,
+    time_candidates,
+)
 from decouple.report import count_flops
 
 STEMS = {"resnet18": "conv1", "resnet50": "conv1", "vgg16": "features.0"}
@@ -48,7 +56,8 @@ FIELDS = [
     "model", "batch", "runtime", "order", "rank", "threads", "flops_before", "flops_naive",
     "flops_aware", "flops_ratio_naive", "flops_ratio_aware", "ms_before", "ms_naive", "ms_aware",
     "speedup_naive", "speedup_aware", "frac_of_flops_naive", "frac_of_flops_aware",
-    "layers_decoupled", "layers_kept_not_faster", "realizations", "recheck_slower", "seconds",
+    "layers_decoupled", "layers_kept_not_faster", "realizations", "recheck_slower", "recheck_worst",
+    "whole_model_check", "seconds",
 ]  # fmt: skip
 
 
@@ -79,20 +88,19 @@ def build(name: str) -> torch.nn.Module:
     return model
 
 
-def recheck(model, originals, example, cfg: LatencyConfig) -> int:
-    """Layers still decoupled that time slower than their original conv on a second look."""
-    from decouple.latency import capture_inputs
-
+def recheck(model, originals, example, cfg: LatencyConfig) -> tuple[int, float]:
+    """Layers still decoupled that time slower than their original conv on a second look, and
+    the worst ratio of a layer's time to its conv's (0 when no layer is decoupled)."""
     names = factored_names(model)
     inputs = capture_inputs(model, names, example)
-    slower = 0
+    ratios = []
     for n in names:
         times = time_candidates(
             {"layer": model.get_submodule(n), ORIGINAL: originals[n]},
-            inputs[n], cfg.runtime, 1, cfg.layer_min_run_time, cfg.threads,
+            inputs[n], cfg.runtime, cfg.layer_rounds, cfg.layer_min_run_time, cfg.threads,
         )  # fmt: skip
-        slower += times["layer"] > 1.05 * times[ORIGINAL]
-    return slower
+        ratios.append(times["layer"] / times[ORIGINAL])
+    return sum(r > 1 for r in ratios), max(ratios, default=0.0)
 
 
 def run_one(model_name, base, base_prep, batch, runtime, order, rank, cfg) -> dict:
@@ -106,8 +114,10 @@ def run_one(model_name, base, base_prep, batch, runtime, order, rank, cfg) -> di
     aware = copy.deepcopy(naive)
     aware_originals = {n: originals[n] for n in factored_names(aware)}
     choices = choose_realizations_(
-        aware, aware_originals, example, runtime, cfg.layer_rounds, cfg.layer_min_run_time
-    )
+        aware, aware_originals, example, runtime, cfg.layer_rounds, cfg.layer_min_run_time,
+        min_gain=cfg.min_gain,
+    )  # fmt: skip
+    whole = confirm_on_model_(aware, choices, example, runtime, 2, cfg.min_run_time)
     # The three models side by side, interleaved over rounds, each keeping its best median.
     prepared = {
         "base": base_prep,
@@ -118,7 +128,7 @@ def run_one(model_name, base, base_prep, batch, runtime, order, rank, cfg) -> di
     base_ms, ms_naive, ms_aware = ms["base"], ms["naive"], ms["aware"]
     f0, fn, fa = (count_flops(m, one)[0] for m in (base, naive, aware))
     counts = Counter(c.chosen for c in choices.values())
-    slower = recheck(aware, aware_originals, example, cfg)
+    slower, worst = recheck(aware, aware_originals, example, cfg)
     row = {
         "model": model_name, "batch": batch, "runtime": runtime, "order": order, "rank": rank,
         "threads": torch.get_num_threads(), "flops_before": f0, "flops_naive": fn,
@@ -131,7 +141,8 @@ def run_one(model_name, base, base_prep, batch, runtime, order, rank, cfg) -> di
         "layers_decoupled": sum(r.action == "decoupled" for r in records) - counts[ORIGINAL],
         "layers_kept_not_faster": counts[ORIGINAL],
         "realizations": " ".join(f"{k}:{v}" for k, v in sorted(counts.items()) if k != ORIGINAL),
-        "recheck_slower": slower, "seconds": round(time.time() - t0, 1),
+        "recheck_slower": slower, "recheck_worst": round(worst, 3),
+        "whole_model_check": min(whole, key=whole.get) if whole else "", "seconds": round(time.time() - t0, 1),
     }  # fmt: skip
     return row
 

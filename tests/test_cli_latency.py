@@ -129,3 +129,30 @@ def test_onnx_output_and_onnxruntime_latency(tmp_path: Path, capsys) -> None:
     # Nothing is overwritten without --force.
     code, _, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out)
     assert code == 2 and "--force" in err
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnx/onnxruntime not installed (pip install '.[export]')")
+def test_onnx_over_the_protobuf_limit_writes_its_weights_beside(tmp_path, capsys, monkeypatch):
+    """Past 2 GiB (here: past 1 kB) the weights go to X.onnx.data, which ONNX Runtime reads."""
+    import numpy as np
+    import onnxruntime as ort
+
+    import decouple.export
+
+    monkeypatch.setattr(decouple.export, "PROTOBUF_LIMIT", 1000)
+    out = tmp_path / "d.pt"
+    (tmp_path / "d.onnx.data").write_bytes(b"old")  # nothing is overwritten without --force
+    code, _, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out)
+    assert code == 2 and "--force" in err and "d.onnx.data" in err
+    assert not out.exists() and not (tmp_path / "d.onnx").exists()
+    code, stdout, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out, "--force")
+    assert code == 0, err
+    graph, weights = tmp_path / "d.onnx", tmp_path / "d.onnx.data"
+    assert "wrote onnx data" in stdout and weights.stat().st_size > graph.stat().st_size
+    assert _report(out)["onnx"]["ok"]
+    model = load_decoupled(build_model("digits_cnn"), out).eval()
+    x = torch.randn(3, 1, 8, 8)
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)

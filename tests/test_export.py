@@ -24,6 +24,7 @@ from decouple.export import (  # noqa: E402
     check_onnx,
     export_program,
     onnx_bytes,
+    onnx_files,
     ort_runner,
     ort_session,
 )
@@ -229,3 +230,30 @@ def test_attention_exports_with_the_torchscript_exporter(monkeypatch):
         data = onnx_bytes(model, torch.randn(1, 3, 8, 8))
     assert calls == [False]
     assert check_onnx(model, torch.randn(2, 3, 8, 8), data, rtol=1e-4)["ok"]
+
+
+def test_weights_past_the_limit_go_to_a_file_beside_the_graph(tmp_path, monkeypatch):
+    """What a 2.4 GiB ViT-H/14 takes, on a small model with the threshold lowered."""
+    torch.manual_seed(0)
+    model = _decoupled_toy("dw-pw").eval()
+    x = torch.randn(2, 3, 8, 8)
+    small = onnx_files(model, x, "m.onnx")
+    assert list(small) == ["m.onnx"] and check_onnx(model, x, small)["ok"]
+    files = onnx_files(model, x, "m.onnx", external_above=0)
+    assert list(files) == ["m.onnx", "m.onnx.data"]
+    import onnx
+
+    graph = onnx.load_from_string(files["m.onnx"])  # the large weights left the graph
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and 0 < sum(4 * np.prod(t.dims) for t in external) <= len(files["m.onnx.data"])
+    result = check_onnx(model, torch.randn(3, 3, 8, 8), files)  # a batch of 3: dynamic axis
+    assert result["checker"] and result["ok"] and result["rel_err"] < 1e-5
+    for name, data in files.items():  # written anywhere, side by side, the pair runs
+        (tmp_path / name).write_bytes(data)
+    run = ort_runner(ort_session(tmp_path / "m.onnx"))
+    with torch.no_grad():
+        np.testing.assert_allclose(run(x.numpy()), model(x).numpy(), rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(export, "PROTOBUF_LIMIT", 1000)
+    with pytest.raises(RuntimeError, match="onnx_files"):  # one file cannot hold them
+        onnx_bytes(model, x)
+    assert list(onnx_files(model, x, "m.onnx")) == ["m.onnx", "m.onnx.data"]

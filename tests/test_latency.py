@@ -6,7 +6,9 @@ except where a candidate is made slower on purpose (a sleep) so that the right a
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import time
 
 import pytest
@@ -21,7 +23,13 @@ from decouple import latency_budget as lb
 from decouple.compress import compress_
 from decouple.latency import Latency, LatencyConfig, capture_inputs, compare, measure
 from decouple.layers import REALIZATIONS
-from decouple.realize import ORIGINAL, choose_realizations_, factored_names, realizations
+from decouple.realize import (
+    ORIGINAL,
+    RealizationChoice,
+    choose_realizations_,
+    factored_names,
+    realizations,
+)
 
 FAST = dict(rounds=1, min_run_time=0.002)
 
@@ -83,6 +91,31 @@ def test_realization_copies_share_parameters_and_leave_the_layer_alone():
     assert set(copies) == set(REALIZATIONS["dw-pw"])
     assert layer.realization == "grouped"
     assert all(c.depthwise.weight is layer.depthwise.weight for c in copies.values())
+
+
+@pytest.mark.parametrize("order,name", [("dw-pw", "tile"), ("dw-pw", "sum"), ("pw-dw", "sum")])
+def test_derived_weights_follow_the_parameters(order, name):
+    """tile and sum cache reordered weights in eager inference: an in-place edit, a new tensor,
+    autograd and pickling must all see the parameters as they are now."""
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).double()
+    layer = DecoupledConv2d.from_conv(conv, 2, order).set_realization(name)
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    grouped = copy.copy(layer).set_realization("grouped")
+    with torch.inference_mode():
+        layer(x)  # fills the cache
+    with torch.no_grad():
+        layer.depthwise.weight.mul_(2)  # in place: the version counter moves
+        torch.testing.assert_close(layer(x), grouped(x))
+        layer.pointwise.weight = nn.Parameter(layer.pointwise.weight * 3)  # a new tensor
+        grouped.pointwise = layer.pointwise
+        torch.testing.assert_close(layer(x), grouped(x))
+    layer(x).sum().backward()  # under autograd the weights are derived afresh
+    assert layer.depthwise.weight.grad is not None and layer.pointwise.weight.grad.abs().sum() > 0
+    assert "_derived_cache" not in pickle.loads(pickle.dumps(layer)).__dict__
+    with torch.inference_mode():  # parameters made in inference mode have no version counter
+        fresh = DecoupledConv2d.from_conv(conv, 2, order).set_realization(name)
+        torch.testing.assert_close(fresh(x), DecoupledConv2d.from_conv(conv, 2, order)(x))
 
 
 def test_recipe_replays_the_realization():
@@ -222,6 +255,53 @@ def test_a_layer_slower_than_its_original_gets_the_original_back():
     assert set(choices) == {"conv1", "conv2", "conv3"}
 
 
+@pytest.mark.parametrize("best,kept", [(0.97, True), (0.951, True), (0.94, False), (0.5, False)])
+def test_a_gain_inside_the_margin_is_not_a_gain(monkeypatch, best, kept):
+    import decouple.realize as realize
+
+    def clock(candidates, *a, **k):  # the original 1 ms; "split" at `best` ms, the rest slower
+        return {key: 1.0 if key in (ORIGINAL, "grouped") else best + 0.1 * (key != "split")
+                for key in candidates}  # fmt: skip
+
+    monkeypatch.setattr(realize, "time_candidates", clock)
+    model, originals = _decoupled_toy()
+    choices = choose_realizations_(model, originals, images(2), min_gain=0.05)
+    for name, c in choices.items():
+        assert (c.chosen == ORIGINAL) is kept
+        assert (model.get_submodule(name) is originals[name]) is kept
+        if kept:
+            assert "- 5%" in c.reason()
+        else:
+            assert c.chosen == "split" and model.get_submodule(name).realization == "split"
+
+
+@pytest.mark.parametrize("winner", ["per layer", "grouped where faster"])
+def test_whole_model_check_never_gives_a_layer_a_realization_that_lost(monkeypatch, winner):
+    import decouple.realize as realize
+
+    model, originals = _decoupled_toy()
+    model.set_submodule("conv3", originals["conv3"])  # kept: not faster
+    choices = {  # grouped beat the original in conv1 only; split won both
+        "conv1": RealizationChoice("conv1", "split", {ORIGINAL: 1.0, "grouped": 0.9, "split": 0.5}, 0.05),
+        "conv2": RealizationChoice("conv2", "split", {ORIGINAL: 1.0, "grouped": 0.96, "split": 0.5}, 0.05),
+        "conv3": RealizationChoice("conv3", ORIGINAL, {ORIGINAL: 1.0, "grouped": 2.0, "split": 1.5}, 0.05),
+    }  # fmt: skip
+    for name in ("conv1", "conv2"):
+        model.get_submodule(name).set_realization("split")
+
+    def clock(prepared, *a, **k):  # whole models: the winner is the fastest
+        return {key: 1.0 if key == winner else 2.0 for key in prepared}
+
+    monkeypatch.setattr(realize, "fastest", clock)
+    times = realize.confirm_on_model_(model, choices, images(2))
+    assert "grouped where faster" in times and "per layer" in times
+    assert "split where faster" not in times  # every layer already runs as split
+    want = "grouped" if winner != "per layer" else "split"
+    assert model.conv1.realization == choices["conv1"].chosen == want
+    assert model.conv2.realization == choices["conv2"].chosen == "split"  # grouped lost there
+    assert model.conv3 is originals["conv3"] and choices["conv3"].chosen == ORIGINAL
+
+
 def test_compress_with_realize_records_latency_and_keeps_outputs():
     model = toy()
     reference = toy()
@@ -259,8 +339,8 @@ def test_compress_with_realize_records_latency_and_keeps_outputs():
 
 
 def _fake_clock(monkeypatch):
-    """Original conv 100 µs; rank T costs 10·T µs plus 3 (grouped), 1 (split), 2 (repeat)."""
-    extra = {"grouped": 0.003, "split": 0.001, "repeat": 0.002}
+    """Original conv 100 µs; rank T costs 10·T µs plus 1 (split) or 2 to 5 (the others)."""
+    extra = {"grouped": 0.003, "split": 0.001, "repeat": 0.002, "tile": 0.004, "sum": 0.005}
 
     def time_candidates(candidates, x, *args, **kwargs):
         out = {}
@@ -311,10 +391,13 @@ def test_compress_under_a_latency_budget_applies_ranks_and_realizations(monkeypa
     model = toy()
     result = compress_(model, DecoupleConfig(fold_bn=True), (3, 8, 8), target_latency=0.6)
     plan = result.latency_plan
+    kept = result.extra()["realization_check"]["kept"]  # the plan, or one realization throughout
     for name, o in plan.allocation.choice.items():
         layer = model.get_submodule(name)
         if o.rank:
-            assert layer.rank == o.rank and layer.realization == "split"
+            want = "split" if kept == "per layer" else kept.removesuffix(" where faster")
+            assert layer.rank == o.rank and layer.realization == want
+            assert result.realizations[name].chosen == want
         else:
             assert type(layer) is nn.Conv2d
     assert "latency_allocation" in result.extra()
