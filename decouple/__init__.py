@@ -27,7 +27,7 @@ from .factorized import CPConv2d, TuckerConv2d
 from .latency import LatencyConfig, measure
 from .layers import DecoupledConv2d
 from .model_io import load_decoupled
-from .realize import choose_realizations_
+from .realize import choose_realizations_, confirm_on_model_
 from .report import Report, build_report, count_flops
 from .surgery import LayerRecord, apply_recipe_, decouple_, make_recipe
 from .tucker import tucker2_weight
@@ -47,6 +47,7 @@ __all__ = [
     "TuckerConv2d",
     "build_report",
     "choose_realizations_",
+    "confirm_on_model_",
     "count_flops",
     "cp_weight",
     "decouple_",

@@ -2,7 +2,8 @@
 
 Depthwise convs are memory-bound, so a decoupled layer with a third of the FLOPs can run no faster
 than the conv it replaces. Everything here times real runs with ``torch.utils.benchmark`` (warm-up,
-then ``blocked_autorange``; median and interquartile range; thread count and device recorded).
+then equal blocks of calls timed by ``Timer.timeit``; median and interquartile range over the
+blocks; thread count and device recorded).
 
 A *runtime* says how a module is run:
 
@@ -117,10 +118,26 @@ def _benchmark():
 
 
 def time_prepared(
-    prepared: Prepared, min_run_time: float = 0.5, warmup: int = 2, threads: int | None = None
+    prepared: Prepared,
+    min_run_time: float = 0.5,
+    warmup: int = 2,
+    threads: int | None = None,
+    blocks: int = 5,
 ):
-    """``blocked_autorange`` of one prepared call after ``warmup`` untimed calls
-    (a ``torch.utils.benchmark.Measurement``)."""
+    """Time ``prepared`` in ``blocks`` equal blocks of calls after ``warmup`` untimed calls.
+
+    One timed call sets the block size so that the blocks together take about ``min_run_time``
+    (each at least one call); ``torch.utils.benchmark.Timer.timeit`` times every block.
+    (``blocked_autorange`` first grows its block tenfold until the timer's overhead is 1e-4 of
+    it: for a 1 ms layer that alone costs 0.1 s per timing, whatever ``min_run_time`` says, and
+    often leaves a single block, so no spread.)
+
+    Returns
+    -------
+    (torch.utils.benchmark.Measurement, int)
+        The blocks merged (one time per call for each block: median and IQR over blocks), and
+        the number of calls timed.
+    """
     benchmark = _benchmark()
     for _ in range(warmup):
         prepared.fn(prepared.arg)
@@ -129,7 +146,10 @@ def time_prepared(
         globals={"fn": prepared.fn, "arg": prepared.arg},
         num_threads=threads or torch.get_num_threads(),
     )
-    return timer.blocked_autorange(min_run_time=min_run_time)
+    one = timer.timeit(1).median
+    number = max(1, round(min_run_time / blocks / max(one, 1e-9)))
+    runs = [timer.timeit(number) for _ in range(blocks)]
+    return benchmark.Measurement.merge(runs)[0], number * blocks
 
 
 def measure(
@@ -154,12 +174,13 @@ def measure(
         CPU threads (default: ``torch.get_num_threads()``).
     """
     threads = threads or torch.get_num_threads()
-    m = time_prepared(prepare(module, example, runtime, threads), min_run_time, threads=threads)
+    prepared = prepare(module, example, runtime, threads)
+    m, calls = time_prepared(prepared, min_run_time, threads=threads)
     dev = "cpu" if runtime == "onnxruntime" else device_name(example.device)
     return Latency(
         median_ms=m.median * 1e3,
         iqr_ms=m.iqr * 1e3,
-        runs=sum(m.number_per_run for _ in m.times),
+        runs=calls,
         runtime=runtime,
         device=dev,
         threads=threads,
@@ -178,7 +199,7 @@ def fastest(
     best = dict.fromkeys(candidates, math.inf)
     for _ in range(rounds):
         for key, prep in candidates.items():
-            m = time_prepared(prep, min_run_time, warmup=1, threads=threads)
+            m, _ = time_prepared(prep, min_run_time, warmup=1, threads=threads)
             best[key] = min(best[key], m.median * 1e3)
     return best
 
