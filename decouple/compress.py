@@ -157,6 +157,17 @@ def rank_options(
     return options, total, layers_flops
 
 
+def allocated_config(config: DecoupleConfig, ranks: dict[str, int]) -> DecoupleConfig:
+    """``config`` with the allocated per-layer ranks as overrides (0: skip); its ``"skip"``
+    overrides are kept, its global rank or energy dropped."""
+    skips = {k: s for k, s in config.overrides if s.skip}
+    chosen = {}
+    for n, t in ranks.items():
+        method, order = method_and_order(config, n)
+        chosen[n] = "skip" if t == 0 else {"rank": t, "method": method, "order": order}
+    return replace(config, rank=None, energy=None, overrides={**skips, **chosen})
+
+
 def plan_ranks(
     model: nn.Module,
     config: DecoupleConfig,
@@ -263,12 +274,7 @@ def compress_(
             cache,
         )  # fmt: skip
     if allocation is not None:
-        skips = {k: s for k, s in plain.overrides if s.skip}
-        ranks = {}
-        for n, t in allocation.ranks().items():
-            method, order = method_and_order(plain, n)
-            ranks[n] = "skip" if t == 0 else {"rank": t, "method": method, "order": order}
-        plain = replace(plain, rank=None, energy=None, overrides={**skips, **ranks})
+        plain = allocated_config(plain, allocation.ranks())
     # The convs about to be replaced, kept by reference (surgery swaps them out, never edits them)
     # so that a layer no realization speeds up can have its exact conv back.
     originals = {n: model.get_submodule(n) for n in decouplable_convs(model, plain)}

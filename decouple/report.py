@@ -162,11 +162,13 @@ class Report:
             )
         lalloc = self.extra.get("latency_allocation")
         if lalloc:
-            state = "reached" if lalloc["reached"] else "NOT reachable; fastest ranks used"
+            state = "reached" if lalloc["reached"] else "NOT reached; the fastest plan kept"
+            tries = len(lalloc.get("steps", [])) or 1
             lines.append(
                 f"latency budget: {lalloc['target_ms']:.2f} ms of {lalloc['model_ms']:.2f} ms "
-                f"({state}); planned {lalloc['planned_ms']:.2f} ms from per-layer timings, "
-                f"T chosen by {lalloc['criterion']}"
+                f"({state}): measured {lalloc['measured_ms']:.2f} ms, planned "
+                f"{lalloc['planned_ms']:.2f} ms from per-layer timings ({tries} plan(s) timed "
+                f"whole); T chosen by {lalloc['criterion']}"
             )
         reals = self.extra.get("realizations")
         if reals:

@@ -338,9 +338,19 @@ def test_compress_with_realize_records_latency_and_keeps_outputs():
 # the latency budget, with a fake clock so that the right answer is known
 
 
-def _fake_clock(monkeypatch):
-    """Original conv 100 µs; rank T costs 10·T µs plus 1 (split) or 2 to 5 (the others)."""
-    extra = {"grouped": 0.003, "split": 0.001, "repeat": 0.002, "tile": 0.004, "sum": 0.005}
+EXTRA_MS = {"grouped": 0.003, "split": 0.001, "repeat": 0.002, "tile": 0.004, "sum": 0.005}
+
+
+def _layer_ms(layer) -> float:
+    """The fake cost of one layer: original conv 100 µs; rank T 10·T µs plus its realization's."""
+    if isinstance(layer, DecoupledConv2d):
+        return 0.01 * layer.rank + EXTRA_MS[layer.realization]
+    return 0.1
+
+
+def _fake_clock(monkeypatch, in_graph: float = 1.0):
+    """Layers cost as :func:`_layer_ms` alone and ``in_graph`` times that inside the model, whose
+    three convs run beside 200 µs of other work."""
 
     def time_candidates(candidates, x, *args, **kwargs):
         out = {}
@@ -349,11 +359,18 @@ def _fake_clock(monkeypatch):
                 out[key] = 0.1
             else:
                 t, real = key.split(" ")
-                out[key] = 0.01 * int(t[2:]) + extra[real]
+                out[key] = 0.01 * int(t[2:]) + EXTRA_MS[real]
         return out
 
+    def measure(model, *args, **kwargs):
+        convs = [model.get_submodule(n) for n in ("conv1", "conv2", "conv3")]
+        ms = 0.2 + 0.3 if all(type(c) is nn.Conv2d for c in convs) else 0.2
+        if ms == 0.2:
+            ms += in_graph * sum(_layer_ms(c) for c in convs)
+        return Latency(ms, 0.0, 1, "eager", "cpu", 1, 1)
+
     monkeypatch.setattr(lb, "time_candidates", time_candidates)
-    monkeypatch.setattr(lb, "measure", lambda *a, **k: Latency(0.5, 0.0, 1, "eager", "cpu", 1, 1))
+    monkeypatch.setattr(lb, "measure", measure)
 
 
 def test_latency_plan_uses_the_fastest_realization_and_spends_the_budget(monkeypatch):
@@ -366,11 +383,29 @@ def test_latency_plan_uses_the_fastest_realization_and_spends_the_budget(monkeyp
         assert plan.model_ms == 0.5
         a = plan.allocation
         assert a.unit == "ns" and a.fixed_flops == 500_000 - 3 * 100_000
+        assert plan.measured_ms == pytest.approx(a.total_flops / 1e6)  # the table was right
+        assert len(plan.steps) == 1 or plan.steps[0]["measured_ms"] < 0.9 * plan.target_ms
         if a.total_flops <= a.target_flops:
             assert plan.to_dict()["reached"]
     losses = [sum(o.loss for o in p.allocation.choice.values()) for p in plans]
     assert losses[0] >= losses[1] >= losses[2]  # more time, less approximation error
     assert plans[0].allocation.total_flops <= plans[0].allocation.target_flops
+
+
+def test_a_plan_the_table_got_wrong_is_closed_on_the_clock(monkeypatch):
+    """Inside the model the layers take 40 % of their time alone (as on a CIFAR ResNet in ONNX
+    Runtime): the first plan lands far under the budget; rescaled, the kept plan spends it."""
+    _fake_clock(monkeypatch, in_graph=0.4)
+    config = DecoupleConfig(order="dw-pw")
+    plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.6)
+    first, last = plan.steps[0], plan.steps[-1]
+    assert first["measured_ms"] < 0.9 * plan.target_ms  # the table alone overshoots
+    assert len(plan.steps) > 1 and last["budget_ms"] > first["budget_ms"]
+    assert plan.measured_ms <= plan.target_ms and plan.to_dict()["reached"]
+    naive = lb.plan_latency(toy(), config, (3, 8, 8), 0.6, refine=0)
+    assert len(naive.steps) == 1
+    loss = [sum(o.loss for o in p.allocation.choice.values()) for p in (plan, naive)]
+    assert loss[0] < loss[1]  # the budget spent on accuracy, not left on the table
 
 
 def test_latency_plan_keeps_layers_no_rank_speeds_up(monkeypatch):
