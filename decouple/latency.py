@@ -127,7 +127,8 @@ def time_prepared(
     """Time ``prepared`` in ``blocks`` equal blocks of calls after ``warmup`` untimed calls.
 
     One timed call sets the block size so that the blocks together take about ``min_run_time``
-    (each at least one call); ``torch.utils.benchmark.Timer.timeit`` times every block.
+    (at least 3 blocks of at least one call: a median needs three); ``Timer.timeit`` of
+    ``torch.utils.benchmark`` times every block.
     (``blocked_autorange`` first grows its block tenfold until the timer's overhead is 1e-4 of
     it: for a 1 ms layer that alone costs 0.1 s per timing, whatever ``min_run_time`` says, and
     often leaves a single block, so no spread.)
@@ -146,8 +147,9 @@ def time_prepared(
         globals={"fn": prepared.fn, "arg": prepared.arg},
         num_threads=threads or torch.get_num_threads(),
     )
-    one = timer.timeit(1).median
-    number = max(1, round(min_run_time / blocks / max(one, 1e-9)))
+    one = max(timer.timeit(1).median, 1e-9)
+    blocks = max(3, min(blocks, round(min_run_time / one)))  # a slow call: 3 blocks of 1 call
+    number = max(1, round(min_run_time / blocks / one))
     runs = [timer.timeit(number) for _ in range(blocks)]
     return benchmark.Measurement.merge(runs)[0], number * blocks
 
