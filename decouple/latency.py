@@ -20,8 +20,10 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import platform
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -60,6 +62,18 @@ def device_name(device: torch.device | str) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type
+
+
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else what ``platform`` knows: timings
+    from different machines must not be read side by side."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass
@@ -306,6 +320,7 @@ def compare(
     return {
         "runtime": config.runtime,
         "device": b.device,
+        "processor": cpu_name(),
         "threads": b.threads,
         "batch": b.batch,
         "before": b.to_dict(),

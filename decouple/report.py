@@ -154,9 +154,12 @@ class Report:
         lat = self.extra.get("latency")
         if lat:
             b, a = lat["before"], lat["after"]
+            device = lat["device"]
+            if device == "cpu" and lat.get("processor"):
+                device += f" ({lat['processor']})"
             lines.append(
                 f"latency: {b['median_ms']:.2f} ms -> {a['median_ms']:.2f} ms "
-                f"({_faster(lat['speedup'])}; {lat['runtime']} on {lat['device']}, "
+                f"({_faster(lat['speedup'])}; {lat['runtime']} on {device}, "
                 f"{lat['threads']} threads, batch {lat['batch']}; medians, IQR "
                 f"{b['iqr_ms']:.2f} / {a['iqr_ms']:.2f} ms)"
             )

@@ -30,7 +30,6 @@ import argparse
 import copy
 import csv
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ import torchvision
 
 from decouple import DecoupleConfig, decouple_
 from decouple.bn_fold import fold_batchnorm_
-from decouple.latency import LatencyConfig, capture_inputs, fastest, prepare
+from decouple.latency import LatencyConfig, capture_inputs, cpu_name, fastest, prepare
 from decouple.realize import (
     ORIGINAL,
     choose_realizations_,
@@ -226,16 +225,6 @@ def summary(rows: list[dict]) -> list[str]:
         f"largest ratio of a decoupled layer's time to its conv's was {worst:.2f}.",
     ]
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(rows: list[dict]) -> str:
