@@ -13,7 +13,8 @@ times. Isolated times do not add up exactly to a whole run (a layer alone pays l
 and cache misses that a chain of layers shares), so the plan is then closed on the clock: the
 planned model is built and timed whole, the budget handed to the allocator is rescaled by how far
 the measurement fell from the plan, and the allocation is redone, a few times at most. The plan
-kept is the one of least loss among those measured within the budget (else the fastest measured).
+kept is the one of least loss among those measured within the budget, else the fastest measured,
+else (when even that is no faster than the original model) no change at all.
 """
 
 from __future__ import annotations
@@ -162,8 +163,20 @@ def plan_latency(
             break
         # The table's costs were off by measured/planned: ask for what measures as the target.
         budget = int(target_ms * plan.total_flops / ms)
-    _, plan, chosen, ms = best
+    (missed, _), plan, chosen, ms = best
+    if missed and chosen and ms >= model_ms:
+        # Nothing reached the budget and the fastest plan is no faster than the model itself
+        # (an overhead-bound model: every decoupled layer adds a call): change nothing.
+        plan = _unchanged(options, fixed, budget, criterion)
+        chosen, ms = {}, model_ms
     return LatencyPlan(plan, chosen, model_ms, table, target_ms, ms, steps)
+
+
+def _unchanged(options, fixed, budget, criterion) -> Allocation:
+    """Every layer kept exact, because no plan measured faster than the original model."""
+    choice = {n: opts[0] for n, opts in options.items()}
+    reasons = dict.fromkeys(choice, "kept: no plan measured faster than the original model")
+    return Allocation(choice, reasons, fixed, budget, criterion, unit="ns")
 
 
 def _measure_plan(model, config, ranks, chosen, cache, example, latency) -> float:

@@ -113,7 +113,7 @@ def onnx_check(model, x) -> dict:
         seconds = time.perf_counter() - t0
         # onnx_bytes falls back to the dynamo exporter, which writes its own (newer) opset; past
         # 2 GiB the weights come in a second file, and only the dynamo exporter writes those.
-        graph = onnx.load_from_string(files["model.onnx"], load_external_data=False)
+        graph = onnx.load_from_string(files["model.onnx"])  # the graph alone: weights may be apart
         opset = next(o.version for o in graph.opset_import if not o.domain)
         exporter = "torchscript" if opset == DEFAULT_OPSET and len(files) == 1 else "dynamo"
         if len(files) > 1:

@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from torch import nn
 from toys import images, toy
 
-from decouple import DecoupleConfig, DecoupledConv2d, apply_recipe_, decouple_, make_recipe
+from decouple import (
+    DecoupleConfig,
+    DecoupledConv2d,
+    apply_recipe_,
+    build_report,
+    decouple_,
+    make_recipe,
+)
 from decouple import latency_budget as lb
 from decouple.compress import compress_
 from decouple.latency import Latency, LatencyConfig, capture_inputs, compare, measure
@@ -406,6 +413,32 @@ def test_a_plan_the_table_got_wrong_is_closed_on_the_clock(monkeypatch):
     assert len(naive.steps) == 1
     loss = [sum(o.loss for o in p.allocation.choice.values()) for p in (plan, naive)]
     assert loss[0] < loss[1]  # the budget spent on accuracy, not left on the table
+
+
+def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch):
+    """Alone every rank is faster, but inside the model each decoupled layer adds 50 µs (an
+    overhead-bound model: one call more per layer): every plan measures slower than the original."""
+    _fake_clock(monkeypatch)
+
+    def measure(model, *args, **kwargs):
+        extra = sum(isinstance(m, DecoupledConv2d) for m in model.modules())
+        return Latency(0.5 + 0.05 * extra, 0.0, 1, "eager", "cpu", 1, 1)
+
+    monkeypatch.setattr(lb, "measure", measure)
+    plan = lb.plan_latency(toy(), DecoupleConfig(order="dw-pw"), (3, 8, 8), 0.6)
+    assert plan.steps and all(s["measured_ms"] > plan.model_ms for s in plan.steps)
+    assert all(o.rank == 0 for o in plan.allocation.choice.values())
+    assert plan.realizations == {} and plan.measured_ms == plan.model_ms
+    assert not plan.to_dict()["reached"]
+    assert all("no plan measured faster" in r for r in plan.allocation.reasons.values())
+    model, reference = toy(), toy()
+    result = compress_(model, DecoupleConfig(order="dw-pw"), (3, 8, 8), target_latency=0.6)
+    assert all(type(model.get_submodule(n)) is nn.Conv2d for n in ("conv1", "conv2", "conv3"))
+    assert torch.equal(model(images(1)), reference(images(1)))
+    report = build_report(reference, model, result.records, (3, 8, 8), extra=result.extra())
+    assert "NOT reached; no plan ran faster than the original, so nothing changed" in (
+        report.to_text()
+    )
 
 
 def test_latency_plan_keeps_layers_no_rank_speeds_up(monkeypatch):
