@@ -11,8 +11,8 @@ spends the budget.
 The model's time outside these layers is taken as its measured latency minus the layers' isolated
 times. Isolated times do not add up exactly to a whole run (a layer alone pays layout conversions
 and cache misses that a chain of layers shares), so the plan is then closed on the clock: the
-planned model is built and timed whole, the budget handed to the allocator is rescaled by how far
-the measurement fell from the plan, and the allocation is redone, a few times at most. The plan
+planned model is built and timed whole, the budget handed to the allocator is moved to where the
+plans measured so far say the target lies, and the allocation is redone, a few times at most. The plan
 kept is the one of least loss among those measured within the budget, else the fastest measured,
 else (when even that is no faster than the original model) no change at all.
 """
@@ -142,18 +142,22 @@ def plan_latency(
                 best_real[(name, o.rank)] = key.split(" ", 1)[1]
     model_ns = int(model_ms * 1e6)
     fixed, target_ms = max(model_ns - layers_ns, 0), target_latency * model_ms
+    # (budget, measured ms) of every plan timed whole. The original model is one for free: the
+    # budget that buys every layer exact measures as the model itself.
+    points = [(model_ns, model_ms)]
     budget, steps, best, seen = int(target_latency * model_ns), [], None, set()
     for _ in range(refine + 1):
-        plan = allocate(options, fixed, budget, "ns")
+        plan, budget = _new_plan(options, fixed, budget, points, seen)
+        if plan is None:  # every budget left to try buys a plan measured already
+            break
         plan.criterion = criterion
         ranks = tuple(sorted(plan.ranks().items()))
-        if ranks in seen:  # the rescaled budget buys the same plan: measured already
-            break
         seen.add(ranks)
         chosen = {n: best_real[(n, o.rank)] for n, o in plan.choice.items() if o.rank}
         ms = _measure_plan(model, config, plan.ranks(), chosen, cache, example, latency)
         steps.append({"budget_ms": budget / 1e6, "planned_ms": plan.total_flops / 1e6,
                       "measured_ms": ms})  # fmt: skip
+        points.append((budget, ms))
         fits = ms <= target_ms
         loss = sum(o.loss for o in plan.choice.values())
         key = (not fits, loss if fits else ms)  # within budget and least loss; else fastest
@@ -161,8 +165,7 @@ def plan_latency(
             best = (key, plan, chosen, ms)
         if fits and ms >= (1 - tolerance) * target_ms:
             break
-        # The table's costs were off by measured/planned: ask for what measures as the target.
-        budget = int(target_ms * plan.total_flops / ms)
+        budget = _next_budget(points, target_ms * (1 - tolerance / 2))
     (missed, _), plan, chosen, ms = best
     if missed and chosen and ms >= model_ms:
         # Nothing reached the budget and the fastest plan is no faster than the model itself
@@ -170,6 +173,42 @@ def plan_latency(
         plan = _unchanged(options, fixed, budget, criterion)
         chosen, ms = {}, model_ms
     return LatencyPlan(plan, chosen, model_ms, table, target_ms, ms, steps)
+
+
+def _new_plan(options, fixed, budget, points, seen, tries: int = 8):
+    """The allocation at ``budget``, or, if it was measured already, at a budget moved halfway
+    toward the nearest larger budget measured; ``(None, budget)`` if every try is known."""
+    for _ in range(tries):
+        plan = allocate(options, fixed, budget, "ns")
+        if tuple(sorted(plan.ranks().items())) not in seen:
+            return plan, budget
+        above = [b for b, _ in points if b > budget + 1]
+        if not above:
+            break
+        budget = (budget + min(above)) // 2
+    return None, budget
+
+
+def _next_budget(points: list[tuple[int, float]], aim_ms: float) -> int:
+    """The budget (table ns) whose plan should measure ``aim_ms``, from the plans timed so far.
+
+    The table's scale is off by an unknown factor (layers alone pay conversions a chain of
+    layers shares), but budget and measured time still rise together: interpolate between the
+    largest budget measured under the aim and the smallest measured over it. The fixed part of
+    the model does not scale, so a plain rescale by measured/planned overshoots; it is used only
+    when every plan so far landed on one side and no line can be drawn.
+    """
+    under = [p for p in points if p[1] <= aim_ms]
+    over = [p for p in points if p[1] > aim_ms]
+    if under and over:
+        (b0, m0), (b1, m1) = max(under), min(over)
+        if b1 > b0 and m1 > m0:
+            return int(b0 + (aim_ms - m0) * (b1 - b0) / (m1 - m0))
+        return (b0 + b1) // 2
+    (b0, m0), (b1, m1) = sorted(points)[:2]  # all over the aim: the two cheapest plans
+    if b1 > b0 and m1 > m0:
+        return max(int(b0 - (m0 - aim_ms) * (b1 - b0) / (m1 - m0)), 0)
+    return int(b0 * aim_ms / m0)
 
 
 def _unchanged(options, fixed, budget, criterion) -> Allocation:
