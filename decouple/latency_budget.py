@@ -154,7 +154,7 @@ def plan_latency(
         ranks = tuple(sorted(plan.ranks().items()))
         seen.add(ranks)
         chosen = {n: best_real[(n, o.rank)] for n, o in plan.choice.items() if o.rank}
-        ms = _measure_plan(model, config, plan.ranks(), chosen, cache, example, latency)
+        ms = _measure_plan(model, config, plan.ranks(), chosen, cache, example, latency, model_ms)
         steps.append({"budget_ms": budget / 1e6, "planned_ms": plan.total_flops / 1e6,
                       "measured_ms": ms})  # fmt: skip
         points.append((budget, ms))
@@ -218,8 +218,9 @@ def _unchanged(options, fixed, budget, criterion) -> Allocation:
     return Allocation(choice, reasons, fixed, budget, criterion, unit="ns")
 
 
-def _measure_plan(model, config, ranks, chosen, cache, example, latency) -> float:
-    """Whole-model latency (ms) of ``model`` decoupled at ``ranks`` in realizations ``chosen``."""
+def _measure_plan(model, config, ranks, chosen, cache, example, latency, model_ms) -> float:
+    """Whole-model latency (ms) of ``model`` decoupled at ``ranks`` in realizations ``chosen``,
+    on the scale of ``model_ms``, the original's latency measured first."""
     twin = copy.deepcopy(model)
     decouple_with_fold_info(
         twin, allocated_config(replace(config, fold_bn=False), ranks), cache=cache
@@ -228,5 +229,9 @@ def _measure_plan(model, config, ranks, chosen, cache, example, latency) -> floa
         layer = twin.get_submodule(name)
         if isinstance(layer, DecoupledConv2d):
             layer.set_realization(real)
+    # Timed side by side with the original (original, plan, original, plan; the better median of
+    # each) and given as the ratio times the model's latency: on a noisy machine a ratio measured
+    # in one run holds where two latencies measured minutes apart do not.
     args = (latency.runtime, latency.min_run_time, latency.threads)
-    return measure(twin, example, *args).median_ms
+    runs = [measure(m, example, *args).median_ms for m in (model, twin, model, twin)]
+    return min(runs[1::2]) / min(runs[0::2]) * model_ms

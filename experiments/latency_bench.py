@@ -19,8 +19,9 @@ Writes ``results/latency.csv`` (one row per model, batch, runtime, order, T), th
 ``results/latency_vs_flops.png`` and ``results/latency.md``. Rows are appended as they are
 measured and an interrupted run resumes where it stopped (``--fresh`` starts over).
 
-Run (about two and a half hours on 2 cores; ``--quick``: ResNet-18, batch 1, T=2, dw-pw, about
-a minute; ``--runtimes channels-last`` adds that runtime's rows to the same table)::
+Run (about three and a half hours on 2 cores, most of it VGG-16 at batch 8; ``--quick``:
+ResNet-18, batch 1, T=2, dw-pw, about a minute; ``--runtimes channels-last`` adds that runtime's
+rows to the same table)::
 
     pip install -e '.[dev,vision]' && python experiments/latency_bench.py
 """
