@@ -22,7 +22,7 @@ either export is tried undecoupled too, so that the exporter's limits are told f
 Writes ``results/export.csv`` (after every model, atomically) and prints one line per model and
 a summary; exits 1 if a decoupled model fails where its original passes.
 
-Run (on 2 idle CPU cores about 10 minutes for all 80 models; longer on a busy machine, where the
+Run (on 2 idle CPU cores about 20 minutes for all 80 models; longer on a busy machine, where the
 batched float64 SVDs of decoupling slow down most; ``--models`` for a few)::
 
     pip install -e '.[dev,vision]'

@@ -400,8 +400,9 @@ def test_latency_plan_uses_the_fastest_realization_and_spends_the_budget(monkeyp
 
 
 def test_a_plan_the_table_got_wrong_is_closed_on_the_clock(monkeypatch):
-    """Inside the model the layers take 40 % of their time alone (as on a CIFAR ResNet in ONNX
-    Runtime): the first plan lands far under the budget; rescaled, the kept plan spends it."""
+    """Inside the model the layers take 40 % of their time alone (a runtime that shares layout
+    conversions between layers): the first plan lands far under the budget; with the budget
+    moved up, the kept plan spends it."""
     _fake_clock(monkeypatch, in_graph=0.4)
     config = DecoupleConfig(order="dw-pw")
     plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.6)
