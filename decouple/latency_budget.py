@@ -11,10 +11,10 @@ spends the budget.
 The model's time outside these layers is taken as its measured latency minus the layers' isolated
 times. Isolated times do not add up exactly to a whole run (a layer alone pays layout conversions
 and cache misses that a chain of layers shares), so the plan is then closed on the clock: the
-planned model is built and timed whole, the budget handed to the allocator is moved to where the
-plans measured so far say the target lies, and the allocation is redone, a few times at most. The plan
-kept is the one of least loss among those measured within the budget, else the fastest measured,
-else (when even that is no faster than the original model) no change at all.
+planned model is built and timed whole, the budget handed to the allocator is moved to where
+the plans measured so far say the target lies, and the allocation is redone, a few times at
+most. The plan kept is the one of least loss among those measured within the budget, else the
+fastest measured, else (when even that is no faster than the original model) no change at all.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .allocate import MIN_SAVING, Allocation, Option, allocate
 from .compress import allocated_config, method_and_order, rank_options
 from .config import DecoupleConfig
-from .latency import LatencyConfig, capture_inputs, measure
+from .latency import LatencyConfig, capture_inputs, compare, measure
 from .layers import DecoupledConv2d
 from .methods import FactorCache
 from .realize import ORIGINAL, realizations, time_candidates
@@ -151,8 +151,7 @@ def plan_latency(
         if plan is None:  # every budget left to try buys a plan measured already
             break
         plan.criterion = criterion
-        ranks = tuple(sorted(plan.ranks().items()))
-        seen.add(ranks)
+        seen.add(_ranks_key(plan))
         chosen = {n: best_real[(n, o.rank)] for n, o in plan.choice.items() if o.rank}
         ms = _measure_plan(model, config, plan.ranks(), chosen, cache, example, latency, model_ms)
         steps.append({"budget_ms": budget / 1e6, "planned_ms": plan.total_flops / 1e6,
@@ -175,12 +174,16 @@ def plan_latency(
     return LatencyPlan(plan, chosen, model_ms, table, target_ms, ms, steps)
 
 
+def _ranks_key(plan: Allocation) -> tuple:
+    return tuple(sorted(plan.ranks().items()))
+
+
 def _new_plan(options, fixed, budget, points, seen, tries: int = 8):
     """The allocation at ``budget``, or, if it was measured already, at a budget moved halfway
     toward the nearest larger budget measured; ``(None, budget)`` if every try is known."""
     for _ in range(tries):
         plan = allocate(options, fixed, budget, "ns")
-        if tuple(sorted(plan.ranks().items())) not in seen:
+        if _ranks_key(plan) not in seen:
             return plan, budget
         above = [b for b, _ in points if b > budget + 1]
         if not above:
@@ -229,9 +232,7 @@ def _measure_plan(model, config, ranks, chosen, cache, example, latency, model_m
         layer = twin.get_submodule(name)
         if isinstance(layer, DecoupledConv2d):
             layer.set_realization(real)
-    # Timed side by side with the original (original, plan, original, plan; the better median of
-    # each) and given as the ratio times the model's latency: on a noisy machine a ratio measured
-    # in one run holds where two latencies measured minutes apart do not.
-    args = (latency.runtime, latency.min_run_time, latency.threads)
-    runs = [measure(m, example, *args).median_ms for m in (model, twin, model, twin)]
-    return min(runs[1::2]) / min(runs[0::2]) * model_ms
+    # Timed side by side with the original and given as the ratio times the model's latency: on
+    # a noisy machine a ratio measured in one run holds where two latencies minutes apart do not.
+    side = compare(model, twin, example, latency)
+    return model_ms / side["speedup"]

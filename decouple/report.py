@@ -165,13 +165,12 @@ class Report:
             )
         lalloc = self.extra.get("latency_allocation")
         if lalloc:
-            state = (
-                "reached"
-                if lalloc["reached"]
-                else "NOT reached; the fastest plan kept"
-                if lalloc["realizations"]
-                else "NOT reached; no plan ran faster than the original, so nothing changed"
-            )
+            if lalloc["reached"]:
+                state = "reached"
+            elif lalloc["realizations"]:
+                state = "NOT reached; the fastest plan kept"
+            else:
+                state = "NOT reached; no plan ran faster than the original, so nothing changed"
             tries = len(lalloc.get("steps", [])) or 1
             lines.append(
                 f"latency budget: {lalloc['target_ms']:.2f} ms of {lalloc['model_ms']:.2f} ms "

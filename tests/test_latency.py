@@ -26,6 +26,7 @@ from decouple import (
     decouple_,
     make_recipe,
 )
+from decouple import latency as latency_module
 from decouple import latency_budget as lb
 from decouple.compress import compress_
 from decouple.latency import Latency, LatencyConfig, capture_inputs, compare, measure
@@ -378,6 +379,7 @@ def _fake_clock(monkeypatch, in_graph: float = 1.0):
 
     monkeypatch.setattr(lb, "time_candidates", time_candidates)
     monkeypatch.setattr(lb, "measure", measure)
+    monkeypatch.setattr(latency_module, "measure", measure)  # compare(), plans beside the model
 
 
 def test_latency_plan_uses_the_fastest_realization_and_spends_the_budget(monkeypatch):
@@ -426,6 +428,7 @@ def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch):
         return Latency(0.5 + 0.05 * extra, 0.0, 1, "eager", "cpu", 1, 1)
 
     monkeypatch.setattr(lb, "measure", measure)
+    monkeypatch.setattr(latency_module, "measure", measure)
     plan = lb.plan_latency(toy(), DecoupleConfig(order="dw-pw"), (3, 8, 8), 0.6)
     assert plan.steps and all(s["measured_ms"] > plan.model_ms for s in plan.steps)
     assert all(o.rank == 0 for o in plan.allocation.choice.values())
