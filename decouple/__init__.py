@@ -1,52 +1,53 @@
 """decouple: make pretrained CNNs faster without retraining, by network decoupling.
 
-Where things live:
+Where things live, in the order the pipeline runs (each layer imports only those above it):
 
-* :mod:`decouple.decomposition` — the math: batched SVD of kernel slices (pure tensor functions)
-* :mod:`decouple.layers` — ``DecoupledConv2d``, the two-conv layer built ``from_conv``
-* :mod:`decouple.cp`, :mod:`decouple.tucker` — CP and Tucker-2 of a kernel (tensorly)
-* :mod:`decouple.factorized` — ``CPConv2d`` and ``TuckerConv2d``
-* :mod:`decouple.methods` — nd / cp / tucker behind one interface (build, FLOPs, candidate ranks)
-* :mod:`decouple.config` — ``DecoupleConfig`` / ``LayerSpec``: rank rules and per-layer overrides
-* :mod:`decouple.bn_fold` — BatchNorm folding, proven safe on the ``torch.fx`` graph
-* :mod:`decouple.surgery` — ``decouple_`` (in place) and recipes that replay it on a fresh model
+* :mod:`decouple.factor` — the math: nd (batched SVD of kernel slices), CP, Tucker-2; no modules
+* :mod:`decouple.nn` — ``DecoupledConv2d``, ``CPConv2d``, ``TuckerConv2d`` and their FLOPs
+* :mod:`decouple.surgery` — ``DecoupleConfig``, the method registry, BN folding, ``decouple_``,
+  recipes
+* :mod:`decouple.calibrate` — patch moments and closed-form refits (``calibrate_``)
+* :mod:`decouple.runtime` — measured latency, fastest realizations, ONNX and ``torch.export``
+* :mod:`decouple.io` — safe checkpoint loading, ``--arch``, image sources, evaluation, outputs
+* :mod:`decouple.plan` — per-layer options, the allocator, FLOPs and latency budgets
+* :mod:`decouple.pipeline` — ``compress_``: the whole flow on one model
 * :mod:`decouple.report` — FLOPs, params, per-layer and output error; JSON, Markdown, text
-* :mod:`decouple.latency` — measured latency (``torch.utils.benchmark``) in eager, channels-last
-  or ONNX Runtime
-* :mod:`decouple.realize` — the fastest exact realization of each layer, or its original conv back
-* :mod:`decouple.latency_budget` — per-layer T from measured latency tables (``--target-latency``)
-* :mod:`decouple.export` — ONNX export checked against ONNX Runtime; ``torch.export``
-* :mod:`decouple.model_io` — safe loading, ``--arch`` resolution, atomic writes, reloading
 * :mod:`decouple.cli` — ``python -m decouple``
+* :mod:`decouple.models` — the registry of named architectures (a leaf: imports nothing of ours)
 """
 
-from .config import DecoupleConfig, LayerSpec
-from .cp import cp_weight
-from .decomposition import Decoupling, decouple_weight, max_rank, rank_for_energy, spectrum
-from .factorized import CPConv2d, TuckerConv2d
-from .latency import LatencyConfig, measure
-from .layers import DecoupledConv2d
-from .model_io import load_decoupled
-from .realize import choose_realizations_, confirm_on_model_
-from .report import Report, build_report, count_flops
-from .surgery import LayerRecord, apply_recipe_, decouple_, make_recipe
-from .tucker import tucker2_weight
+from .factor.cp import cp_weight
+from .factor.nd import Decoupling, decouple_weight, max_rank, rank_for_energy, spectrum
+from .factor.tucker import tucker2_weight
+from .io.checkpoint import load_decoupled
+from .nn.decoupled import DecoupledConv2d
+from .nn.factorized import CPConv2d, TuckerConv2d
+from .nn.flops import count_flops
+from .pipeline import CompressResult, compress_
+from .report import Report, build_report
+from .runtime.latency import LatencyConfig, measure
+from .runtime.realize import choose_realizations_, confirm_on_model_
+from .surgery.config import DecoupleConfig, LayerSpec
+from .surgery.recipe import apply_recipe_, make_recipe
+from .surgery.rewrite import LayerRecord, decouple_
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CPConv2d",
+    "CompressResult",
     "DecoupleConfig",
     "DecoupledConv2d",
     "Decoupling",
-    "LayerRecord",
     "LatencyConfig",
+    "LayerRecord",
     "LayerSpec",
     "Report",
-    "apply_recipe_",
     "TuckerConv2d",
+    "apply_recipe_",
     "build_report",
     "choose_realizations_",
+    "compress_",
     "confirm_on_model_",
     "count_flops",
     "cp_weight",

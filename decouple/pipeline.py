@@ -1,48 +1,32 @@
-"""The whole product flow on one model: fold BN, choose ranks, decouple, calibrate.
+"""The whole product flow on one model: fold BN, choose ranks, decouple, calibrate, realize.
 
-``compress_`` strings together :func:`~decouple.bn_fold.fold_batchnorm_`,
-:mod:`~decouple.allocate` (when a FLOPs budget is given), :func:`~decouple.surgery.decouple_`
-and :func:`~decouple.calibrate.calibrate_` (when calibration images are given), and returns what
-each step did. The CLI and the experiments both call it.
+``compress_`` strings together :func:`~decouple.surgery.fold_batchnorm_`, a budget from
+:mod:`decouple.plan` (when a FLOPs or latency target is given), :func:`~decouple.surgery.decouple_`,
+:func:`~decouple.calibrate.calibrate_` (when calibration images are given) and
+:mod:`decouple.runtime.realize` (when realizations are timed), and returns what each step did.
+The CLI and the experiments both call it.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .allocate import (
-    CRITERIA,
-    MIN_SAVING,
-    Allocation,
-    Option,
-    allocate,
-    collect_moments,
-    conv_flops,
-    data_losses,
-    decoupled_flops,
-    energy_losses,
-    factored_options,
-    layer_options,
-    probe_shapes,
-)
-from .bn_fold import fold_batchnorm_
-from .calibrate import CalibrationRecord, calibrate_
-from .config import DecoupleConfig
-from .decomposition import max_rank
-from .latency import LatencyConfig
-from .layers import DecoupledConv2d
-from .methods import FactorCache, is_factored, recipe_entry
-from .realize import ORIGINAL, RealizationChoice, choose_realizations_, confirm_on_model_
-from .report import count_flops
-from .surgery import LayerRecord, decouple_with_fold_info, why_not_decouplable
-
-if TYPE_CHECKING:
-    from .latency_budget import LatencyPlan
+from .calibrate.layerwise import CalibrationRecord, calibrate_
+from .nn.decoupled import DecoupledConv2d
+from .plan.allocate import MIN_SAVING, Allocation
+from .plan.flops_budget import plan_ranks
+from .plan.latency_budget import LatencyPlan, plan_latency
+from .plan.options import allocated_config
+from .runtime.latency import LatencyConfig
+from .runtime.realize import ORIGINAL, RealizationChoice, choose_realizations_, confirm_on_model_
+from .surgery.bn_fold import fold_batchnorm_
+from .surgery.config import DecoupleConfig
+from .surgery.methods import FactorCache, recipe_entry
+from .surgery.rewrite import LayerRecord, decouplable_convs, decouple_with_fold_info
 
 
 @dataclass
@@ -86,114 +70,6 @@ class CompressResult:
         return out
 
 
-def decouplable_convs(model: nn.Module, config: DecoupleConfig) -> list[str]:
-    """Names of the convs that ``decouple_`` may touch under ``config`` (ignoring its ranks)."""
-    names, inside = [], []
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue  # the convs inside a factored layer are its parts, not candidates
-        if is_factored(m):
-            inside.append(name)
-            continue
-        spec = config.spec_for(name)
-        if type(m) is nn.Conv2d and why_not_decouplable(m) is None and not (spec and spec.skip):
-            names.append(name)
-    return names
-
-
-def method_and_order(config: DecoupleConfig, name: str) -> tuple[str, str]:
-    """The method and order layer ``name`` gets (its override's, else the config's)."""
-    spec = config.spec_for(name)
-    method = (spec.method if spec and spec.method else None) or config.method
-    order = (spec.order if spec and spec.order else None) or config.order
-    return method, order
-
-
-def rank_options(
-    model: nn.Module,
-    config: DecoupleConfig,
-    input_shape: tuple[int, ...],
-    criterion: str = "energy",
-    calib_images: torch.Tensor | None = None,
-    min_saving: float = MIN_SAVING,
-    ridge: float = 1e-4,
-    cache: FactorCache | None = None,
-) -> tuple[dict[str, list[Option]], int, int]:
-    """Every decouplable layer's options priced in FLOPs, with the model's and those layers' FLOPs.
-
-    Each layer is priced with its own method (``config.method`` or its override); ``cache`` keeps
-    the CP and Tucker factorizations for the decoupling that follows.
-    """
-    if criterion not in CRITERIA:
-        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
-    if criterion == "data" and calib_images is None:
-        raise ValueError("the data criterion needs calibration images")
-    names = decouplable_convs(model, config)
-    p = next(model.parameters())
-    total, _ = count_flops(model, torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
-    shapes = probe_shapes(model, names, input_shape)
-    moments = collect_moments(model, names, calib_images) if criterion == "data" else {}
-    options, layers_flops = {}, 0
-    for name in names:
-        conv = model.get_submodule(name)
-        method, order = method_and_order(config, name)
-        in_hw, out_hw = shapes[name]
-        original = conv_flops(conv, out_hw)
-        layers_flops += original
-        if method != "nd":
-            options[name] = factored_options(
-                conv, method, in_hw, out_hw, min_saving,
-                moments.get(name), ridge, cache, config.factor_options(),
-            )  # fmt: skip
-            continue
-        full = max_rank(tuple(conv.weight.shape), order, conv.groups)
-        costs = [decoupled_flops(conv, order, t, in_hw, out_hw) for t in range(1, full + 1)]
-        losses = (
-            energy_losses(conv, order)
-            if criterion == "energy"
-            else data_losses(conv, order, moments[name], ridge)
-        )
-        options[name] = layer_options(losses, original, costs, min_saving)
-    return options, total, layers_flops
-
-
-def allocated_config(config: DecoupleConfig, ranks: dict[str, int]) -> DecoupleConfig:
-    """``config`` with the allocated per-layer ranks as overrides (0: skip); its ``"skip"``
-    overrides are kept, its global rank or energy dropped."""
-    skips = {k: s for k, s in config.overrides if s.skip}
-    chosen = {}
-    for n, t in ranks.items():
-        method, order = method_and_order(config, n)
-        chosen[n] = "skip" if t == 0 else {"rank": t, "method": method, "order": order}
-    return replace(config, rank=None, energy=None, overrides={**skips, **chosen})
-
-
-def plan_ranks(
-    model: nn.Module,
-    config: DecoupleConfig,
-    input_shape: tuple[int, ...],
-    target_flops: float,
-    criterion: str = "energy",
-    calib_images: torch.Tensor | None = None,
-    min_saving: float = MIN_SAVING,
-    ridge: float = 1e-4,
-    cache: FactorCache | None = None,
-) -> Allocation:
-    """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
-
-    ``target_flops`` is a fraction of the whole model's FLOPs as ``FlopCounterMode`` counts them
-    for one input of ``input_shape``; layers not decoupled count at their full cost.
-    """
-    if not 0 < target_flops <= 1:
-        raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
-    options, total, layers_flops = rank_options(
-        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache
-    )
-    plan = allocate(options, total - layers_flops, int(target_flops * total))
-    plan.criterion = criterion
-    return plan
-
-
 def compress_(
     model: nn.Module,
     config: DecoupleConfig,
@@ -235,14 +111,14 @@ def compress_(
         model); by default one cache lives for this call.
     target_latency : float, optional
         Instead of ``target_flops``: fraction of the model's measured latency to keep, in (0, 1];
-        ranks and realizations come from per-layer latency tables (:mod:`decouple.latency_budget`).
+        ranks and realizations come from per-layer latency tables (:mod:`decouple.plan.latency_budget`).
     latency : LatencyConfig, optional
         Runtime, batch and device of the timings (``target_latency`` and ``realize``).
     realize : bool
         After decoupling, time every layer's realizations and the conv it replaced on the model's
         real inputs and keep the fastest; a layer nothing beats gets its conv back
-        (:func:`decouple.realize.choose_realizations_`); then check the choice on the whole
-        model (:func:`decouple.realize.confirm_on_model_`). Implied by ``target_latency``.
+        (:func:`decouple.runtime.realize.choose_realizations_`); then check the choice on the whole
+        model (:func:`decouple.runtime.realize.confirm_on_model_`). Implied by ``target_latency``.
     """
     if target_flops is not None and target_latency is not None:
         raise ValueError("give either target_flops or target_latency, not both")
@@ -257,8 +133,6 @@ def compress_(
     reference = copy.deepcopy(model) if calib_images is not None else None
     allocation = lplan = None
     if target_latency is not None:
-        from .latency_budget import plan_latency  # it builds on rank_options above
-
         criterion = criterion or "energy"
         lplan = plan_latency(
             model, plain, input_shape, target_latency, latency, criterion, calib_images,

@@ -11,22 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .surgery import LayerRecord
-
-
-def count_flops(model: nn.Module, example: torch.Tensor) -> tuple[int, dict[str, int]]:
-    """FLOPs of ``model(example)``: the total and a map from module name to its FLOPs."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example)
-    root = type(model).__name__ + "."
-    per_module = {
-        key[len(root) :]: int(sum(ops.values()))
-        for key, ops in counter.get_flop_counts().items()
-        if key.startswith(root)
-    }
-    return int(counter.get_total_flops()), per_module
+from .nn.flops import count_flops
+from .surgery.rewrite import LayerRecord
 
 
 @torch.no_grad()

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 
 from decouple import DecoupleConfig, count_flops
-from decouple.compress import compress_
-from decouple.data import load_cifar10_exact, load_cifar10_jpeg, shared_assets_dir
-from decouple.evaluate import evaluate
-from decouple.model_io import load_model
+from decouple.io.checkpoint import load_model
+from decouple.io.evaluate import evaluate
+from decouple.io.images import load_cifar10_exact, load_cifar10_jpeg, shared_assets_dir
 from decouple.models import build_model, get_model_info
+from decouple.pipeline import compress_
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = [("resnet20-12fca82f.th", "cifar_resnet20"), ("resnet32-d509ac18.th", "cifar_resnet32")]

@@ -46,8 +46,9 @@ import torchvision
 from torch import nn
 
 from decouple import DecoupleConfig, DecoupledConv2d, decouple_
-from decouple.export import DEFAULT_OPSET, check_onnx, export_program, onnx_files
-from decouple.layers import REALIZATIONS
+from decouple.nn.decoupled import REALIZATIONS
+from decouple.runtime.export import DEFAULT_OPSET, export_program, onnx_files
+from decouple.runtime.onnx_check import check_onnx
 
 RTOL = 1e-4
 MIN_SPREAD = 1e-6  # below this the output ignores the input and any export would "match"

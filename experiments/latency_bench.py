@@ -43,16 +43,16 @@ import torch
 import torchvision
 
 from decouple import DecoupleConfig, decouple_
-from decouple.bn_fold import fold_batchnorm_
-from decouple.latency import LatencyConfig, capture_inputs, cpu_name, fastest, prepare
-from decouple.realize import (
+from decouple.nn.flops import count_flops
+from decouple.runtime.latency import LatencyConfig, capture_inputs, cpu_name, fastest, prepare
+from decouple.runtime.realize import (
     ORIGINAL,
     choose_realizations_,
     confirm_on_model_,
     factored_names,
     time_candidates,
 )
-from decouple.report import count_flops
+from decouple.surgery.bn_fold import fold_batchnorm_
 
 STEMS = {"resnet18": "conv1", "resnet50": "conv1", "vgg16": "features.0"}
 FIELDS = [

@@ -31,12 +31,12 @@ import torch
 from accuracy_sweep import SHAPE, SHARED, load_sets, write_csv  # the same data, the same split
 
 from decouple import DecoupleConfig, count_flops
-from decouple.bn_fold import fold_batchnorm_
-from decouple.compress import compress_
-from decouple.evaluate import evaluate
-from decouple.latency import LatencyConfig, compare, cpu_name
-from decouple.model_io import load_model
+from decouple.io.checkpoint import load_model
+from decouple.io.evaluate import evaluate
 from decouple.models import get_model_info
+from decouple.pipeline import compress_
+from decouple.runtime.latency import LatencyConfig, compare, cpu_name
+from decouple.surgery.bn_fold import fold_batchnorm_
 
 ROOT = Path(__file__).resolve().parent.parent
 

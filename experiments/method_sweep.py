@@ -27,14 +27,17 @@ import torch
 from accuracy_sweep import SHAPE, SHARED, load_sets, write_csv
 
 from decouple import DecoupleConfig, count_flops
-from decouple.allocate import MIN_SAVING, probe_shapes
-from decouple.bn_fold import fold_batchnorm_
-from decouple.compress import compress_, decouplable_convs
-from decouple.decomposition import decouple_weight
-from decouple.evaluate import evaluate
-from decouple.methods import FactorCache, candidate_ranks, conv_flops
-from decouple.model_io import load_model
+from decouple.factor.nd import decouple_weight
+from decouple.io.checkpoint import load_model
+from decouple.io.evaluate import evaluate
 from decouple.models import get_model_info
+from decouple.nn.flops import conv_flops
+from decouple.pipeline import compress_
+from decouple.plan.allocate import MIN_SAVING
+from decouple.plan.losses import probe_shapes
+from decouple.surgery.bn_fold import fold_batchnorm_
+from decouple.surgery.methods import FactorCache, candidate_ranks
+from decouple.surgery.rewrite import decouplable_convs
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = [("nd", "dw-pw"), ("nd", "pw-dw"), ("cp", "dw-pw"), ("tucker", "dw-pw")]

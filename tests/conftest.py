@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from decouple.data import shared_assets_dir
+from decouple.io.images import shared_assets_dir
 
 REQUIRED = (
     "resnet20-12fca82f.th",

@@ -8,8 +8,11 @@ from torch import nn
 from toys import images, toy
 
 from decouple import DecoupleConfig, DecoupledConv2d, count_flops
-from decouple.allocate import Option, allocate, decoupled_flops, layer_options, probe_shapes
-from decouple.compress import compress_, plan_ranks
+from decouple.pipeline import compress_
+from decouple.plan.allocate import Option, allocate, layer_options
+from decouple.plan.flops_budget import plan_ranks
+from decouple.plan.losses import probe_shapes
+from decouple.plan.options import decoupled_flops
 
 
 @pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])

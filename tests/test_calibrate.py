@@ -8,9 +8,10 @@ from torch import nn
 from toys import images, toy
 
 from decouple import DecoupleConfig, DecoupledConv2d, decouple_, decouple_weight
-from decouple.bn_fold import fold_batchnorm_
-from decouple.calibrate import Factors, calibrate_, refit, refit_first, refit_last
-from decouple.moments import Moments, patches
+from decouple.calibrate.layerwise import calibrate_
+from decouple.calibrate.moments import Moments, patches
+from decouple.calibrate.refit import Factors, refit, refit_first, refit_last
+from decouple.surgery.bn_fold import fold_batchnorm_
 
 GEOMETRIES = [
     dict(padding=1),

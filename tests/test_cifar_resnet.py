@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from decouple import DecoupleConfig
-from decouple.compress import compress_
-from decouple.data import load_cifar10_exact, load_cifar10_jpeg
-from decouple.evaluate import evaluate
-from decouple.model_io import load_model
+from decouple.io.checkpoint import load_model
+from decouple.io.evaluate import evaluate
+from decouple.io.images import load_cifar10_exact, load_cifar10_jpeg
 from decouple.models import build_model, get_model_info
+from decouple.pipeline import compress_
 
 BATCH = "test_batch.truncated_first_3145728_bytes"
 

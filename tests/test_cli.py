@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from decouple import DecoupleConfig, DecoupledConv2d, decouple_, load_decoupled
-from decouple.cli import main
+from decouple.cli.run import main
 from decouple.models import build_model
 
 TESTS_DIR = Path(__file__).resolve().parent

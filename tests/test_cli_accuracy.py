@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from decouple.cli import main
+from decouple.cli.run import main
 
 TESTS_DIR = Path(__file__).resolve().parent
 

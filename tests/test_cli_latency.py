@@ -16,10 +16,10 @@ import pytest
 import torch
 from test_cli import assert_one_line_error, cli
 
-from decouple import cli as cli_module
 from decouple import load_decoupled
-from decouple.latency import LatencyConfig
+from decouple.cli import flags as cli_flags
 from decouple.models import build_model
+from decouple.runtime.latency import LatencyConfig
 
 HAVE_ORT = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
 
@@ -29,7 +29,7 @@ def _quick_timings(monkeypatch: pytest.MonkeyPatch) -> None:
     quick = functools.partial(
         LatencyConfig, min_run_time=0.02, layer_rounds=1, layer_min_run_time=0.002
     )
-    monkeypatch.setattr(cli_module, "LatencyConfig", quick)
+    monkeypatch.setattr(cli_flags, "LatencyConfig", quick)
 
 
 def _report(out: Path) -> dict:
@@ -137,9 +137,9 @@ def test_onnx_over_the_protobuf_limit_writes_its_weights_beside(tmp_path, capsys
     import numpy as np
     import onnxruntime as ort
 
-    import decouple.export
+    import decouple.runtime.export
 
-    monkeypatch.setattr(decouple.export, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(decouple.runtime.export, "PROTOBUF_LIMIT", 1000)
     out = tmp_path / "d.pt"
     (tmp_path / "d.onnx.data").write_bytes(b"old")  # nothing is overwritten without --force
     code, _, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out)

@@ -11,21 +11,16 @@ from hypothesis import strategies as st
 from test_layers import conv_configs
 from torch import nn
 
-from decouple.cp import cp_max_rank, cp_weight
-from decouple.factorized import CPConv2d, TuckerConv2d
-from decouple.methods import conv_flops, factored_flops
-from decouple.report import count_flops
-from decouple.tensorly_compat import (
+from decouple.factor.cp import cp_max_rank, cp_weight
+from decouple.factor.tensorly_compat import (
     check_tensorly_version,
     parse_version,
     split_cp_result,
     split_tucker_result,
 )
-from decouple.tucker import (
-    tucker2_weight,
-    tucker_max_ranks,
-    tucker_ranks_for_energy,
-)
+from decouple.factor.tucker import tucker2_weight, tucker_max_ranks, tucker_ranks_for_energy
+from decouple.nn.factorized import CPConv2d, TuckerConv2d
+from decouple.nn.flops import conv_flops, count_flops, factored_flops
 
 
 def planted_cp(shape, groups, rank, seed=0):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from decouple.data import (
+from decouple.io.evaluate import evaluate, evaluate_set
+from decouple.io.images import (
     ImageSet,
     cifar10_test_labels,
     load_cifar10_exact,
@@ -14,7 +15,6 @@ from decouple.data import (
     load_images,
     load_tensor_file,
 )
-from decouple.evaluate import evaluate, evaluate_set
 
 BATCH = "test_batch.truncated_first_3145728_bytes"
 TAR = "cifar10_test_jpeg_q75_YoongiKim.tar"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from decouple.decomposition import (
+from decouple.factor.nd import (
     ORDERS,
     decouple_weight,
     max_rank,

@@ -12,22 +12,16 @@ from torch import nn
 from toys import toy
 
 from decouple import CPConv2d, DecoupleConfig, DecoupledConv2d, TuckerConv2d, decouple_
-from decouple.layers import REALIZATIONS
+from decouple.nn.decoupled import REALIZATIONS
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")),
     reason="onnx/onnxruntime not installed (pip install '.[export]')",
 )
 
-from decouple import export  # noqa: E402
-from decouple.export import (  # noqa: E402
-    check_onnx,
-    export_program,
-    onnx_bytes,
-    onnx_files,
-    ort_runner,
-    ort_session,
-)
+from decouple.runtime import export, export_util  # noqa: E402
+from decouple.runtime.export import export_program, onnx_bytes, onnx_files  # noqa: E402
+from decouple.runtime.onnx_check import check_onnx, ort_runner, ort_session  # noqa: E402
 
 GEOMETRIES = [
     dict(padding=1),
@@ -137,7 +131,7 @@ def test_float64_models_fail_clearly_in_onnx_runtime():
 def test_missing_packages_name_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        export.importlib.util, "find_spec", lambda n, *a: None if n == "onnx" else real(n, *a)
+        export_util.importlib.util, "find_spec", lambda n, *a: None if n == "onnx" else real(n, *a)
     )
     with pytest.raises(ImportError, match=r"decouple\[export\]"):
         onnx_bytes(nn.Conv2d(1, 1, 1), torch.zeros(1, 1, 2, 2))

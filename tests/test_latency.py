@@ -26,12 +26,12 @@ from decouple import (
     decouple_,
     make_recipe,
 )
-from decouple import latency as latency_module
-from decouple import latency_budget as lb
-from decouple.compress import compress_
-from decouple.latency import Latency, LatencyConfig, capture_inputs, compare, measure
-from decouple.layers import REALIZATIONS
-from decouple.realize import (
+from decouple.nn.decoupled import REALIZATIONS
+from decouple.pipeline import compress_
+from decouple.plan import latency_budget as lb
+from decouple.runtime import latency as latency_module
+from decouple.runtime.latency import Latency, LatencyConfig, capture_inputs, compare, measure
+from decouple.runtime.realize import (
     ORIGINAL,
     RealizationChoice,
     choose_realizations_,
@@ -139,8 +139,8 @@ def test_recipe_replays_the_realization():
 
 
 def make_recipe_for(model):
-    from decouple.methods import recipe_entry
-    from decouple.surgery import RECIPE_FORMAT, RECIPE_VERSION
+    from decouple.surgery.methods import recipe_entry
+    from decouple.surgery.recipe import RECIPE_FORMAT, RECIPE_VERSION
 
     layers = {n: recipe_entry(model.get_submodule(n)) for n in factored_names(model)}
     recipe = make_recipe([])
@@ -265,7 +265,7 @@ def test_a_layer_slower_than_its_original_gets_the_original_back():
 
 @pytest.mark.parametrize("best,kept", [(0.97, True), (0.951, True), (0.94, False), (0.5, False)])
 def test_a_gain_inside_the_margin_is_not_a_gain(monkeypatch, best, kept):
-    import decouple.realize as realize
+    import decouple.runtime.realize as realize
 
     def clock(candidates, *a, **k):  # the original 1 ms; "split" at `best` ms, the rest slower
         return {key: 1.0 if key in (ORIGINAL, "grouped") else best + 0.1 * (key != "split")
@@ -285,7 +285,7 @@ def test_a_gain_inside_the_margin_is_not_a_gain(monkeypatch, best, kept):
 
 @pytest.mark.parametrize("winner", ["per layer", "grouped where faster"])
 def test_whole_model_check_never_gives_a_layer_a_realization_that_lost(monkeypatch, winner):
-    import decouple.realize as realize
+    import decouple.runtime.realize as realize
 
     model, originals = _decoupled_toy()
     model.set_submodule("conv3", originals["conv3"])  # kept: not faster

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from decouple import DecoupledConv2d, decouple_weight
-from decouple.decomposition import ORDERS, max_rank
+from decouple.factor.nd import ORDERS, max_rank
 
 PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
 

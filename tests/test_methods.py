@@ -17,11 +17,11 @@ from decouple import (
     decouple_,
     make_recipe,
 )
-from decouple.calibrate import calibrate_
-from decouple.cli import main
-from decouple.compress import compress_
-from decouple.factorized import CPConv2d, TuckerConv2d
-from decouple.methods import FactorCache
+from decouple.calibrate.layerwise import calibrate_
+from decouple.cli.run import main
+from decouple.nn.factorized import CPConv2d, TuckerConv2d
+from decouple.pipeline import compress_
+from decouple.surgery.methods import FactorCache
 
 LAYER = {"cp": CPConv2d, "tucker": TuckerConv2d}
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from decouple import DecoupleConfig, DecoupledConv2d, apply_recipe_, decouple_, make_recipe
-from decouple.bn_fold import find_conv_bn_pairs, fold_batchnorm_
-from decouple.surgery import decouple_with_fold_info
+from decouple.surgery.bn_fold import find_conv_bn_pairs, fold_batchnorm_
+from decouple.surgery.rewrite import decouple_with_fold_info
 
 
 class Block(nn.Module):

@@ -6,7 +6,7 @@ The kernel ``W`` ``(N, C/g, kh, kw)`` of every conv group is approximated by ``R
     W[n, c, i, j] ≈ Σ_r  out[n, r] · inp[c, r] · vertical[i, r] · horizontal[j, r]
 
 which runs as four plain convs: 1×1 ``C → R``, depthwise ``kh×1``, depthwise ``1×kw``,
-1×1 ``R → N`` (see :class:`decouple.factorized.CPConv2d`). A MobileNet-style block is the special
+1×1 ``R → N`` (see :class:`decouple.nn.factorized.CPConv2d`). A MobileNet-style block is the special
 case where one factor is the identity, so CP is the most compact of the three methods, but ALS is
 iterative and need not converge: every result says whether it did.
 

@@ -12,7 +12,7 @@ depthwise-separable terms by one SVD per channel slice:
 Keeping the top ``T`` singular triplets of every slice is the best rank-``T`` approximation of the
 kernel in Frobenius norm (Eckart–Young), and ``T = min(slice rows, kh·kw)`` is exact.
 
-Nothing here knows about ``nn.Module``; the layer lives in :mod:`decouple.layers`.
+Nothing here knows about ``nn.Module``; the layer lives in :mod:`decouple.nn.decoupled`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ compressed (tensorly's ``partial_tucker``: HOOI from a truncated HOSVD)::
     W[n, c, i, j] ≈ Σ_{a,b}  out[n, a] · core[a, b, i, j] · inp[c, b]
 
 which runs as three plain convs: 1×1 ``C → R_in``, the core ``kh×kw`` conv ``R_in → R_out``, and
-1×1 ``R_out → N`` (see :class:`decouple.factorized.TuckerConv2d`). The factors are orthonormal,
+1×1 ``R_out → N`` (see :class:`decouple.nn.factorized.TuckerConv2d`). The factors are orthonormal,
 so at full ranks the decomposition is exact.
 
 Nothing here knows about ``nn.Module``.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .decomposition import svd_flip
+from .nd import svd_flip
 from .tensorly_compat import run_partial_tucker
 
 
@@ -65,7 +65,7 @@ class TuckerFactors:
     """Tucker-2 factors of a grouped conv kernel, one set per group (float64).
 
     ``core`` ``(g, R_out, R_in, kh, kw)``, ``out`` ``(g, N/g, R_out)``, ``inp`` ``(g, C/g, R_in)``
-    (orthonormal columns, signs fixed by :func:`~decouple.decomposition.svd_flip`).
+    (orthonormal columns, signs fixed by :func:`~decouple.factor.nd.svd_flip`).
     """
 
     weight_shape: tuple[int, ...]

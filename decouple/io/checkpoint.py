@@ -1,32 +1,28 @@
-"""Loading untrusted model files safely, resolving ``--arch``, and writing outputs atomically.
+"""Loading untrusted model files safely, resolving ``--arch``, and reloading decoupled models.
 
 A model file is untrusted: unpickling can run code. Files are read with ``weights_only=True``
 unless the caller explicitly trusts them. Every problem with the user's input is raised as
-:class:`InputError`, whose message is one line the CLI prints as it is.
+:class:`~decouple.io.errors.InputError`, whose message is one line the CLI prints as it is.
 """
 
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .models import get_model_info, list_models
-from .surgery import apply_recipe_
+from ..models import get_model_info, list_models
+from ..surgery.recipe import apply_recipe_
+from .errors import InputError
+from .outputs import recipe_path_for
 
 TORCHVISION_INPUT_SHAPE = (3, 224, 224)
-
-
-class InputError(Exception):
-    """A problem with the user's input, described in one line."""
 
 
 def _first_line(e: BaseException) -> str:
@@ -198,76 +194,6 @@ def check_finite(model: nn.Module) -> None:
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InputError(f"the model has NaN or Inf values in {name}; refusing to decouple it")
-
-
-def check_output_paths(paths: Mapping[str, Path], inputs: list[Path], force: bool) -> None:
-    """Refuse outputs that collide, overwrite an input, exist without ``force``, or can't be made."""
-    seen: dict[Path, str] = {}
-    for what, p in paths.items():
-        real = p.resolve()
-        if any(real == i.resolve() for i in inputs):
-            raise InputError(
-                f"the {what} output {p} would overwrite the input file; choose another --out"
-            )
-        if real in seen:
-            raise InputError(f"the {what} and {seen[real]} outputs would both be written to {p}")
-        seen[real] = what
-        if p.is_dir():
-            raise InputError(f"the {what} output {p} is a directory")
-        if p.exists() and not force:
-            raise InputError(f"output exists: {p}; pass --force to overwrite")
-        ancestor = p.parent
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise InputError(f"cannot create {p}: {ancestor} is not a directory")
-
-
-def write_files_atomically(payloads: Mapping[Path, bytes]) -> None:
-    """Write every file through a temporary sibling, then rename them all.
-
-    A failure while writing leaves no new or half-written file behind; the renames come last.
-    """
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in payloads.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def torch_bytes(obj: object) -> bytes:
-    """``torch.save`` into memory."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-WEIGHT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt", ".bin", ".tar")
-
-
-def sidecar_path(weights_path: str | os.PathLike, suffix: str) -> Path:
-    """A file beside a saved model: ``x.decoupled.pt`` -> ``x.decoupled<suffix>``.
-
-    Only a weights-file extension is dropped, so ``x.decoupled`` -> ``x.decoupled<suffix>`` too.
-    """
-    p = Path(weights_path)
-    base = p.name[: -len(p.suffix)] if p.suffix in WEIGHT_SUFFIXES else p.name
-    return p.with_name(base + suffix)
-
-
-def recipe_path_for(weights_path: str | os.PathLike) -> Path:
-    """The recipe that sits next to a saved decoupled model: ``x.pt`` -> ``x.recipe.json``."""
-    return sidecar_path(weights_path, ".recipe.json")
 
 
 def load_decoupled(

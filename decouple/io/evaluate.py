@@ -54,7 +54,7 @@ def evaluate_set(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict:
-    """:func:`evaluate` on an :class:`~decouple.data.ImageSet`, preprocessing batch by batch."""
+    """:func:`evaluate` on an :class:`~decouple.io.images.ImageSet`, preprocessing batch by batch."""
     if data.labels is None:
         raise ValueError(f"{data.name} has no labels")
     totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0}

@@ -9,7 +9,7 @@ linear map), so both orders are exact at full rank.
 
 The same parameters can run in several *realizations* (``layer.realization``), which compute the
 same function but hit different kernels, so which is fastest depends on the runtime, device and
-shape (:mod:`decouple.realize` times them):
+shape (:mod:`decouple.runtime.realize` times them):
 
 * ``grouped``: the two convs above (a depthwise conv with channel multiplier ``T``);
 * ``split``: ``T`` depthwise convs with multiplier 1 (the kernels runtimes optimise best), their
@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_geometry import ConvGeometry, conv_geometry
-from .decomposition import Decoupling, check_order, decouple_weight
+from ..factor.nd import Decoupling, check_order, decouple_weight
+from .geometry import ConvGeometry, conv_geometry
 
 REALIZATIONS = {
     "dw-pw": ("grouped", "split", "repeat", "tile", "sum"),

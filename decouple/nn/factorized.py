@@ -3,7 +3,7 @@
 * ``CPConv2d``: 1×1 ``C → g·R`` → depthwise ``kh×1`` → depthwise ``1×kw`` → 1×1 ``g·R → N``
 * ``TuckerConv2d``: 1×1 ``C → g·R_in`` → ``kh×kw`` core ``g·R_in → g·R_out`` → 1×1 ``g·R_out → N``
 
-They keep the contract of :class:`~decouple.layers.DecoupledConv2d`: built ``from_conv`` or
+They keep the contract of :class:`~decouple.nn.decoupled.DecoupledConv2d`: built ``from_conv`` or
 empty from a conv's geometry (so a saved ``state_dict`` loads), every ``nn.Conv2d`` option
 honoured. The spatial convs carry the stride, padding, dilation and padding_mode (CP splits them
 into their vertical and horizontal halves: every padding mode pads each axis independently);
@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv_geometry import ConvGeometry, conv_geometry
-from .cp import CP_MAX_ITER, CP_TOL, CPFactors, cp_weight
-from .tucker import TuckerFactors, tucker2_weight, tucker_ranks
+from ..factor.cp import CP_MAX_ITER, CP_TOL, CPFactors, cp_weight
+from ..factor.tucker import TuckerFactors, tucker2_weight, tucker_ranks
+from .geometry import ConvGeometry, conv_geometry
 
 
 class FactorizedConv2d(ConvGeometry):
@@ -137,7 +137,7 @@ class CPConv2d(FactorizedConv2d):
         tol: float = CP_TOL,
         seed: int = 0,
     ) -> CPConv2d:
-        """CP-decompose ``conv`` at ``rank`` (see :func:`decouple.cp.cp_weight`)."""
+        """CP-decompose ``conv`` at ``rank`` (see :func:`decouple.factor.cp.cp_weight`)."""
         return cls.from_factors(
             conv, cp_weight(conv.weight, rank, conv.groups, n_iter_max, tol, seed)
         )
@@ -154,7 +154,7 @@ class CPConv2d(FactorizedConv2d):
         self.pointwise_out.weight.copy_(f.out.reshape(n, r, 1, 1))
 
     def factors(self) -> CPFactors:
-        """The layer's current weights as :class:`~decouple.cp.CPFactors`."""
+        """The layer's current weights as :class:`~decouple.factor.cp.CPFactors`."""
         g, r, (kh, kw) = self.groups, self.rank, self.kernel_size
         n, c = self.out_channels, self.in_channels
 
@@ -260,7 +260,7 @@ class TuckerConv2d(FactorizedConv2d):
         self.pointwise_out.weight.copy_(f.out.reshape(n, r_out, 1, 1))
 
     def factors(self) -> TuckerFactors:
-        """The layer's current weights as :class:`~decouple.tucker.TuckerFactors`."""
+        """The layer's current weights as :class:`~decouple.factor.tucker.TuckerFactors`."""
         g, (r_out, r_in), (kh, kw) = self.groups, self.ranks, self.kernel_size
         n, c = self.out_channels, self.in_channels
 

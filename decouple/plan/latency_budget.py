@@ -26,14 +26,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..nn.decoupled import DecoupledConv2d
+from ..runtime.latency import LatencyConfig, capture_inputs, compare, measure
+from ..runtime.realize import ORIGINAL, realizations, time_candidates
+from ..surgery.config import DecoupleConfig
+from ..surgery.methods import FactorCache
+from ..surgery.rewrite import decouple_with_fold_info
 from .allocate import MIN_SAVING, Allocation, Option, allocate
-from .compress import allocated_config, method_and_order, rank_options
-from .config import DecoupleConfig
-from .latency import LatencyConfig, capture_inputs, compare, measure
-from .layers import DecoupledConv2d
-from .methods import FactorCache
-from .realize import ORIGINAL, realizations, time_candidates
-from .surgery import decouple_with_fold_info
+from .options import allocated_config, method_and_order, rank_options
 
 
 @dataclass
@@ -94,7 +94,7 @@ def plan_latency(
     latency : LatencyConfig
         Runtime, batch, device and timing effort.
     criterion, calib_images, min_saving, ridge, cache
-        As :func:`decouple.compress.plan_ranks`.
+        As :func:`decouple.plan.flops_budget.plan_ranks`.
     refine : int
         Re-allocations at most after the first plan, each from the last whole-model measurement.
     tolerance : float

@@ -93,7 +93,8 @@ def prepare(
     """
     check_runtime(runtime)
     if runtime == "onnxruntime":
-        from .export import onnx_bytes, ort_session
+        from .export import onnx_bytes
+        from .onnx_check import ort_session
 
         _check_on_cpu(module)
         example = example.detach().cpu()

@@ -1,7 +1,7 @@
 """The fastest exact realization of every factored layer, measured where the model will run.
 
 A decoupled layer can run as several graphs that compute the same function
-(:data:`decouple.layers.REALIZATIONS`); which is fastest depends on the runtime, the device and
+(:data:`decouple.nn.decoupled.REALIZATIONS`); which is fastest depends on the runtime, the device and
 the input shape, and sometimes none beats the dense conv it replaced (depthwise convs are
 memory-bound). :func:`choose_realizations_` times every candidate on the layer's real input,
 interleaved over a few rounds, keeps the fastest, and puts the original conv back where nothing
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..nn.decoupled import REALIZATIONS, DecoupledConv2d
+from ..surgery.methods import is_factored
 from .latency import capture_inputs, fastest, prepare
-from .layers import REALIZATIONS, DecoupledConv2d
-from .methods import is_factored
 
 ORIGINAL = "original"
 AS_IS = "as is"  # CP and Tucker layers have one realization

@@ -12,8 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .cp import CP_MAX_ITER
-from .decomposition import ORDERS
+from ..factor.cp import CP_MAX_ITER
+from ..factor.nd import ORDERS
 from .methods import FactorOptions, check_method
 
 

@@ -1,9 +1,9 @@
 """The three ways to factor a conv, behind one interface for surgery, budgets and calibration.
 
-* ``nd`` — network decoupling (:mod:`decouple.decomposition`, :class:`DecoupledConv2d`), order
+* ``nd`` — network decoupling (:mod:`decouple.factor.nd`, :class:`DecoupledConv2d`), order
   ``dw-pw`` or ``pw-dw``; rank ``T`` terms per channel slice.
-* ``cp`` — CP (:mod:`decouple.cp`, :class:`CPConv2d`); rank ``R`` terms per group.
-* ``tucker`` — Tucker-2 (:mod:`decouple.tucker`, :class:`TuckerConv2d`); one rank ``r`` means
+* ``cp`` — CP (:mod:`decouple.factor.cp`, :class:`CPConv2d`); rank ``R`` terms per group.
+* ``tucker`` — Tucker-2 (:mod:`decouple.factor.tucker`, :class:`TuckerConv2d`); one rank ``r`` means
   ``(R_out, R_in) = (r, r)`` clipped to each mode's full size.
 
 For each method this module knows how to build the layer, what it costs in FLOPs (closed forms
@@ -19,11 +19,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .cp import CP_MAX_ITER, CP_TOL, cp_max_rank, cp_weight
-from .decomposition import decouple_weight, max_rank, rank_for_energy
-from .factorized import CPConv2d, FactorizedConv2d, TuckerConv2d
-from .layers import DecoupledConv2d
-from .tucker import tucker2_weight, tucker_max_ranks, tucker_ranks, tucker_ranks_for_energy
+from ..factor.cp import CP_MAX_ITER, CP_TOL, cp_max_rank, cp_weight
+from ..factor.nd import decouple_weight, max_rank, rank_for_energy
+from ..factor.tucker import tucker2_weight, tucker_max_ranks, tucker_ranks, tucker_ranks_for_energy
+from ..nn.decoupled import DecoupledConv2d
+from ..nn.factorized import CPConv2d, FactorizedConv2d, TuckerConv2d
+from ..nn.flops import factored_flops
 
 METHODS = ("nd", "cp", "tucker")
 FACTORED_LAYERS = (DecoupledConv2d, FactorizedConv2d)
@@ -142,35 +143,6 @@ def recipe_entry(layer: nn.Module) -> dict:
     if method == "cp":
         return {"method": "cp", "rank": layer.rank}
     return {"method": "tucker", "ranks": list(layer.ranks)}
-
-
-def conv_flops(conv: nn.Conv2d, out_hw: tuple[int, int]) -> int:
-    """FLOPs of ``conv`` for one image (2 per multiply-add, as ``FlopCounterMode`` counts)."""
-    kh, kw = conv.kernel_size
-    return (
-        2 * out_hw[0] * out_hw[1] * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw
-    )
-
-
-def factored_flops(conv: nn.Conv2d, method: str, order: str, rank, in_hw, out_hw) -> int:
-    """FLOPs for one image of ``conv`` factored by ``method`` at ``rank`` (closed forms).
-
-    * nd dw-pw: ``2·H'W'·(C·T·k + N·C·T/g)``; nd pw-dw: ``2·(HW·N·T·C/g + H'W'·N·T·k)``
-    * cp: ``2·(HW·C·R + H'·W·g·R·kh + H'W'·g·R·kw + H'W'·N·R)``
-    * tucker: ``2·(HW·C·R_in + H'W'·g·R_out·R_in·k + H'W'·N·R_out)``
-    """
-    c, n, g = conv.in_channels, conv.out_channels, conv.groups
-    kh, kw = conv.kernel_size
-    hw_in, hw_out = in_hw[0] * in_hw[1], out_hw[0] * out_hw[1]
-    if method == "nd":
-        if order == "dw-pw":
-            return 2 * hw_out * c * rank * kh * kw + 2 * hw_out * n * (c * rank // g)
-        return 2 * hw_in * n * rank * (c // g) + 2 * hw_out * n * rank * kh * kw
-    if method == "cp":
-        vertical = out_hw[0] * in_hw[1]  # the kh×1 conv strides rows only
-        return 2 * rank * (hw_in * c + vertical * g * kh + hw_out * g * kw + hw_out * n)
-    r_out, r_in = tucker_ranks(tuple(conv.weight.shape), g, rank)
-    return 2 * (hw_in * c * r_in + hw_out * g * r_out * r_in * kh * kw + hw_out * n * r_out)
 
 
 def candidate_ranks(conv: nn.Conv2d, method: str, order: str, in_hw, out_hw, max_cost: float):

@@ -4,9 +4,8 @@
 ``named_children``, leaves 1×1 convs, depthwise convs and already-factored layers alone (so running
 it twice changes nothing), applies per-layer overrides, and returns one record per conv it met.
 The layer is a ``DecoupledConv2d`` (network decoupling, the default), a ``CPConv2d`` or a
-``TuckerConv2d``, as ``config.method`` or a per-layer override says.
-A *recipe* (plain JSON) replays the same structural change on a fresh architecture so that a saved
-``state_dict`` of the decoupled model loads into it.
+``TuckerConv2d``, as ``config.method`` or a per-layer override says. A recipe
+(:mod:`decouple.surgery.recipe`) replays the same change on a fresh architecture.
 """
 
 from __future__ import annotations
@@ -17,19 +16,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .bn_fold import apply_fold_structure_, fold_batchnorm_
+from .bn_fold import fold_batchnorm_
 from .config import DecoupleConfig
 from .methods import (
     FACTORED_LAYERS,
     FactorCache,
-    empty_layer,
     factor_conv,
+    is_factored,
     layer_method,
     recipe_entry,
 )
-
-RECIPE_FORMAT = "decouple-recipe"
-RECIPE_VERSION = 1
 
 
 @dataclass
@@ -66,7 +62,7 @@ class LayerRecord:
     converged: bool | None = None
     iterations: int | None = None
     structure: dict | None = None  # what a recipe needs to rebuild the layer
-    realization: str | None = None  # set when realizations were timed (decouple.realize)
+    realization: str | None = None  # set when realizations were timed (decouple.runtime.realize)
     latency_before_ms: float | None = None  # the layer alone, on its real input
     latency_after_ms: float | None = None
 
@@ -166,7 +162,7 @@ def decouple_with_fold_info(
 ) -> tuple[list[LayerRecord], str | None]:
     """:func:`decouple_`, also returning why BN folding could not run (``None`` if it ran or was off).
 
-    ``cache`` (a :class:`~decouple.methods.FactorCache`) reuses factorizations computed before.
+    ``cache`` (a :class:`~decouple.surgery.methods.FactorCache`) reuses factorizations computed before.
     """
     folded, fold_error = {}, None
     if config.fold_bn:
@@ -206,41 +202,16 @@ def decouple_with_fold_info(
     return records, fold_error
 
 
-def make_recipe(records: list[LayerRecord], config: DecoupleConfig | None = None) -> dict:
-    """A JSON-ready description of the structural change that :func:`apply_recipe_` replays."""
-    return {
-        "format": RECIPE_FORMAT,
-        "version": RECIPE_VERSION,
-        "config": config.to_dict() if config is not None else None,
-        "folded_bn": {r.name: r.bn_folded for r in records if r.bn_folded},
-        "layers": {r.name: r.structure for r in records if r.action == "decoupled"},
-    }
-
-
-def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
-    """Give a freshly built ``model`` the structure described by ``recipe``, in place.
-
-    Folded BNs become ``nn.Identity`` (their convs gain a bias) and each listed conv becomes an
-    empty factored layer of the recorded method, rank and order (entries without a method are
-    network decoupling). Load the decoupled ``state_dict`` afterwards. Returns ``model``.
-    """
-    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
-        raise ValueError("not a decouple recipe (missing format: 'decouple-recipe')")
-    if recipe.get("version") != RECIPE_VERSION:
-        raise ValueError(
-            f"unsupported recipe version {recipe.get('version')!r}; this is {RECIPE_VERSION}"
-        )
-    apply_fold_structure_(model, recipe.get("folded_bn") or {})
-    for name, spec in recipe["layers"].items():
-        conv = model.get_submodule(name)
-        if isinstance(conv, FACTORED_LAYERS):
+def decouplable_convs(model: nn.Module, config: DecoupleConfig) -> list[str]:
+    """Names of the convs that ``decouple_`` may touch under ``config`` (ignoring its ranks)."""
+    names, inside = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue  # the convs inside a factored layer are its parts, not candidates
+        if is_factored(m):
+            inside.append(name)
             continue
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"recipe layer {name!r} is a {type(conv).__name__}, not a Conv2d")
-        method = spec.get("method", "nd")
-        rank = spec["ranks"] if method == "tucker" else spec["rank"]
-        layer = empty_layer(conv, method, rank, spec.get("order") or "dw-pw")
-        if spec.get("realization"):
-            layer.set_realization(spec["realization"])
-        model.set_submodule(name, layer)
-    return model
+        spec = config.spec_for(name)
+        if type(m) is nn.Conv2d and why_not_decouplable(m) is None and not (spec and spec.skip):
+            names.append(name)
+    return names

@@ -1,0 +1,99 @@
+"""From parsed flags to configs: ``DecoupleConfig``, ``LatencyConfig`` and the input shape, each checked
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..io.checkpoint import InputError
+from ..runtime.latency import LatencyConfig
+from ..surgery.config import DecoupleConfig
+
+
+def make_config(args: argparse.Namespace) -> DecoupleConfig:
+    """The config from ``--config`` (if any) with the command-line flags applied on top."""
+    data = {"fold_bn": True}
+    if args.config:
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read --config {args.config}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise InputError(f"--config {args.config} must hold a JSON object (a DecoupleConfig)")
+        data.update(loaded)
+    if args.rank is not None or args.energy is not None:
+        data["rank"], data["energy"] = args.rank, args.energy
+    if args.method:
+        data["method"] = args.method
+    if args.order:
+        if data.get("method", "nd") != "nd":
+            raise InputError(f"--order applies to --method nd only, not {data['method']}")
+        data["order"] = args.order
+    if args.fold_bn is not None:
+        data["fold_bn"] = args.fold_bn
+    overrides = data.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise InputError("the config's overrides must be a JSON object of name -> rule")
+    data["overrides"] = {**overrides, **{name: "skip" for name in args.skip}}
+    config = DecoupleConfig.from_dict(data)
+    ranked = any(not s.skip for _, s in config.overrides)
+    budget = args.target_flops is not None or args.target_latency is not None
+    if config.rank is None and config.energy is None and not ranked and not budget:
+        raise InputError(
+            "say how many terms to keep: --rank T, --energy E, --target-flops R or "
+            "--target-latency R (or per-layer ranks in --config)"
+        )
+    if args.target_flops is not None and not 0 < args.target_flops <= 1:
+        raise InputError(f"--target-flops must be a fraction in (0, 1]; got {args.target_flops}")
+    if args.criterion == "data" and not args.calib:
+        raise InputError("--criterion data measures layers on calibration images: pass --calib")
+    if args.calib_size < 1:
+        raise InputError(f"--calib-size must be >= 1; got {args.calib_size}")
+    if args.target_latency is not None and not 0 < args.target_latency <= 1:
+        raise InputError(
+            f"--target-latency must be a fraction in (0, 1]; got {args.target_latency}"
+        )
+    return config
+
+
+def make_latency_config(args: argparse.Namespace) -> LatencyConfig | None:
+    """The latency settings, or None when neither --latency nor --target-latency is given."""
+    if not (args.latency or args.target_latency is not None):
+        for flag, value, default in (
+            ("--runtime", args.runtime, "eager"),
+            ("--batch", args.batch, 1),
+            ("--device", args.device, "cpu"),
+            ("--threads", args.threads, None),
+        ):
+            if value != default:
+                raise InputError(f"{flag} sets how latency is measured: add --latency")
+        return None
+    if args.runtime == "onnxruntime":
+        need_export_packages()
+    try:
+        return LatencyConfig(
+            runtime=args.runtime, batch=args.batch, device=args.device, threads=args.threads
+        )
+    except ValueError as e:
+        raise InputError(f"latency settings: {e}") from None
+
+
+def need_export_packages() -> None:
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"{' and '.join(missing)} not installed; pip install 'decouple[export]'")
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(x) for x in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise InputError(f"--input-shape must be C,H,W with positive integers; got {text!r}")
+    return shape

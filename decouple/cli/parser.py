@@ -1,0 +1,196 @@
+"""The argument parser of ``python -m decouple``: every flag, its help and the examples."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..calibrate.layerwise import REFIT_MODES
+from ..factor.nd import ORDERS
+from ..io.checkpoint import InputError
+from ..plan.losses import CRITERIA
+from ..runtime.latency import RUNTIMES
+from ..surgery.methods import METHODS
+
+EPILOG = """examples:
+  decouple --demo --rank 3                       the bundled digits CNN, accuracy before/after
+  decouple resnet18.pt --arch resnet18 --rank 2  a torchvision state_dict
+  decouple net.pt --arch mypkg.nets:build --energy 0.9 --skip 'layer4\\..*'
+  decouple whole_model.pt --trust-pickle --rank 3 --order pw-dw
+  decouple net.pt --arch cifar_resnet20 --method tucker --target-flops 0.5 --calib cifar.tar
+  decouple r18.pt --arch resnet18 --rank 2 --skip conv1 --latency --runtime onnxruntime --onnx
+  decouple r18.pt --arch resnet18 --target-latency 0.6 --batch 8 --skip conv1
+
+outputs (next to MODEL unless --out/--report say otherwise):
+  X.decoupled.pt           the decoupled model, same kind as the input (state_dict or module)
+  X.decoupled.recipe.json  replays the change on a fresh architecture: decouple.load_decoupled()
+  X.decoupled.report.json  per-layer error, params, FLOPs (and latency); and .report.md
+  X.decoupled.onnx         with --onnx
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + message
+        raise InputError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="decouple",
+        description="Rewrite each k×k Conv2d of a trained model as T depthwise-separable terms "
+        "(network decoupling), without retraining, and report what was gained and lost.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="a state_dict or checkpoint file (with --arch), or a whole pickled "
+        "nn.Module (with --trust-pickle)",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="use the bundled digits CNN and its test split instead of MODEL",
+    )
+    p.add_argument(
+        "--arch",
+        metavar="NAME",
+        help="architecture of a state_dict: a decouple model name, a torchvision model "
+        "name (built with weights=None), or package.module:callable",
+    )
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument(
+        "--rank",
+        type=int,
+        metavar="T",
+        help="terms per layer (>= 1): nd T per channel slice; cp R per group; tucker r per mode",
+    )
+    rank.add_argument(
+        "--energy",
+        type=float,
+        metavar="E",
+        help="per layer, smallest T keeping this fraction of singular-value energy, in (0, 1] "
+        "(tucker: per channel mode; not for cp)",
+    )
+    rank.add_argument(
+        "--target-latency",
+        type=float,
+        metavar="R",
+        help="choose per-layer T and realization from measured per-layer latency tables so the "
+        "model keeps this fraction of its measured latency, in (0, 1] (implies --latency)",
+    )
+    rank.add_argument(
+        "--target-flops",
+        type=float,
+        metavar="R",
+        help="choose per-layer T so the model keeps this fraction of its FLOPs, in (0, 1]",
+    )
+    p.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        help="rank allocation criterion for --target-flops: singular-value energy (data-free, "
+        "default) or measured layer output error on --calib images",
+    )
+    p.add_argument(
+        "--data",
+        metavar="PATH",
+        help="labelled images for accuracy before/after: the CIFAR-10 test batch file, the "
+        "CIFAR-10 JPEG tar, an ImageFolder directory, or a .pt of {images, labels}",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="PATH",
+        help="unlabelled images (same forms as --data) to refit the decoupled layers on; "
+        "images that --data also holds are never used",
+    )
+    p.add_argument(
+        "--calib-size", type=int, default=512, metavar="N", help="calibration images (default 512)"
+    )
+    p.add_argument(
+        "--refit",
+        choices=REFIT_MODES,
+        default="auto",
+        help="calibration refit: last factor, alternating, the better per layer (auto), or none",
+    )
+    p.add_argument(
+        "--mean", metavar="R,G,B", help="per-channel mean for --data/--calib pixels in [0, 1]"
+    )
+    p.add_argument(
+        "--std", metavar="R,G,B", help="per-channel std (default: from the arch, if known)"
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        help="nd: network decoupling (default); cp: CP, 1x1 -> kx1 -> 1xk -> 1x1; "
+        "tucker: Tucker-2, 1x1 -> kxk -> 1x1",
+    )
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        help="network decoupling: depthwise first (dw-pw, default) or pointwise first",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME|REGEX",
+        help="layers to leave as they are (exact module names or regexes)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="JSON",
+        help="a DecoupleConfig JSON file (e.g. per-layer ranks); the flags above override it",
+    )
+    p.add_argument(
+        "--fold-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fold BatchNorm into the conv feeding it before decoupling (default: on)",
+    )
+    p.add_argument(
+        "--input-shape",
+        metavar="C,H,W",
+        help="one input's shape, for FLOPs and the output check (default: from the arch)",
+    )
+    timing = p.add_argument_group("latency (measured with torch.utils.benchmark)")
+    timing.add_argument(
+        "--latency",
+        action="store_true",
+        help="time every decoupled layer's realizations against its original conv, keep the "
+        "fastest (the original where nothing is faster), and report model latency before/after",
+    )
+    timing.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="eager",
+        help="where latency is measured: PyTorch eager (NCHW), eager channels-last, or ONNX "
+        "Runtime (CPU); default eager",
+    )
+    timing.add_argument(
+        "--batch", type=int, default=1, metavar="B", help="batch size for latency (default 1)"
+    )
+    timing.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="device for latency (default cpu)"
+    )
+    timing.add_argument(
+        "--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's setting)"
+    )
+    p.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also write the decoupled model as ONNX (X.decoupled.onnx), checked with the onnx "
+        "checker and against ONNX Runtime",
+    )
+    p.add_argument(
+        "--out", metavar="PATH", help="decoupled model file (default: MODEL with .decoupled)"
+    )
+    p.add_argument("--report", metavar="PATH", help="report JSON (a Markdown copy goes beside it)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a whole pickled model; unpickling runs code from the file",
+    )
+    return p

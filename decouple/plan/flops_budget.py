@@ -1,0 +1,42 @@
+"""``--target-flops``: per-layer ranks so that the whole model keeps a fraction of its FLOPs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ..surgery.config import DecoupleConfig
+from ..surgery.methods import FactorCache
+from .allocate import MIN_SAVING, Allocation, allocate
+from .options import rank_options
+
+if TYPE_CHECKING:
+    pass
+
+
+def plan_ranks(
+    model: nn.Module,
+    config: DecoupleConfig,
+    input_shape: tuple[int, ...],
+    target_flops: float,
+    criterion: str = "energy",
+    calib_images: torch.Tensor | None = None,
+    min_saving: float = MIN_SAVING,
+    ridge: float = 1e-4,
+    cache: FactorCache | None = None,
+) -> Allocation:
+    """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
+
+    ``target_flops`` is a fraction of the whole model's FLOPs as ``FlopCounterMode`` counts them
+    for one input of ``input_shape``; layers not decoupled count at their full cost.
+    """
+    if not 0 < target_flops <= 1:
+        raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
+    options, total, layers_flops = rank_options(
+        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache
+    )
+    plan = allocate(options, total - layers_flops, int(target_flops * total))
+    plan.criterion = criterion
+    return plan

@@ -1,0 +1,129 @@
+"""Every decouplable layer's options: keep it, or each candidate rank of its method, with cost and loss.
+
+Network decoupling offers every ``T = 1 … full``; CP and Tucker a grid of ranks
+(:func:`decouple.surgery.methods.candidate_ranks`). Costs are FLOPs from the closed forms, which
+match ``FlopCounterMode``. :func:`rank_options` is what both budgets start from: the FLOPs budget
+(:mod:`decouple.plan.flops_budget`) allocates over it directly, the latency budget
+(:mod:`decouple.plan.latency_budget`) re-prices it with measured times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from ..calibrate.moments import Moments
+from ..calibrate.refit import refit_factored
+from ..factor.nd import max_rank
+from ..nn.flops import conv_flops, count_flops, factored_flops
+from ..surgery.config import DecoupleConfig
+from ..surgery.methods import FactorCache, FactorOptions, candidate_ranks
+from ..surgery.rewrite import decouplable_convs
+from .allocate import MIN_SAVING, Option, layer_options
+from .losses import CRITERIA, collect_moments, data_losses, energy_losses, probe_shapes
+
+
+def decoupled_flops(conv: nn.Conv2d, order: str, rank: int, in_hw, out_hw) -> int:
+    """FLOPs of ``conv`` decoupled (network decoupling) at ``rank`` for one image."""
+    return factored_flops(conv, "nd", order, rank, in_hw, out_hw)
+
+
+def factored_options(
+    conv: nn.Conv2d,
+    method: str,
+    in_hw,
+    out_hw,
+    min_saving: float,
+    moments: tuple[Moments, Moments] | None = None,
+    ridge: float = 1e-4,
+    cache: FactorCache | None = None,
+    options: FactorOptions | None = None,
+) -> list[Option]:
+    """Options of a CP or Tucker layer: the original conv and every candidate rank, with the
+    kernel error (``moments`` None) or the held-out output error after the last-1×1 refit."""
+    cache = cache if cache is not None else FactorCache()
+    options = options or FactorOptions()
+    original = conv_flops(conv, out_hw)
+    opts = [Option(0, original, 0.0)]
+    bias = None if conv.bias is None else conv.bias.detach().double().cpu()
+    for rank, flops in candidate_ranks(
+        conv, method, "", in_hw, out_hw, (1 - min_saving) * original
+    ):
+        done = cache.factor(conv, method, rank, None, "dw-pw", options)
+        if moments is None:
+            loss = done.rel_error**2
+        else:
+            fit, val = moments
+            _, b, kernel = refit_factored(done.layer.factors(), bias, fit, ridge)
+            loss = val.relative_error(kernel, b) ** 2
+        opts.append(Option(rank, flops, float(loss)))
+    return opts
+
+
+def method_and_order(config: DecoupleConfig, name: str) -> tuple[str, str]:
+    """The method and order layer ``name`` gets (its override's, else the config's)."""
+    spec = config.spec_for(name)
+    method = (spec.method if spec and spec.method else None) or config.method
+    order = (spec.order if spec and spec.order else None) or config.order
+    return method, order
+
+
+def rank_options(
+    model: nn.Module,
+    config: DecoupleConfig,
+    input_shape: tuple[int, ...],
+    criterion: str = "energy",
+    calib_images: torch.Tensor | None = None,
+    min_saving: float = MIN_SAVING,
+    ridge: float = 1e-4,
+    cache: FactorCache | None = None,
+) -> tuple[dict[str, list[Option]], int, int]:
+    """Every decouplable layer's options priced in FLOPs, with the model's and those layers' FLOPs.
+
+    Each layer is priced with its own method (``config.method`` or its override); ``cache`` keeps
+    the CP and Tucker factorizations for the decoupling that follows.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
+    if criterion == "data" and calib_images is None:
+        raise ValueError("the data criterion needs calibration images")
+    names = decouplable_convs(model, config)
+    p = next(model.parameters())
+    total, _ = count_flops(model, torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
+    shapes = probe_shapes(model, names, input_shape)
+    moments = collect_moments(model, names, calib_images) if criterion == "data" else {}
+    options, layers_flops = {}, 0
+    for name in names:
+        conv = model.get_submodule(name)
+        method, order = method_and_order(config, name)
+        in_hw, out_hw = shapes[name]
+        original = conv_flops(conv, out_hw)
+        layers_flops += original
+        if method != "nd":
+            options[name] = factored_options(
+                conv, method, in_hw, out_hw, min_saving,
+                moments.get(name), ridge, cache, config.factor_options(),
+            )  # fmt: skip
+            continue
+        full = max_rank(tuple(conv.weight.shape), order, conv.groups)
+        costs = [decoupled_flops(conv, order, t, in_hw, out_hw) for t in range(1, full + 1)]
+        losses = (
+            energy_losses(conv, order)
+            if criterion == "energy"
+            else data_losses(conv, order, moments[name], ridge)
+        )
+        options[name] = layer_options(losses, original, costs, min_saving)
+    return options, total, layers_flops
+
+
+def allocated_config(config: DecoupleConfig, ranks: dict[str, int]) -> DecoupleConfig:
+    """``config`` with the allocated per-layer ranks as overrides (0: skip); its ``"skip"``
+    overrides are kept, its global rank or energy dropped."""
+    skips = {k: s for k, s in config.overrides if s.skip}
+    chosen = {}
+    for n, t in ranks.items():
+        method, order = method_and_order(config, n)
+        chosen[n] = "skip" if t == 0 else {"rank": t, "method": method, "order": order}
+    return replace(config, rank=None, energy=None, overrides={**skips, **chosen})
