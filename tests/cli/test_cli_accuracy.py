@@ -10,7 +10,7 @@ import torch
 
 from decouple.cli.run import main
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from test_cp_tucker import planted_cp, planted_tucker
+from planted import planted_cp, planted_tucker
 from torch import nn
 from toys import images, toy
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_layers import conv_configs
+from planted import conv_configs, planted_cp, planted_tucker
 from torch import nn
 
 from decouple.factor.cp import cp_max_rank, cp_weight
@@ -21,26 +21,6 @@ from decouple.factor.tensorly_compat import (
 from decouple.factor.tucker import tucker2_weight, tucker_max_ranks, tucker_ranks_for_energy
 from decouple.nn.factorized import CPConv2d, TuckerConv2d
 from decouple.nn.flops import conv_flops, count_flops, factored_flops
-
-
-def planted_cp(shape, groups, rank, seed=0):
-    """A kernel that is exactly a sum of ``rank`` CP terms per group."""
-    n, cg, kh, kw = shape
-    g = torch.Generator().manual_seed(seed)
-    f = [
-        torch.randn(groups, d, rank, generator=g, dtype=torch.float64)
-        for d in (n // groups, cg, kh, kw)
-    ]
-    return torch.einsum("gnr,gcr,gir,gjr->gncij", *f).reshape(shape)
-
-
-def planted_tucker(shape, groups, ranks, seed=0):
-    n, cg, kh, kw = shape
-    g = torch.Generator().manual_seed(seed)
-    core = torch.randn(groups, ranks[0], ranks[1], kh, kw, generator=g, dtype=torch.float64)
-    out = torch.randn(groups, n // groups, ranks[0], generator=g, dtype=torch.float64)
-    inp = torch.randn(groups, cg, ranks[1], generator=g, dtype=torch.float64)
-    return torch.einsum("gabij,gna,gcb->gncij", core, out, inp).reshape(shape)
 
 
 def _input(cfg, batch=2):

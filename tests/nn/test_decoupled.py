@@ -4,42 +4,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from planted import conv_configs
 from torch import nn
 
 from decouple import DecoupledConv2d, decouple_weight
 from decouple.factor.nd import ORDERS, max_rank
-
-PADDING_MODES = ["zeros", "reflect", "replicate", "circular"]
-
-
-@st.composite
-def conv_configs(draw):
-    groups = draw(st.integers(1, 3))
-    cin = groups * draw(st.integers(1, 3))
-    cout = groups * draw(st.integers(1, 4))
-    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
-    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
-    padding_kind = draw(st.sampled_from(["int", "tuple", "same", "valid"]))
-    stride = (
-        (1, 1) if padding_kind == "same" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
-    )
-    padding = {
-        "int": draw(st.integers(0, 2)),
-        "tuple": (draw(st.integers(0, 2)), draw(st.integers(0, 2))),
-        "same": "same",
-        "valid": "valid",
-    }[padding_kind]
-    return dict(
-        in_channels=cin,
-        out_channels=cout,
-        kernel_size=(kh, kw),
-        stride=stride,
-        padding=padding,
-        dilation=dilation,
-        groups=groups,
-        bias=draw(st.booleans()),
-        padding_mode=draw(st.sampled_from(PADDING_MODES)),
-    )
 
 
 @settings(max_examples=150, deadline=None)

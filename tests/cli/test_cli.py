@@ -25,7 +25,7 @@ from decouple import DecoupleConfig, DecoupledConv2d, decouple_, load_decoupled
 from decouple.cli.run import main
 from decouple.models import build_model
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 CONVS = ["conv1", "conv2", "conv3", "conv4"]
 DIGITS_SHAPE = (1, 8, 8)
 
