@@ -8,7 +8,7 @@ and every export would "match"), its BatchNorms folded and every regular k×k co
 tile, sum, grouped, ...; ``--realization`` fixes one), so each model exercises all of them. Then:
 
 * it is exported to ONNX (opset 17, dynamic batch; past 2 GiB of weights, ViT-H/14, the weights
-  go to a file beside the graph: ``decouple.export.onnx_files``), checked by ``onnx.checker`` and
+  go to a file beside the graph: ``decouple.runtime.export.onnx_files``), checked by ``onnx.checker`` and
   run by ONNX Runtime on a 1×3×224×224 input (299 for inception_v3). It passes when the relative Frobenius
   error of the output against PyTorch is below 1e-4 *and* below a tenth of ``output_spread``,
   how much the output moves between two random inputs (relative). Random-weight models can have

@@ -6,7 +6,7 @@ runtime, the BN-folded original is timed, then every k×k conv but the stem is d
 
 * ``naive``: every layer in the two-conv ``grouped`` realization;
 * ``aware``: every layer in its fastest realization on this runtime and input shape, and the
-  original conv back wherever nothing beat it by 5 % (``decouple.realize.choose_realizations_``),
+  original conv back wherever nothing beat it by 5 % (``decouple.runtime.realize.choose_realizations_``),
   then the choice checked on the whole model against one realization throughout
   (``confirm_on_model_``; ``whole_model_check`` says which was kept).
 

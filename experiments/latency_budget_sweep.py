@@ -7,7 +7,7 @@ ResNet-32, each runtime (ONNX Runtime, eager PyTorch), batch size (1 and 32) and
 measured latency by default; ``--targets 0.7,0.5`` for others) this records
 
 * the latency the plan expected and the latency measured afterwards, side by side with the
-  BN-folded original in the same runtime (``decouple.latency.compare``);
+  BN-folded original in the same runtime (``decouple.runtime.latency.compare``);
 * the FLOPs ratio (``FlopCounterMode``, one 3×32×32 image) and how many layers stayed exact;
 * top-1 on the 1,017 exact-pixel test images before and after (calibration: 512 JPEG test images
   of index ≥ 1017, never the evaluation images).
