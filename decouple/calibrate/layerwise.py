@@ -6,13 +6,15 @@ outputs ``Y`` as targets, :mod:`decouple.calibrate.refit` solves for one factor 
 ``auto`` keeps per layer whichever of data-free, ``last`` and ``alternating`` has the lowest
 output error on held-out calibration images.
 
-The whole calibration set goes through each network once: targets from one pass of the original
-network, and one pass of the decoupled network during which each layer is refit just before it
-runs.
+Images stream through both networks a mini-batch at a time (:mod:`decouple.calibrate.stream`):
+the decoupled network's inputs to a layer are taken after every earlier layer was refit, the
+original network's outputs of the same layer are the targets, and only the layer's second moments
+are kept, so memory does not grow with the number of images.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -23,6 +25,7 @@ from ..nn.factorized import FactorizedConv2d
 from ..surgery.methods import FACTORED_LAYERS
 from .moments import Moments
 from .refit import Factors, alternate, refit_factored, refit_last
+from .stream import LayerStream, batches, forward_order
 
 REFIT_MODES = ("none", "last", "alternating", "auto")
 
@@ -41,30 +44,6 @@ class CalibrationRecord:
         return asdict(self)
 
 
-@torch.no_grad()
-def capture_outputs(
-    model: nn.Module, names: list[str], images: torch.Tensor, batch_size: int = 256
-):
-    """Outputs of the named submodules of ``model`` over ``images`` (float32, on the CPU)."""
-    outs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-
-    def keep(name: str, out: torch.Tensor) -> None:
-        # A copy: an in-place ReLU after the conv would otherwise rewrite what we kept.
-        outs[name].append(out.detach().to("cpu", torch.float32, copy=True))
-
-    hooks = [
-        model.get_submodule(n).register_forward_hook(lambda mod, inp, out, n=n: keep(n, out))
-        for n in names
-    ]
-    try:
-        for i in range(0, len(images), batch_size):
-            model(images[i : i + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in outs.items()}
-
-
 def holdout_mask(n: int, fraction: float) -> torch.Tensor:
     """Every ``1/fraction``-th image is held out (deterministic, spread over the set)."""
     mask = torch.zeros(n, dtype=torch.bool)
@@ -74,28 +53,55 @@ def holdout_mask(n: int, fraction: float) -> torch.Tensor:
     return mask
 
 
-def _moments(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 64) -> Moments:
-    m = Moments.zeros(layer)
-    for i in range(0, len(x), batch):
-        m.add(layer, x[i : i + batch], y[i : i + batch])
-    return m
+def held_out(start: int, count: int, fraction: float) -> torch.Tensor:
+    """The part of :func:`holdout_mask` for images ``start … start + count − 1``."""
+    mask = torch.zeros(count, dtype=torch.bool)
+    if fraction > 0:
+        step = max(2, round(1 / fraction))
+        mask[(step - 1 - start) % step :: step] = True
+    return mask
+
+
+def layer_moments(
+    xs: Iterator[tuple[int, torch.Tensor]],
+    ys: Iterator[tuple[int, torch.Tensor]],
+    layer: nn.Module,
+    holdout: float,
+) -> tuple[Moments, Moments]:
+    """Fit and held-out moments of ``layer`` from matching batches of its inputs and targets.
+
+    With nothing held out (a set smaller than ``1/holdout``) the fit moments serve for both.
+    """
+    fit, val = Moments.zeros(layer), Moments.zeros(layer)
+    for (start, x), (_, y) in zip(xs, ys, strict=True):
+        held = held_out(start, len(x), holdout)
+        x, y = x.to("cpu"), y.to("cpu", torch.float32)  # targets as the in-memory version kept them
+        if (~held).any():
+            fit.add(layer, x[~held], y[~held])
+        if held.any():
+            val.add(layer, x[held], y[held])
+    return fit, (val if val.count else fit)
 
 
 @torch.no_grad()
 def calibrate_(
     model: nn.Module,
     reference: nn.Module,
-    images: torch.Tensor,
+    images: torch.Tensor | Iterable,
     mode: str = "auto",
     ridge: float = 1e-4,
     rounds: int = 2,
     holdout: float = 0.125,
     progress: bool = False,
+    batch_size: int = 32,
+    keep_bytes: int = 1 << 30,
 ) -> list[CalibrationRecord]:
     """Refit every factored layer of ``model`` in place, in forward order.
 
-    Network decoupling layers refit either factor (see the module docstring); CP and Tucker
-    layers refit their last 1×1 conv (``last``; ``alternating`` means the same for them).
+    Network decoupling layers refit either factor (see :mod:`decouple.calibrate.refit`); CP and
+    Tucker layers refit their last 1×1 conv (``last``; ``alternating`` means the same for them).
+    Images stream through both networks in mini-batches, so memory does not grow with their
+    number (:mod:`decouple.calibrate.stream`).
 
     Parameters
     ----------
@@ -104,60 +110,59 @@ def calibrate_(
     reference : nn.Module
         The network before decoupling (after any BatchNorm folding), with a conv of the same
         name for every decoupled layer; its outputs are the targets.
-    images : torch.Tensor
-        Unlabelled calibration images ``(n, C, H, W)``, preprocessed as the model expects.
-        They go through the decoupled network as one batch.
+    images : torch.Tensor or iterable
+        Unlabelled calibration images ``(n, C, H, W)``, preprocessed as the model expects, or a
+        source of such batches that gives the same images in the same order on every pass (a
+        ``DataLoader`` without shuffling; ``(images, labels)`` items are fine).
     mode : {"auto", "last", "alternating", "none"}
     ridge : float
         Ridge strength relative to the mean diagonal of the normal equations.
     holdout : float
-        Fraction of images kept out of the fit to choose the mode (``auto``) and to report errors.
+        Fraction of images kept out of the fit to choose the mode (``auto``) and to report errors:
+        every ``1/holdout``-th image of the set.
+    batch_size : int
+        Images per mini-batch when ``images`` is a tensor.
+    keep_bytes : int
+        Activations kept in memory between layers, per network; the rest go to a temporary
+        folder.
     """
     if mode not in REFIT_MODES:
         raise ValueError(f"refit mode must be one of {', '.join(REFIT_MODES)}; got {mode!r}")
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, FACTORED_LAYERS)]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, FACTORED_LAYERS)}
     if mode == "none" or not layers:
         return []
     model.eval()
     reference.eval()
-    targets = capture_outputs(reference, [n for n, _ in layers], images)
-    held = holdout_mask(len(images), holdout)
-    fit = ~held if held.any() and (~held).sum() > 0 else torch.ones_like(held)
+    source = batches(images, batch_size)
+    device = next(model.parameters()).device
+    first = next(iter(source()))[1][:1].to(device)
+    names = forward_order(model, list(layers), first)
     candidates = ("last", "alternating") if mode == "auto" else (mode,)
     records: list[CalibrationRecord] = []
-    bar = tqdm(total=len(layers), desc="calibrate", disable=not progress, leave=False)
-
-    def hook(layer: nn.Module, args, name: str) -> None:
-        x, y = args[0], targets[name]
-        m_fit = _moments(layer, x[fit], y[fit])
-        m_val = _moments(layer, x[held], y[held]) if held.any() else m_fit
-        if isinstance(layer, FactorizedConv2d):
-            records.append(_refit_factorized(layer, name, m_fit, m_val, mode, ridge))
-            bar.update(1)
-            return
-        start = Factors.of(layer)
-        err = {"data-free": m_val.relative_error(start.weight(), start.bias)}
-        last = refit_last(start, m_fit, ridge)
-        fitted = {"last": last}
-        if "alternating" in candidates:
-            fitted["alternating"] = alternate(last, m_fit, ridge, rounds)
-        for c in candidates:
-            err[c] = m_val.relative_error(fitted[c].weight(), fitted[c].bias)
-        best = min(err, key=err.get) if mode == "auto" else mode
-        if best != "data-free":
-            fitted[best].load_into(layer)
-        records.append(CalibrationRecord(name, best, err["data-free"], err[best], err))
-        bar.update(1)
-
-    handles = [
-        m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in layers
-    ]
-    try:
-        model(images)
-    finally:
-        for h in handles:
-            h.remove()
-        bar.close()
+    with (
+        LayerStream(model, names, source, device, keep_bytes) as xs,
+        LayerStream(reference, names, source, device, keep_bytes) as ys,
+    ):
+        for name in tqdm(names, desc="calibrate", disable=not progress, leave=False):
+            layer = layers[name]
+            m_fit, m_val = layer_moments(
+                xs.run(name, "input"), ys.run(name, "output"), layer, holdout
+            )
+            if isinstance(layer, FactorizedConv2d):
+                records.append(_refit_factorized(layer, name, m_fit, m_val, mode, ridge))
+                continue
+            start = Factors.of(layer)
+            err = {"data-free": m_val.relative_error(start.weight(), start.bias)}
+            last = refit_last(start, m_fit, ridge)
+            fitted = {"last": last}
+            if "alternating" in candidates:
+                fitted["alternating"] = alternate(last, m_fit, ridge, rounds)
+            for c in candidates:
+                err[c] = m_val.relative_error(fitted[c].weight(), fitted[c].bias)
+            best = min(err, key=err.get) if mode == "auto" else mode
+            if best != "data-free":
+                fitted[best].load_into(layer)
+            records.append(CalibrationRecord(name, best, err["data-free"], err[best], err))
     return records
 
 

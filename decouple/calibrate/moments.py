@@ -73,8 +73,24 @@ class Moments:
         )
 
     @torch.no_grad()
-    def add(self, conv: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> None:
-        """Accumulate the patches of ``x`` under ``conv``'s geometry against targets ``y``."""
+    def add(
+        self,
+        conv: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        chunk: int = 8192,
+        max_rows: int = 1 << 16,
+    ) -> None:
+        """Accumulate the patches of ``x`` under ``conv``'s geometry against targets ``y``.
+
+        Images go through in groups of at most ``max_rows`` patches (at least one image), so the
+        unfolded patches of a large batch at 224×224 never sit in memory at once.
+        """
+        step = max(1, max_rows // max(1, y.shape[2] * y.shape[3]))
+        for i in range(0, len(x), step):
+            self._add(conv, x[i : i + step], y[i : i + step], chunk)
+
+    def _add(self, conv: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> None:
         g, n = conv.groups, conv.out_channels
         p = patches(x, conv)
         t = y.permute(0, 2, 3, 1).reshape(-1, n)

@@ -1,0 +1,191 @@
+"""One layer's inputs or outputs over a whole calibration set, a mini-batch at a time.
+
+Peak memory does not grow with the number of images: a network is resumed from the activations
+at its last cut point before the wanted layer (:mod:`decouple.calibrate.segments`), kept per
+mini-batch in memory while they fit under ``keep_bytes`` and in a temporary folder beyond. Each
+segment runs once over the set to move on, plus once up to the wanted layer for each layer it
+holds. A model ``torch.fx`` cannot trace is re-run from its input for every layer instead (time
+grows with depth, memory does not).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .segments import split
+
+Source = Callable[[], Iterator[tuple[int, torch.Tensor]]]
+
+
+def batches(images: torch.Tensor | Iterable, batch_size: int = 32) -> Source:
+    """The calibration set as a re-iterable source of ``(index of the first image, batch)``.
+
+    ``images`` is a tensor ``(n, C, H, W)`` or anything iterated afresh on each pass in the same
+    order (a ``DataLoader`` without shuffling); items may be ``(images, labels)`` pairs.
+    """
+    if isinstance(images, torch.Tensor):
+        return lambda: ((i, images[i : i + batch_size]) for i in range(0, len(images), batch_size))
+
+    def walk() -> Iterator[tuple[int, torch.Tensor]]:
+        start = 0
+        for item in images:
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            yield start, x
+            start += len(x)
+
+    return walk
+
+
+class _Stop(Exception):
+    """Raised from a hook: the rest of the forward pass is not needed."""
+
+
+def _capture(module: nn.Module, run: Callable[[], object], want: str) -> torch.Tensor:
+    """Run ``run()`` until ``module`` is called; its first input (``"input"``) or its output."""
+    got: list[torch.Tensor] = []
+
+    def pre(mod, args):
+        got.append(args[0])
+        raise _Stop
+
+    def post(mod, args, out):
+        got.append(out)
+        raise _Stop
+
+    handle = (
+        module.register_forward_pre_hook(pre)
+        if want == "input"
+        else module.register_forward_hook(post)
+    )
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError("the layer was not called on the way")
+    return got[0]
+
+
+def forward_order(model: nn.Module, names: list[str], example: torch.Tensor) -> list[str]:
+    """``names`` in the order one forward pass calls them (the order they must be refit in)."""
+    seen: list[str] = []
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: seen.append(n) if n not in seen else None
+        )
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen + [n for n in names if n not in seen]
+
+
+class LayerStream:
+    """The inputs or outputs of ``model``'s named layers over ``source``, layer after layer.
+
+    Ask for layers in forward order: the network is resumed past every layer already asked for,
+    so changes to a layer (a refit) count from the next layer asked for on.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        source: Source,
+        device: torch.device | str | None = None,
+        keep_bytes: int = 1 << 30,
+        spill_dir: str | None = None,
+    ) -> None:
+        self.model, self.source, self.device = model, source, device
+        self.keep_bytes = keep_bytes
+        try:
+            self.segments, self.owner = split(model, names)
+        except ValueError:
+            self.segments, self.owner = None, {}
+        self.current = 0  # the segment whose input the frontier holds
+        self.frontier: list[tuple[int, torch.Tensor | Path]] | None = None  # None: the source
+        self._dir: str | None = None
+        self._spill_root = spill_dir
+        self._count = 0
+
+    @property
+    def resumes(self) -> bool:
+        """Whether the network is resumed at cut points (else re-run from its input)."""
+        return self.segments is not None
+
+    def _inputs(self) -> Iterator[tuple[int, torch.Tensor]]:
+        if self.frontier is None:
+            for start, x in self.source():
+                yield start, x.to(self.device) if self.device is not None else x
+            return
+        for start, item in self.frontier:
+            x = torch.load(item, weights_only=True) if isinstance(item, Path) else item
+            yield start, x.to(self.device) if self.device is not None else x
+
+    def _store(self, x: torch.Tensor, kept: int) -> tuple[torch.Tensor | Path, int]:
+        x = x.detach().contiguous()
+        size = x.numel() * x.element_size()
+        if kept + size <= self.keep_bytes:
+            return x.clone(), kept + size
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="decouple-calib-", dir=self._spill_root)
+        self._count += 1
+        path = Path(self._dir) / f"{self._count}.pt"
+        torch.save(x.cpu(), path)
+        return path, kept
+
+    def _advance(self) -> None:
+        """Run the current segment over every batch: its outputs become the frontier."""
+        segment = self.segments[self.current]
+        new, kept = [], 0
+        with torch.no_grad():
+            for start, x in self._inputs():
+                stored, kept = self._store(segment(x), kept)
+                new.append((start, stored))
+        self._drop(self.frontier)
+        self.frontier, self.current = new, self.current + 1
+
+    @staticmethod
+    def _drop(frontier) -> None:
+        for _, item in frontier or ():
+            if isinstance(item, Path):
+                item.unlink(missing_ok=True)
+
+    @torch.no_grad()
+    def run(self, name: str, want: str = "input") -> Iterator[tuple[int, torch.Tensor]]:
+        """``(index of the first image, the layer's input or output)`` for every batch."""
+        module = self.model.get_submodule(name)
+        if self.segments is None:
+            for start, x in self._inputs():
+                yield start, _capture(module, lambda x=x: self.model(x), want)
+            return
+        while self.current < self.owner[name]:
+            self._advance()
+        segment = self.segments[self.current]
+        for start, x in self._inputs():
+            yield start, _capture(module, lambda x=x: segment(x), want)
+
+    def close(self) -> None:
+        self._drop(self.frontier)
+        self.frontier = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> LayerStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

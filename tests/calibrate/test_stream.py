@@ -1,0 +1,158 @@
+"""Calibration in bounded memory: resumed at cut points or re-run, spilled or kept, in any batch
+size, it gives the same refit as one pass over the whole set."""
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+from torch import fx, nn
+from torch.utils.data import DataLoader, TensorDataset
+from toys import images, toy
+
+from decouple import DecoupleConfig, decouple_
+from decouple.calibrate import segments as segments_module
+from decouple.calibrate.layerwise import calibrate_, held_out, holdout_mask
+from decouple.calibrate.segments import cut_points, split
+from decouple.calibrate.stream import LayerStream, batches, forward_order
+from decouple.models import build_model
+from decouple.surgery.bn_fold import fold_batchnorm_
+from decouple.surgery.methods import FACTORED_LAYERS
+
+
+def decoupled_pair(net: nn.Module, rank: int = 2):
+    fold_batchnorm_(net)
+    reference = copy.deepcopy(net)
+    decouple_(net, DecoupleConfig(rank=rank))
+    return net, reference
+
+
+def factored(model):
+    return [n for n, m in model.named_modules() if isinstance(m, FACTORED_LAYERS)]
+
+
+def resnet8():
+    torch.manual_seed(0)
+    return build_model("cifar_resnet8").double().eval()
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(x + self.b(torch.relu(self.a(x))))
+
+
+def test_cuts_fall_between_residual_blocks_never_inside():
+    net = nn.Sequential(Block(), Block())
+    graph = fx.Tracer().trace(net)
+    cuts = cut_points(graph)
+    assert cuts[0].op == "placeholder"
+    # while a block runs, its input is still needed by the skip connection: no cut there
+    inside = {"_0_a", "relu", "_0_b", "_1_a", "relu_2", "_1_b"}
+    assert not inside & {n.name for n in cuts}
+    assert {"add", "relu_1", "add_1"} <= {n.name for n in cuts}
+
+
+@pytest.mark.parametrize("make", [toy, resnet8])
+def test_segments_compose_to_the_model_up_to_the_last_layer(make):
+    net, _ = decoupled_pair(make())
+    names = factored(net)
+    segs, owner = split(net, names)
+    assert sorted(owner) == sorted(names) and max(owner.values()) == len(segs) - 1
+    x = images(5) if make is toy else torch.randn(5, 3, 32, 32, dtype=torch.float64)
+    got = x
+    for s in segs:
+        got = s(got)
+    last = forward_order(net, names, x[:1])[-1]
+    out = {}
+    net.get_submodule(last).register_forward_hook(lambda m, i, o: out.setdefault("y", o))
+    net(x)
+    torch.testing.assert_close(got, out["y"], rtol=1e-12, atol=1e-12)
+
+
+def test_an_untraceable_model_is_re_run_from_its_input():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+                return self.conv(x)
+            return self.conv(-x)
+
+    net = Branchy().double().eval()
+    decouple_(net, DecoupleConfig(rank=1))
+    with LayerStream(net, ["conv"], batches(images(4), 2)) as stream:
+        assert not stream.resumes
+        got = torch.cat([x for _, x in stream.run("conv", "input")])
+    assert got.shape == (4, 3, 8, 8)
+
+
+@pytest.mark.parametrize("start,count", [(0, 8), (3, 5), (7, 1), (13, 20), (64, 3)])
+def test_held_out_images_do_not_depend_on_the_batching(start, count):
+    whole = holdout_mask(start + count, 0.125)
+    assert torch.equal(held_out(start, count, 0.125), whole[start:])
+    assert not held_out(start, count, 0.0).any()
+
+
+def calibrated(make, x, **kwargs):
+    net, reference = decoupled_pair(make())
+    records = calibrate_(net, reference, x, **kwargs)
+    return net, records
+
+
+@pytest.mark.parametrize("make", [toy, resnet8])
+def test_same_refit_in_any_batch_size_resumed_or_re_run_kept_or_spilled(
+    make, monkeypatch, tmp_path
+):
+    x = images(40) if make is toy else torch.randn(24, 3, 32, 32, dtype=torch.float64)
+    one_pass, records = calibrated(make, x, batch_size=len(x))
+    assert all(r.error_after <= r.error_before + 1e-12 for r in records)
+    variants = {
+        "batches of 3": dict(batch_size=3),
+        "spilled to disk": dict(batch_size=7, keep_bytes=0),
+        "a DataLoader": dict(images=DataLoader(TensorDataset(x, torch.zeros(len(x))), 5)),
+    }
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for what, kw in variants.items():
+        net, _ = calibrated(make, kw.pop("images", x), **kw)
+        for (k, a), b in zip(one_pass.state_dict().items(), net.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"{what}: {k}")
+    assert os.listdir(tmp_path) == []  # the spilled activations are gone
+
+    def no_segments(*args):
+        raise ValueError("pretend fx cannot trace it")
+
+    monkeypatch.setattr("decouple.calibrate.stream.split", no_segments)
+    rerun, _ = calibrated(make, x, batch_size=9)
+    for a, b in zip(one_pass.state_dict().values(), rerun.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_spilling_writes_files_and_reads_them_back(tmp_path):
+    net, _ = decoupled_pair(resnet8())
+    names = forward_order(net, factored(net), torch.zeros(1, 3, 32, 32, dtype=torch.float64))
+    x = torch.randn(6, 3, 32, 32, dtype=torch.float64)
+    kept, spilled = [], []
+    for keep, out in ((1 << 30, kept), (0, spilled)):
+        with LayerStream(net, names, batches(x, 4), keep_bytes=keep, spill_dir=str(tmp_path)) as s:
+            for n in names:
+                out.append(torch.cat([v for _, v in s.run(n, "input")]))
+            if keep == 0:
+                assert s._count > 0 and any(tmp_path.iterdir())
+    assert not any(tmp_path.iterdir())
+    for a, b in zip(kept, spilled, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_layer_called_twice_is_refused_by_the_splitter():
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    net = nn.Sequential(conv, nn.ReLU(), conv)
+    with pytest.raises(ValueError, match="exactly once"):
+        segments_module.split(net, ["0"])
