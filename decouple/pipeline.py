@@ -10,6 +10,7 @@ The CLI and the experiments both call it.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -76,7 +77,7 @@ def compress_(
     input_shape: tuple[int, ...],
     target_flops: float | None = None,
     criterion: str | None = None,
-    calib_images: torch.Tensor | None = None,
+    calib_images: torch.Tensor | Iterable | None = None,
     refit: str = "auto",
     ridge: float = 1e-4,
     min_saving: float = MIN_SAVING,
@@ -102,8 +103,10 @@ def compress_(
         Fraction of the model's FLOPs to keep, in (0, 1].
     criterion : {"energy", "data"}, optional
         Allocation criterion (default ``energy``); ``data`` needs ``calib_images``.
-    calib_images : torch.Tensor, optional
-        Unlabelled, preprocessed images for the data criterion and the refit.
+    calib_images : torch.Tensor or iterable, optional
+        Unlabelled, preprocessed images for the data criterion and the refit: a tensor
+        ``(n, C, H, W)`` or a source that gives the same batches in the same order on every pass
+        (a ``DataLoader`` without shuffling). They stream through a batch at a time.
     refit : {"auto", "last", "alternating", "none"}
         Calibration refit mode (used only with ``calib_images``).
     cache : FactorCache, optional

@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 from ..nn.factorized import FactorizedConv2d
 from ..surgery.methods import FACTORED_LAYERS
 from .moments import Moments
-from .refit import Factors, alternate, refit_factored, refit_last
+from .refit import (
+    MAX_SYSTEM,
+    Factors,
+    alternate,
+    first_factor_system,
+    refit_factored,
+    refit_last,
+)
 from .stream import LayerStream, batches, forward_order
 
 REFIT_MODES = ("none", "last", "alternating", "auto")
@@ -39,6 +46,7 @@ class CalibrationRecord:
     error_before: float
     error_after: float
     errors: dict = field(default_factory=dict)
+    skipped: str | None = None  # a mode not tried, and why
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,14 +163,20 @@ def calibrate_(
             err = {"data-free": m_val.relative_error(start.weight(), start.bias)}
             last = refit_last(start, m_fit, ridge)
             fitted = {"last": last}
+            skipped = None
             if "alternating" in candidates:
-                fitted["alternating"] = alternate(last, m_fit, ridge, rounds)
-            for c in candidates:
+                size = first_factor_system(start)
+                if size <= MAX_SYSTEM:
+                    fitted["alternating"] = alternate(last, m_fit, ridge, rounds)
+                else:  # time and memory grow as the system's cube and square
+                    skipped = f"alternating: its system has {size:,} elements (> {MAX_SYSTEM:,})"
+            tried = [c for c in candidates if c in fitted] or ["last"]
+            for c in tried:
                 err[c] = m_val.relative_error(fitted[c].weight(), fitted[c].bias)
-            best = min(err, key=err.get) if mode == "auto" else mode
+            best = min(err, key=err.get) if mode == "auto" else tried[0]
             if best != "data-free":
                 fitted[best].load_into(layer)
-            records.append(CalibrationRecord(name, best, err["data-free"], err[best], err))
+            records.append(CalibrationRecord(name, best, err["data-free"], err[best], err, skipped))
     return records
 
 

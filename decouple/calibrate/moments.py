@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+POSITIONS = 1024  # output pixels per image the moments read: all of a 32×32 layer
+
 _PAD_MODES = {
     "zeros": "constant",
     "reflect": "reflect",
@@ -80,17 +82,26 @@ class Moments:
         y: torch.Tensor,
         chunk: int = 8192,
         max_rows: int = 1 << 16,
+        positions: int | None = POSITIONS,
     ) -> None:
         """Accumulate the patches of ``x`` under ``conv``'s geometry against targets ``y``.
 
         Images go through in groups of at most ``max_rows`` patches (at least one image), so the
-        unfolded patches of a large batch at 224×224 never sit in memory at once.
+        unfolded patches of a large batch at 224×224 never sit in memory at once. Where an output
+        has more than ``positions`` pixels, only that many are used, the same in every image
+        (chosen at random once per output size): a 224×224 layer has 50,176 per image, far more
+        than its moments need, at a cost of ``(C·k²)²`` each.
         """
-        step = max(1, max_rows // max(1, y.shape[2] * y.shape[3]))
+        hw = y.shape[2] * y.shape[3]
+        keep = None
+        if positions is not None and hw > positions:
+            gen = torch.Generator().manual_seed(hw)
+            keep = torch.randperm(hw, generator=gen)[:positions].sort().values.to(x.device)
+        step = max(1, max_rows // max(1, hw))
         for i in range(0, len(x), step):
-            self._add(conv, x[i : i + step], y[i : i + step], chunk)
+            self._add(conv, x[i : i + step], y[i : i + step], chunk, keep)
 
-    def _add(self, conv: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int) -> None:
+    def _add(self, conv, x: torch.Tensor, y: torch.Tensor, chunk: int, keep) -> None:
         g, n = conv.groups, conv.out_channels
         p = patches(x, conv)
         t = y.permute(0, 2, 3, 1).reshape(-1, n)
@@ -98,6 +109,9 @@ class Moments:
             raise ValueError(
                 f"{p.shape[0]} patches but {t.shape[0]} target pixels: geometry mismatch"
             )
+        if keep is not None:
+            p = p.reshape(len(x), -1, p.shape[1])[:, keep].reshape(-1, p.shape[-1])
+            t = t.reshape(len(x), -1, n)[:, keep].reshape(-1, n)
         f = p.shape[1] // g
         for i in range(0, p.shape[0], chunk):  # float64 sums, bounded memory
             pc = p[i : i + chunk].double()
@@ -105,8 +119,8 @@ class Moments:
             ones = torch.ones(pc.shape[0], 1, dtype=torch.float64)
             for j in range(g):
                 pj = torch.cat([pc[:, j * f : (j + 1) * f], ones], dim=1)
-                self.xx[j] += pj.T @ pj
-                self.xy[j] += pj.T @ tc[:, j * (n // g) : (j + 1) * (n // g)]
+                self.xx[j].addmm_(pj.T, pj)  # in place: no (C·k²)² temporary per chunk
+                self.xy[j].addmm_(pj.T, tc[:, j * (n // g) : (j + 1) * (n // g)])
             self.yy += tc.square().sum(0)
         self.count += p.shape[0]
 

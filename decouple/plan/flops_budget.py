@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +23,7 @@ def plan_ranks(
     input_shape: tuple[int, ...],
     target_flops: float,
     criterion: str = "energy",
-    calib_images: torch.Tensor | None = None,
+    calib_images: torch.Tensor | Iterable | None = None,
     min_saving: float = MIN_SAVING,
     ridge: float = 1e-4,
     cache: FactorCache | None = None,

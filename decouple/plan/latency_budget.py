@@ -20,6 +20,7 @@ fastest measured, else (when even that is no faster than the original model) no 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -73,7 +74,7 @@ def plan_latency(
     target_latency: float,
     latency: LatencyConfig | None = None,
     criterion: str = "energy",
-    calib_images: torch.Tensor | None = None,
+    calib_images: torch.Tensor | Iterable | None = None,
     min_saving: float = MIN_SAVING,
     ridge: float = 1e-4,
     cache: FactorCache | None = None,

@@ -8,12 +8,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
-from ..calibrate.layerwise import holdout_mask
+from ..calibrate.layerwise import held_out
 from ..calibrate.moments import Moments
 from ..calibrate.refit import Factors, refit_last
+from ..calibrate.stream import batches
 from ..factor.nd import decouple_weight
 
 CRITERIA = ("energy", "data")
@@ -44,12 +47,15 @@ def probe_shapes(model: nn.Module, names: list[str], input_shape) -> dict[str, t
 def collect_moments(
     model: nn.Module,
     names: list[str],
-    images: torch.Tensor,
+    images: torch.Tensor | Iterable,
     holdout: float = 0.125,
     batch_size: int = 64,
 ) -> dict[str, tuple[Moments, Moments]]:
-    """Fit and held-out moments of every named conv, on ``model``'s own inputs and outputs."""
-    held = holdout_mask(len(images), holdout)
+    """Fit and held-out moments of every named conv, on ``model``'s own inputs and outputs.
+
+    ``images`` is a tensor or a re-iterable source of batches (see
+    :func:`decouple.calibrate.stream.batches`); they go through once, a batch at a time.
+    """
     moments = {
         n: (Moments.zeros(model.get_submodule(n)), Moments.zeros(model.get_submodule(n)))
         for n in names
@@ -60,22 +66,25 @@ def collect_moments(
         fit, val = moments[name]
         mask = current["held"]
         if (~mask).any():
-            fit.add(mod, inp[0][~mask], out[~mask])
+            fit.add(mod, inp[0].cpu()[~mask], out.cpu()[~mask])
         if mask.any():
-            val.add(mod, inp[0][mask], out[mask])
+            val.add(mod, inp[0].cpu()[mask], out.cpu()[mask])
 
     hooks = [
         model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n))
         for n in names
     ]
+    device = next(model.parameters()).device
+    any_held = False
     try:
-        for i in range(0, len(images), batch_size):
-            current["held"] = held[i : i + batch_size]
-            model(images[i : i + batch_size])
+        for start, x in batches(images, batch_size)():
+            current["held"] = held_out(start, len(x), holdout)
+            any_held |= bool(current["held"].any())
+            model(x.to(device))
     finally:
         for h in hooks:
             h.remove()
-    if not held.any():  # nothing held out: judge on the fit itself
+    if not any_held:  # nothing held out: judge on the fit itself
         moments = {n: (f, f) for n, (f, _) in moments.items()}
     return moments
 

@@ -9,6 +9,7 @@ match ``FlopCounterMode``. :func:`rank_options` is what both budgets start from:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 
 import torch
@@ -75,7 +76,7 @@ def rank_options(
     config: DecoupleConfig,
     input_shape: tuple[int, ...],
     criterion: str = "energy",
-    calib_images: torch.Tensor | None = None,
+    calib_images: torch.Tensor | Iterable | None = None,
     min_saving: float = MIN_SAVING,
     ridge: float = 1e-4,
     cache: FactorCache | None = None,

@@ -182,3 +182,21 @@ def test_calibrate_on_planted_network_recovers_the_weights():
 def test_bad_mode():
     with pytest.raises(ValueError, match="refit mode"):
         calibrate_(toy(), toy(), images(4), mode="best")
+
+
+def test_large_outputs_read_the_same_positions_of_every_image_whatever_the_batching():
+    conv = ref_conv(dict(padding=1))
+    x = inputs(n=6)  # 9×9 = 81 output pixels per image
+    y = conv(x)
+    whole, one_by_one, every = Moments.zeros(conv), Moments.zeros(conv), Moments.zeros(conv)
+    whole.add(conv, x, y, positions=30)
+    for i in range(len(x)):
+        one_by_one.add(conv, x[i : i + 1], y[i : i + 1], positions=30)
+    every.add(conv, x, y, positions=81)  # as many as there are: no selection
+    assert whole.count == 6 * 30 and every.count == 6 * 81
+    torch.testing.assert_close(whole.xx, one_by_one.xx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whole.xy, one_by_one.xy, rtol=1e-12, atol=1e-12)
+    reference = Moments.zeros(conv)
+    reference.add(conv, x, y, positions=None)
+    torch.testing.assert_close(every.xx, reference.xx, rtol=1e-12, atol=1e-12)
+    assert whole.relative_error(conv.weight, conv.bias) < 1e-6  # the conv itself: no error

@@ -156,3 +156,45 @@ def test_a_layer_called_twice_is_refused_by_the_splitter():
     net = nn.Sequential(conv, nn.ReLU(), conv)
     with pytest.raises(ValueError, match="exactly once"):
         segments_module.split(net, ["0"])
+
+
+def test_the_pipeline_takes_a_dataloader_for_the_data_criterion_and_the_refit():
+    from decouple import compress_
+
+    x = images(40)
+    nets = []
+    for source in (x, DataLoader(TensorDataset(x), batch_size=6)):
+        net = toy()
+        result = compress_(
+            net, DecoupleConfig(fold_bn=True), (3, 8, 8), target_flops=0.6, criterion="data",
+            calib_images=source,
+        )  # fmt: skip
+        assert result.calibration and result.allocation.criterion == "data"
+        nets.append(net)
+    a, b = (n.state_dict() for n in nets)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-12, msg=k)
+
+
+def test_a_first_factor_system_too_large_to_solve_is_skipped_and_said(monkeypatch):
+    import decouple.calibrate.layerwise as layerwise
+
+    x = images(24)
+    net, reference = decoupled_pair(toy(), rank=2)
+    sizes = {}
+    real = layerwise.first_factor_system
+
+    def size(fac):
+        sizes[fac.weight_shape] = real(fac)
+        return real(fac)
+
+    monkeypatch.setattr(layerwise, "first_factor_system", size)
+    monkeypatch.setattr(layerwise, "MAX_SYSTEM", 0)  # every system counts as too large
+    for mode in ("auto", "alternating"):
+        records = calibrate_(copy.deepcopy(net), reference, x, mode=mode)
+        assert all(r.mode in ("last", "data-free") for r in records)
+        assert all(r.skipped.startswith("alternating: its system has") for r in records)
+        assert "alternating" not in records[0].errors
+    # dw-pw couples all C·T·k² depthwise weights of a layer: conv2 of the toy has C = 8
+    assert sizes[(8, 8, 3, 3)] == (8 * 2 * 9) ** 2
