@@ -8,6 +8,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from ..io.checkpoint import InputError
 from ..runtime.latency import LatencyConfig
 from ..surgery.config import DecoupleConfig
@@ -52,6 +54,12 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
         raise InputError("--criterion data measures layers on calibration images: pass --calib")
     if args.calib_size < 1:
         raise InputError(f"--calib-size must be >= 1; got {args.calib_size}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
+    if args.workers < 0:
+        raise InputError(f"--workers must be >= 0; got {args.workers}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: PyTorch sees no CUDA device here")
     if args.target_latency is not None and not 0 < args.target_latency <= 1:
         raise InputError(
             f"--target-latency must be a fraction in (0, 1]; got {args.target_latency}"
@@ -65,7 +73,6 @@ def make_latency_config(args: argparse.Namespace) -> LatencyConfig | None:
         for flag, value, default in (
             ("--runtime", args.runtime, "eager"),
             ("--batch", args.batch, 1),
-            ("--device", args.device, "cpu"),
             ("--threads", args.threads, None),
         ):
             if value != default:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from ..io.checkpoint import InputError
-from ..io.images import ImageSet, load_images
-from ..models import get_model_info
+from ..io.datasets import loader, open_images, source_indices
+from ..io.errors import InputError
+from ..io.preprocess import Preprocess, default_preprocess
 
 
 def _channels(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -21,55 +23,66 @@ def _channels(text: str | None, what: str) -> tuple[float, ...] | None:
         raise InputError(f"--{what} must be comma-separated numbers; got {text!r}") from None
 
 
-def load_cli_images(args: argparse.Namespace, arch: str | None, shape: tuple[int, ...]):
-    """``--data`` as ``(name, images, labels)`` and ``--calib`` as images, preprocessed.
+@dataclass
+class Images:
+    """One image source of the command line, streamed in mini-batches of ``(images, labels)``."""
 
-    The mean and std come from ``--mean/--std``, else from the architecture's registry entry.
+    name: str
+    batches: DataLoader
+    count: int
+
+
+def cli_preprocess(args: argparse.Namespace, arch: str | None) -> Preprocess:
+    """The architecture's preprocessing with ``--resize/--crop/--mean/--std`` on top."""
+    try:
+        return default_preprocess(arch).with_overrides(
+            resize=args.resize,
+            crop=args.crop,
+            mean=_channels(args.mean, "mean"),
+            std=_channels(args.std, "std"),
+        )
+    except ValueError as e:
+        raise InputError(f"preprocessing: {e}") from None
+
+
+def load_cli_images(args: argparse.Namespace, arch: str | None, shape: tuple[int, ...]):
+    """``--data`` and ``--calib`` as :class:`Images` (or None), prepared for the model.
+
     Calibration never uses an image that ``--data`` holds (same source numbering, e.g. the
     CIFAR-10 test index), and takes a seeded sample of ``--calib-size`` images.
     """
     if args.demo:
         from .. import demo
 
-        images, labels = demo.load_demo_test_set()
-        data = ("digits test images", images, labels)
-        calib = None
         if args.calib:
             raise InputError("--demo brings its own test images; --calib is not supported with it")
-        return data, calib
-    meta = {}
-    if arch is not None:
-        try:
-            meta = get_model_info(arch).meta
-        except KeyError:
-            pass
-    mean = _channels(args.mean, "mean") or meta.get("mean")
-    std = _channels(args.std, "std") or meta.get("std")
+        images, labels = demo.load_demo_test_set()
+        data = TensorDataset(images, labels)
+        return Images("digits test images", loader(data, args.batch_size), len(data)), None
+    prep = cli_preprocess(args, arch)
     data = calib = None
     first_free = 0
     if args.data:
-        held = _read_images(args.data, "--data")
-        if held.labels is None:
-            raise InputError(f"--data {args.data} has no labels; accuracy needs them")
+        held = _open(args.data, "--data", prep, labelled=True)
         _check_image_shape(held, shape, "--data")
-        data = (held.name, held.as_float(mean, std), held.labels)
-        if held.indices is not None:
-            first_free = int(held.indices.max()) + 1
+        data = Images(held.name, loader(held, args.batch_size, args.workers), len(held))
+        indices = source_indices(held)
+        if indices is not None:
+            first_free = int(indices.max()) + 1
     if args.calib:
-        pool = _read_images(args.calib, "--calib", min_index=first_free, limit=args.calib_size)
-        if len(pool) > args.calib_size:  # sources without their own sampling
-            keep = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))
-            pool = pool.subset(keep[: args.calib_size].sort().values)
+        pool = _open(
+            args.calib, "--calib", prep, labelled=False, min_index=first_free, limit=args.calib_size
+        )
         _check_image_shape(pool, shape, "--calib")
-        calib = pool.as_float(mean, std)
+        calib = Images(pool.name, loader(pool, args.batch_size, args.workers), len(pool))
     return data, calib
 
 
-def _read_images(path: str, what: str, **kwargs) -> ImageSet:
+def _open(path: str, what: str, prep: Preprocess, **kwargs):
     if not Path(path).exists():
         raise InputError(f"{what}: no such file or directory: {path}")
     try:
-        images = load_images(path, **kwargs)
+        images = open_images(path, prep, **kwargs)
     except (ValueError, OSError) as e:
         raise InputError(f"{what} {path}: {str(e).strip().splitlines()[0]}") from None
     if len(images) == 0:
@@ -77,11 +90,15 @@ def _read_images(path: str, what: str, **kwargs) -> ImageSet:
     return images
 
 
-def _check_image_shape(images: ImageSet, shape: tuple[int, ...], what: str) -> None:
-    if tuple(images.images.shape[1:]) != tuple(shape):
+def _check_image_shape(images, shape: tuple[int, ...], what: str) -> None:
+    try:
+        got = tuple(images[0][0].shape)
+    except (ValueError, OSError) as e:  # the first image cannot be read
+        raise InputError(f"{what}: {str(e).strip().splitlines()[0]}") from None
+    if got != tuple(shape):
         raise InputError(
-            f"{what} images have shape {tuple(images.images.shape[1:])}, "
-            f"but the model takes {tuple(shape)}"
+            f"{what} images come out of preprocessing as {got}, but the model takes "
+            f"{tuple(shape)}; give --resize/--crop (or --input-shape)"
         )
 
 

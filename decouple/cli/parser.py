@@ -113,11 +113,46 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="calibration refit: last factor, alternating, the better per layer (auto), or none",
     )
-    p.add_argument(
-        "--mean", metavar="R,G,B", help="per-channel mean for --data/--calib pixels in [0, 1]"
+    images = p.add_argument_group(
+        "images (--data, --calib): streamed in mini-batches, prepared like the arch's weights"
+    )
+    images.add_argument(
+        "--resize",
+        type=int,
+        metavar="PIXELS",
+        help="resize the short side first (default: the torchvision weights' transforms(), "
+        "e.g. 256 for vgg16; none for the CIFAR zoo)",
+    )
+    images.add_argument(
+        "--crop", type=int, metavar="PIXELS", help="then crop the centre square (e.g. 224)"
+    )
+    images.add_argument(
+        "--mean",
+        metavar="R,G,B",
+        help="per-channel mean for pixels in [0, 1] (default: the arch's)",
+    )
+    images.add_argument(
+        "--std", metavar="R,G,B", help="per-channel std (default: the arch's, if known)"
+    )
+    images.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="B",
+        help="images per mini-batch for evaluation and calibration (default 32)",
+    )
+    images.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="DataLoader worker processes (default 0)",
     )
     p.add_argument(
-        "--std", metavar="R,G,B", help="per-channel std (default: from the arch, if known)"
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where evaluation, calibration and latency run (default cpu)",
     )
     p.add_argument(
         "--method",
@@ -170,9 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     timing.add_argument(
         "--batch", type=int, default=1, metavar="B", help="batch size for latency (default 1)"
-    )
-    timing.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="device for latency (default cpu)"
     )
     timing.add_argument(
         "--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's setting)"

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..io.checkpoint import InputError, check_finite, load_model
-from ..io.evaluate import evaluate
+from ..io.evaluate import evaluate_batches
 from ..io.outputs import (
     WEIGHT_SUFFIXES,
     check_output_paths,
@@ -104,8 +104,8 @@ def _decouple_file(
     data, calib = load_cli_images(args, arch, shape)
     original = copy.deepcopy(model)
     latency = make_latency_config(args)
-    if latency is not None and latency.device == "cuda":
-        model = model.cuda()
+    device = torch.device(args.device)
+    model = model.to(device)
 
     result = compress_(
         model,
@@ -113,7 +113,7 @@ def _decouple_file(
         shape,
         target_flops=args.target_flops,
         criterion=args.criterion,
-        calib_images=None if calib is None else calib.to(latency.device if latency else "cpu"),
+        calib_images=None if calib is None else calib.batches,
         refit=args.refit,
         progress=sys.stderr.isatty(),
         target_latency=args.target_latency,
@@ -129,16 +129,18 @@ def _decouple_file(
 
     extra = {"model": str(model_path), "arch": arch, "config": config.to_dict(), **result.extra()}
     if calib is not None:
-        extra["calibration_images"] = len(calib)
+        extra["calibration_images"] = calib.count
     inputs = None
     if data is not None:
-        name, images, labels = data
-        inputs = images[:256]
+        inputs = first_images(data.batches, 256)
+        bar = sys.stderr.isatty()
+        n = len(data.batches)
         extra["accuracy"] = {
-            "data": name,
-            "before": evaluate(original, images, labels, progress=sys.stderr.isatty()),
-            "after": evaluate(model, images, labels, progress=sys.stderr.isatty()),
+            "data": data.name,
+            "before": evaluate_batches(original.to(device), data.batches, device, bar, n),
+            "after": evaluate_batches(model.to(device), data.batches, device, bar, n),
         }
+        original, model = original.cpu(), model.cpu()
     if latency is not None:
         extra["latency"] = _measure_latency(original, model, config, shape, latency)
     payloads = {}
@@ -181,6 +183,17 @@ def _decouple_file(
     for what in paths:
         print(f"wrote {what:8s} {paths[what]}")
     return 0
+
+
+def first_images(batches, count: int) -> torch.Tensor:
+    """The first ``count`` images of a source of ``(images, labels)`` batches."""
+    got, n = [], 0
+    for x, _ in batches:
+        got.append(x[: count - n])
+        n += len(got[-1])
+        if n >= count:
+            break
+    return torch.cat(got)
 
 
 def _measure_latency(original, model, config, shape, latency: LatencyConfig) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -9,6 +11,38 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
+def evaluate_batches(
+    model: nn.Module,
+    batches: Iterable,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    total: int | None = None,
+) -> dict:
+    """Evaluate ``model`` (put in eval mode) on mini-batches of ``(images, labels)``.
+
+    Returns
+    -------
+    dict
+        ``top1`` and ``top5`` as fractions, ``loss`` (mean cross-entropy) and ``n``.
+    """
+    model.eval()
+    correct1 = correct5 = n = 0
+    loss = 0.0
+    for x, y in tqdm(batches, desc="evaluate", total=total, disable=not progress, leave=False):
+        x, y = x.to(device), torch.as_tensor(y).to(device)
+        if len(x) != len(y):
+            raise ValueError(f"need as many labels as images; got {len(x)} and {len(y)}")
+        logits = model(x).float()
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(dim=1).sum())
+        n += len(x)
+    if n == 0:
+        raise ValueError("no images to evaluate on")
+    return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss / n, "n": n}
+
+
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
@@ -17,31 +51,14 @@ def evaluate(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict:
-    """Evaluate ``model`` (in eval mode) on ``images`` of shape ``(n, C, H, W)``.
-
-    Returns
-    -------
-    dict
-        ``top1`` and ``top5`` as fractions, ``loss`` (mean cross-entropy) and ``n``.
-    """
+    """:func:`evaluate_batches` on ``images`` ``(n, C, H, W)`` and their ``labels``, in memory."""
     if len(images) != len(labels) or len(images) == 0:
         raise ValueError(
             f"need as many labels as images, at least one; got {len(images)} and {len(labels)}"
         )
-    model.eval()
-    correct1 = correct5 = 0
-    loss = 0.0
-    batches = range(0, len(images), batch_size)
-    for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
-        x = images[i : i + batch_size].to(device)
-        y = labels[i : i + batch_size].to(device)
-        logits = model(x).float()
-        loss += float(F.cross_entropy(logits, y, reduction="sum"))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(dim=1).sum())
-    n = len(images)
-    return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss / n, "n": n}
+    starts = range(0, len(images), batch_size)
+    pairs = ((images[i : i + batch_size], labels[i : i + batch_size]) for i in starts)
+    return evaluate_batches(model, pairs, device, progress, total=len(starts))
 
 
 @torch.no_grad()

@@ -61,12 +61,12 @@ class ImageSet:
         return x
 
 
-def _read_prefix(path: str | os.PathLike, limit: int | None = None) -> bytes:
+def read_prefix(path: str | os.PathLike, limit: int | None = None) -> bytes:
     with open(path, "rb") as f:
         return f.read() if limit is None else f.read(limit)
 
 
-def _looks_like_cifar_batch(head: bytes) -> bool:
+def looks_like_cifar_batch(head: bytes) -> bool:
     return head[:2] == b"\x80\x02" and b"labels" in head
 
 
@@ -76,8 +76,8 @@ def cifar10_test_labels(test_batch_path: str | os.PathLike) -> list[int]:
     ``pickle.load`` fails on a truncated file, but the labels list comes before the pixels, so
     the opcodes after the ``labels`` key are walked with ``pickletools.genops``.
     """
-    raw = _read_prefix(test_batch_path, CIFAR10_PIXELS_OFFSET)
-    if not _looks_like_cifar_batch(raw):
+    raw = read_prefix(test_batch_path, CIFAR10_PIXELS_OFFSET)
+    if not looks_like_cifar_batch(raw):
         raise ValueError(
             f"{test_batch_path} is not a python-version CIFAR-10 batch (pickle protocol 2)"
         )
@@ -262,7 +262,7 @@ def load_images(
         raise ValueError(f"no such file or directory: {path}")
     if tarfile.is_tarfile(path):
         return load_cifar10_jpeg(path, test_batch_path, min_index=min_index, limit=limit, seed=seed)
-    if _looks_like_cifar_batch(_read_prefix(path, 4096)):
+    if looks_like_cifar_batch(read_prefix(path, 4096)):
         return load_cifar10_exact(path)
     return load_tensor_file(path)
 
