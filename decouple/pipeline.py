@@ -10,6 +10,7 @@ The CLI and the experiments both call it.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -41,6 +42,7 @@ class CompressResult:
     latency_plan: LatencyPlan | None = None
     realizations: dict[str, RealizationChoice] = field(default_factory=dict)
     whole_model_ms: dict[str, float] = field(default_factory=dict)  # confirm_on_model_
+    calibration_seconds: float | None = None
 
     def extra(self) -> dict:
         """What the report adds beside the per-layer table."""
@@ -61,6 +63,7 @@ class CompressResult:
             }
         if self.calibration:
             out["calibration"] = [c.to_dict() for c in self.calibration]
+            out["calibration_seconds"] = self.calibration_seconds
         if self.realizations:
             out["realizations"] = {n: c.to_dict() for n, c in self.realizations.items()}
         if self.whole_model_ms:
@@ -160,9 +163,11 @@ def compress_(
         r.bn_folded = folded.get(r.name)
         if allocation is not None and r.name in allocation.reasons:
             r.reason = allocation.reasons[r.name]
-    calibration = []
+    calibration, seconds = [], None
     if calib_images is not None and refit != "none":
+        start = time.perf_counter()
         calibration = calibrate_(model, reference, calib_images, refit, ridge, progress=progress)
+        seconds = time.perf_counter() - start
     by_name = {r.name: r for r in records}
     choices: dict[str, RealizationChoice] = {}
     whole: dict[str, float] = {}
@@ -202,7 +207,9 @@ def compress_(
                 rec.params_after, rec.structure = rec.params_before, None
             layer = model.get_submodule(name)
             _note_latency(rec, layer, c.original_ms, c.best_ms, c.chosen)
-    return CompressResult(records, fold_error, allocation, calibration, lplan, choices, whole)
+    return CompressResult(
+        records, fold_error, allocation, calibration, lplan, choices, whole, seconds
+    )
 
 
 def _note_latency(rec: LayerRecord, layer, before_ms: float, after_ms: float, real: str) -> None:

@@ -32,7 +32,7 @@ from .refit import (
     refit_factored,
     refit_last,
 )
-from .stream import LayerStream, batches, forward_order
+from .stream import KEEP_BYTES, LayerStream, batches, forward_order
 
 REFIT_MODES = ("none", "last", "alternating", "auto")
 
@@ -102,7 +102,7 @@ def calibrate_(
     holdout: float = 0.125,
     progress: bool = False,
     batch_size: int = 32,
-    keep_bytes: int = 1 << 30,
+    keep_bytes: int = KEEP_BYTES,
 ) -> list[CalibrationRecord]:
     """Refit every factored layer of ``model`` in place, in forward order.
 
