@@ -23,10 +23,25 @@ class _Tracer(fx.Tracer):
         return isinstance(m, (*FACTORED_LAYERS, nn.Conv2d)) or super().is_leaf_module(m, qualname)
 
 
-def cut_points(graph: fx.Graph) -> list[fx.Node]:
+_INPLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "iand", "ior", "ixor"}
+
+
+def _mutates(user: fx.Node, root: nn.Module | None) -> bool:
+    """Whether ``user`` may change its input in place (``ReLU(inplace=True)``, ``x += y``, …)."""
+    if user.kwargs.get("inplace"):
+        return True
+    if user.op == "call_module":
+        return root is not None and bool(getattr(root.get_submodule(user.target), "inplace", False))
+    name = getattr(user.target, "__name__", str(user.target))
+    return name in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
+
+
+def cut_points(graph: fx.Graph, root: nn.Module | None = None) -> list[fx.Node]:
     """Nodes after which that node's value is the only one still needed, in graph order.
 
-    The first is the model's single input; a graph with any other number of inputs has none.
+    The first is the model's single input; a graph with any other number of inputs has none. A
+    value that something changes in place is no cut: the stored activations are run through the
+    segment after it more than once, and each run would change them again.
     """
     nodes = list(graph.nodes)
     if sum(n.op == "placeholder" for n in nodes) != 1:
@@ -38,7 +53,7 @@ def cut_points(graph: fx.Graph) -> list[fx.Node]:
         if n.op == "output":
             break
         alive = [m for m in alive if last_use[m] > i] + ([n] if last_use[n] > i else [])
-        if alive == [n] and n.op != "get_attr":
+        if alive == [n] and n.op != "get_attr" and not any(_mutates(u, root) for u in n.users):
             cuts.append(n)
     return cuts
 
@@ -61,7 +76,7 @@ def split(model: nn.Module, names: list[str]) -> tuple[list[fx.GraphModule], dic
              for n in names}  # fmt: skip
     if any(len(c) != 1 for c in calls.values()):
         raise ValueError("a calibrated layer is not called exactly once")
-    cuts = cut_points(graph)
+    cuts = cut_points(graph, model)
     if not cuts:
         raise ValueError("the model does not take a single input")
     nodes = list(graph.nodes)

@@ -198,3 +198,29 @@ def test_a_first_factor_system_too_large_to_solve_is_skipped_and_said(monkeypatc
         assert "alternating" not in records[0].errors
     # dw-pw couples all C·T·k² depthwise weights of a layer: conv2 of the toy has C = 8
     assert sizes[(8, 8, 3, 3)] == (8 * 2 * 9) ** 2
+
+
+def test_a_value_changed_in_place_is_no_cut_so_stored_activations_stay_as_they_were(
+    monkeypatch,
+):
+    def chain():
+        torch.manual_seed(3)
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.Hardswish(inplace=True),  # not idempotent
+            nn.Conv2d(6, 6, 3, padding=1), nn.Hardswish(inplace=True),
+            nn.Conv2d(6, 4, 3, padding=1),
+        ).double().eval()  # fmt: skip
+
+    graph = fx.Tracer().trace(chain())
+    cuts = {n.name for n in cut_points(graph, chain())}
+    assert "_0" not in cuts and "_1" in cuts  # after the activation, not before it
+    x = images(16)
+    resumed, _ = calibrated(chain, x, batch_size=5)
+
+    def no_segments(*args):
+        raise ValueError("pretend fx cannot trace it")
+
+    monkeypatch.setattr("decouple.calibrate.stream.split", no_segments)
+    rerun, _ = calibrated(chain, x, batch_size=5)
+    for a, b in zip(resumed.state_dict().values(), rerun.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
