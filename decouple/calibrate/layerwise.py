@@ -32,7 +32,7 @@ from .refit import (
     refit_factored,
     refit_last,
 )
-from .stream import KEEP_BYTES, LayerStream, batches, forward_order
+from .stream import KEEP_BYTES, LayerStream, batches, forward_order, release_memory
 
 REFIT_MODES = ("none", "last", "alternating", "auto")
 
@@ -177,6 +177,7 @@ def calibrate_(
             if best != "data-free":
                 fitted[best].load_into(layer)
             records.append(CalibrationRecord(name, best, err["data-free"], err[best], err, skipped))
+            release_memory()  # each layer's temporaries (moments, solves) go back to the OS
     return records
 
 
