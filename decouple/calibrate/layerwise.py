@@ -151,10 +151,14 @@ def calibrate_(
         LayerStream(model, names, source, device, keep_bytes) as xs,
         LayerStream(reference, names, source, device, keep_bytes) as ys,
     ):
-        for name in tqdm(names, desc="calibrate", disable=not progress, leave=False):
+        per_layer = _count_batches(images, batch_size)
+        total = None if per_layer is None else per_layer * len(names)
+        bar = tqdm(total=total, desc="calibrate", unit="batch", disable=not progress, leave=False)
+        for name in names:
             layer = layers[name]
+            bar.set_postfix_str(name)
             m_fit, m_val = layer_moments(
-                xs.run(name, "input"), ys.run(name, "output"), layer, holdout
+                _ticking(xs.run(name, "input"), bar), ys.run(name, "output"), layer, holdout
             )
             if isinstance(layer, FactorizedConv2d):
                 records.append(_refit_factorized(layer, name, m_fit, m_val, mode, ridge))
@@ -178,7 +182,23 @@ def calibrate_(
                 fitted[best].load_into(layer)
             records.append(CalibrationRecord(name, best, err["data-free"], err[best], err, skipped))
             release_memory()  # each layer's temporaries (moments, solves) go back to the OS
+        bar.close()
     return records
+
+
+def _count_batches(images, batch_size: int) -> int | None:
+    if isinstance(images, torch.Tensor):
+        return -(-len(images) // batch_size)
+    try:
+        return len(images)
+    except TypeError:
+        return None
+
+
+def _ticking(items: Iterator, bar) -> Iterator:
+    for item in items:
+        yield item
+        bar.update(1)
 
 
 @torch.no_grad()
