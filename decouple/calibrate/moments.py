@@ -81,13 +81,14 @@ class Moments:
         x: torch.Tensor,
         y: torch.Tensor,
         chunk: int = 8192,
-        max_rows: int = 1 << 16,
+        max_elements: int = 1 << 25,
         positions: int | None = POSITIONS,
     ) -> None:
         """Accumulate the patches of ``x`` under ``conv``'s geometry against targets ``y``.
 
-        Images go through in groups of at most ``max_rows`` patches (at least one image), so the
-        unfolded patches of a large batch at 224×224 never sit in memory at once. Where an output
+        Images go through in groups whose unfolded patches hold at most ``max_elements`` numbers
+        (at least one image), and the float64 products in chunks of at most ``chunk`` patches
+        and 16 M numbers, so a batch of 224×224 images never sits in memory unfolded. Where an output
         has more than ``positions`` pixels, only that many are used, the same in every image
         (chosen at random once per output size): a 224×224 layer has 50,176 per image, far more
         than its moments need, at a cost of ``(C·k²)²`` each.
@@ -97,7 +98,9 @@ class Moments:
         if positions is not None and hw > positions:
             gen = torch.Generator().manual_seed(hw)
             keep = torch.randperm(hw, generator=gen)[:positions].sort().values.to(x.device)
-        step = max(1, max_rows // max(1, hw))
+        width = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        step = max(1, max_elements // max(1, hw * width))
+        chunk = min(chunk, max(256, (1 << 24) // (width + 1)))  # a 4,609-wide patch: 3,640 rows
         for i in range(0, len(x), step):
             self._add(conv, x[i : i + step], y[i : i + step], chunk, keep)
 
