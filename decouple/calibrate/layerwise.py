@@ -54,11 +54,7 @@ class CalibrationRecord:
 
 def holdout_mask(n: int, fraction: float) -> torch.Tensor:
     """Every ``1/fraction``-th image is held out (deterministic, spread over the set)."""
-    mask = torch.zeros(n, dtype=torch.bool)
-    if fraction > 0:
-        step = max(2, round(1 / fraction))
-        mask[step - 1 :: step] = True
-    return mask
+    return held_out(0, n, fraction)
 
 
 def held_out(start: int, count: int, fraction: float) -> torch.Tensor:

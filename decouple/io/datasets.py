@@ -105,11 +105,11 @@ class PixelImages(Dataset):
         return len(self.set)
 
     def __getitem__(self, i: int):
-        x = self.set.images[i : i + 1]
-        if self.preprocess.resize is not None or self.preprocess.crop is not None:
-            x = self.preprocess.transform()(x[0])[None]
+        prep = self.preprocess
+        if prep.resize is not None or prep.crop is not None:
+            x = prep.transform()(self.set.images[i])[None]
         else:
-            x = self.preprocess.normalize(x)
+            x = self.set.as_float(prep.mean, prep.std, i, i + 1)
         label = NO_LABEL if self.set.labels is None else int(self.set.labels[i])
         return x[0], label
 

@@ -63,15 +63,6 @@ class Preprocess:
             )
         return v2.Compose(steps)
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Scale and normalise a batch already at size (uint8 pixels, or floats in [0, 1])."""
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        if self.mean is not None:
-            x = x - torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
-        if self.std is not None:
-            x = x / torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
-        return x
-
     def to_dict(self) -> dict:
         return {"resize": self.resize, "crop": self.crop, "mean": self.mean, "std": self.std}
 

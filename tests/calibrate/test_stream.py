@@ -101,6 +101,20 @@ def test_held_out_images_do_not_depend_on_the_batching(start, count):
     assert not held_out(start, count, 0.0).any()
 
 
+def force_rerun(monkeypatch):
+    """Calibration as if ``torch.fx`` could not trace the model: re-run from the input."""
+
+    def no_segments(*args):
+        raise ValueError("pretend fx cannot trace it")
+
+    monkeypatch.setattr("decouple.calibrate.stream.split", no_segments)
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module, what: str = "") -> None:
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=f"{what}: {k}")
+
+
 def calibrated(make, x, **kwargs):
     net, reference = decoupled_pair(make())
     records = calibrate_(net, reference, x, **kwargs)
@@ -122,17 +136,12 @@ def test_same_refit_in_any_batch_size_resumed_or_re_run_kept_or_spilled(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for what, kw in variants.items():
         net, _ = calibrated(make, kw.pop("images", x), **kw)
-        for (k, a), b in zip(one_pass.state_dict().items(), net.state_dict().values(), strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"{what}: {k}")
+        assert_same_weights(one_pass, net, what)
     assert os.listdir(tmp_path) == []  # the spilled activations are gone
 
-    def no_segments(*args):
-        raise ValueError("pretend fx cannot trace it")
-
-    monkeypatch.setattr("decouple.calibrate.stream.split", no_segments)
+    force_rerun(monkeypatch)
     rerun, _ = calibrated(make, x, batch_size=9)
-    for a, b in zip(one_pass.state_dict().values(), rerun.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert_same_weights(one_pass, rerun, "re-run")
 
 
 def test_spilling_writes_files_and_reads_them_back(tmp_path):
@@ -171,10 +180,8 @@ def test_the_pipeline_takes_a_dataloader_for_the_data_criterion_and_the_refit():
         )  # fmt: skip
         assert result.calibration and result.allocation.criterion == "data"
         nets.append(net)
-    a, b = (n.state_dict() for n in nets)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-12, msg=k)
+    assert nets[0].state_dict().keys() == nets[1].state_dict().keys()
+    assert_same_weights(*nets, "a DataLoader")
 
 
 def test_a_first_factor_system_too_large_to_solve_is_skipped_and_said(monkeypatch):
@@ -217,10 +224,6 @@ def test_a_value_changed_in_place_is_no_cut_so_stored_activations_stay_as_they_w
     x = images(16)
     resumed, _ = calibrated(chain, x, batch_size=5)
 
-    def no_segments(*args):
-        raise ValueError("pretend fx cannot trace it")
-
-    monkeypatch.setattr("decouple.calibrate.stream.split", no_segments)
+    force_rerun(monkeypatch)
     rerun, _ = calibrated(chain, x, batch_size=5)
-    for a, b in zip(resumed.state_dict().values(), rerun.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert_same_weights(resumed, rerun, "re-run")

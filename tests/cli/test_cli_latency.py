@@ -67,7 +67,34 @@ def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys
             assert module.realization == layer["realization"]
 
 
-def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys) -> None:
+def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clock on which an original 3×3 conv takes 1 ms and a decoupled one 0.1 ms per term,
+    beside 0.5 ms of other work: a busy machine cannot make the plan slower than the model."""
+    from decouple.nn.decoupled import DecoupledConv2d
+    from decouple.plan import latency_budget
+    from decouple.runtime import latency
+    from decouple.runtime.realize import ORIGINAL
+
+    def time_candidates(candidates, x, *args, **kwargs):
+        return {k: 1.0 if k == ORIGINAL else 0.1 * int(k.split(" ")[0][2:]) for k in candidates}
+
+    def measure(model, *args, **kwargs):
+        ms, inside = 0.5, set()
+        for m in model.modules():
+            if isinstance(m, DecoupledConv2d):
+                ms += 0.1 * m.rank
+                inside |= {id(c) for c in m.modules()}  # its own convs are priced with it
+            elif type(m) is torch.nn.Conv2d and id(m) not in inside:
+                ms += 1.0
+        return latency.Latency(ms, 0.0, 1, "eager", "cpu", 1, 1)
+
+    monkeypatch.setattr(latency_budget, "time_candidates", time_candidates)
+    monkeypatch.setattr(latency_budget, "measure", measure)
+    monkeypatch.setattr(latency, "measure", measure)
+
+
+def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys, monkeypatch) -> None:
+    _fake_clock(monkeypatch)
     out = tmp_path / "d.pt"
     code, stdout, err = cli(capsys, "--demo", "--target-latency", "0.9", "--batch", "32",
                             "--out", out)  # fmt: skip
