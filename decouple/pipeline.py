@@ -59,6 +59,8 @@ class CompressResult:
                 "planned_flops": a.total_flops,
                 "reached": a.total_flops <= a.target_flops,
                 "ranks": a.ranks(),
+                "methods": a.methods(),
+                "predicted_loss": a.loss,
                 "reasons": a.reasons,
             }
         if self.calibration:
@@ -154,7 +156,7 @@ def compress_(
             cache,
         )  # fmt: skip
     if allocation is not None:
-        plain = allocated_config(plain, allocation.ranks())
+        plain = allocated_config(plain, allocation.choice)
     # The convs about to be replaced, kept by reference (surgery swaps them out, never edits them)
     # so that a layer no realization speeds up can have its exact conv back.
     originals = {n: model.get_submodule(n) for n in decouplable_convs(model, plain)}
@@ -177,7 +179,7 @@ def compress_(
             layer = model.get_submodule(name)
             if isinstance(layer, DecoupledConv2d):
                 layer.set_realization(real)
-            prefix = f"T={lplan.allocation.choice[name].rank} "
+            prefix = f"{lplan.allocation.choice[name].label}: "
             times = {k.removeprefix(prefix): v for k, v in lplan.table[name].items()
                      if k == ORIGINAL or k.startswith(prefix)}  # fmt: skip
             choices[name] = RealizationChoice(name, real, times, min_saving)

@@ -198,6 +198,26 @@ class Report:
                 f"budget: {alloc['target_flops']:,} FLOPs ({state}); "
                 f"planned {alloc['planned_flops']:,} with per-layer T chosen by {alloc['criterion']}"
             )
+        chosen = (alloc or lalloc or {}).get("methods")
+        if chosen and len({m.split(" T=")[0].split("=")[0] for m in chosen.values()}) > 1:
+            counts = {}
+            for m in chosen.values():
+                kind = "kept" if m == "keep" else m.rsplit(" ", 1)[0]
+                counts[kind] = counts.get(kind, 0) + 1
+            lines.append(
+                "methods chosen per layer: "
+                + ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                + " (why: each layer's note)"
+            )
+        change = self.extra.get("max_change")
+        if change:
+            lines.append(
+                f"max change: top-1 differs from the original's on {change['changed_pct']:.2f} % "
+                f"of {change['measured_on']} held-out calibration images (allowed "
+                f"{change['max_change']:g} %) at {change['cost']} budget {change['budget']:g} "
+                f"({len(change['tries'])} plans tried; chosen and refit on the other "
+                f"{change['decided_on']} images)"
+            )
         calib = self.extra.get("calibration")
         if calib:
             modes = {}

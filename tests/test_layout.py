@@ -31,7 +31,8 @@ LAYERS = {
     "plan": 4,  # budgets: uses calibration's refits and the runtime's clocks
     "pipeline": 5,
     "report": 5,
-    "cli": 6,
+    "agreement": 6,  # --max-change: a search over pipeline runs
+    "cli": 7,
 }
 # Re-export or launch only; nothing inside the package may import them.
 FACADES = {"decouple", "decouple.__main__", "decouple.compress"}

@@ -207,3 +207,36 @@ class LayerStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Split:
+    """One part of a calibration source split by image index: every ``every``-th image
+    (``part="measure"``) or all the others (``part="decide"``), as a re-iterable source of batches.
+
+    Images that choose and fit a plan must never be the ones that judge it; the split is by each
+    image's position in the source, so it is the same on every pass.
+    """
+
+    PARTS = ("decide", "measure")
+
+    def __init__(self, images: torch.Tensor | Iterable, part: str, every: int = 4) -> None:
+        if part not in self.PARTS:
+            raise ValueError(f"part must be one of {', '.join(self.PARTS)}; got {part!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 2:
+            raise ValueError(f"every must be an integer >= 2; got {every!r}")
+        self.images, self.part, self.every = images, part, every
+
+    def mask(self, start: int, count: int) -> torch.Tensor:
+        """Which of images ``start … start + count − 1`` belong to this part."""
+        measure = (torch.arange(start, start + count) % self.every) == self.every - 1
+        return measure if self.part == "measure" else ~measure
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for start, x in batches(self.images)():
+            keep = self.mask(start, len(x))
+            if keep.any():
+                yield x[keep.to(x.device)]
+
+    def count(self) -> int:
+        """Images in this part (one pass over the source)."""
+        return sum(len(x) for x in self)

@@ -12,7 +12,7 @@ import torch
 
 from ..io.checkpoint import InputError
 from ..runtime.latency import LatencyConfig
-from ..surgery.config import DecoupleConfig
+from ..surgery.config import AUTO, DecoupleConfig
 
 
 def make_config(args: argparse.Namespace) -> DecoupleConfig:
@@ -28,12 +28,20 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
         data.update(loaded)
     if args.rank is not None or args.energy is not None:
         data["rank"], data["energy"] = args.rank, args.energy
+    budget = any(v is not None for v in (args.target_flops, args.target_latency, args.max_change))
     if args.method:
         data["method"] = args.method
+    elif budget and "method" not in data and not args.order:
+        data["method"] = AUTO  # a budget chooses among every method (see README: defaults)
     if args.order:
         if data.get("method", "nd") != "nd":
             raise InputError(f"--order applies to --method nd only, not {data['method']}")
         data["order"] = args.order
+    if data.get("method") == AUTO and not budget:
+        raise InputError(
+            "--method auto chooses per layer under a budget: add --target-flops, "
+            "--target-latency or --max-change"
+        )
     if args.fold_bn is not None:
         data["fold_bn"] = args.fold_bn
     overrides = data.get("overrides") or {}
@@ -42,16 +50,27 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
     data["overrides"] = {**overrides, **{name: "skip" for name in args.skip}}
     config = DecoupleConfig.from_dict(data)
     ranked = any(not s.skip for _, s in config.overrides)
-    budget = args.target_flops is not None or args.target_latency is not None
     if config.rank is None and config.energy is None and not ranked and not budget:
         raise InputError(
-            "say how many terms to keep: --rank T, --energy E, --target-flops R or "
-            "--target-latency R (or per-layer ranks in --config)"
+            "say how many terms to keep: --rank T, --energy E, --target-flops R, "
+            "--target-latency R or --max-change P (or per-layer ranks in --config)"
         )
+    if args.max_change is not None:
+        if not 0 <= args.max_change < 100:
+            raise InputError(
+                f"--max-change must be a percentage in [0, 100); got {args.max_change}"
+            )
+        if not args.calib:
+            raise InputError(
+                "--max-change measures changed predictions on held-out calibration images: "
+                "pass --calib"
+            )
     if args.target_flops is not None and not 0 < args.target_flops <= 1:
         raise InputError(f"--target-flops must be a fraction in (0, 1]; got {args.target_flops}")
-    if args.criterion == "data" and not args.calib:
-        raise InputError("--criterion data measures layers on calibration images: pass --calib")
+    if args.criterion in ("data", "output") and not args.calib:
+        raise InputError(
+            f"--criterion {args.criterion} measures layers on calibration images: pass --calib"
+        )
     if args.calib_size < 1:
         raise InputError(f"--calib-size must be >= 1; got {args.calib_size}")
     if args.batch_size < 1:

@@ -9,6 +9,7 @@ from ..factor.nd import ORDERS
 from ..io.checkpoint import InputError
 from ..plan.losses import CRITERIA
 from ..runtime.latency import RUNTIMES
+from ..surgery.config import AUTO
 from ..surgery.methods import METHODS
 
 EPILOG = """examples:
@@ -86,11 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="choose per-layer T so the model keeps this fraction of its FLOPs, in (0, 1]",
     )
+    rank.add_argument(
+        "--max-change",
+        type=float,
+        metavar="P",
+        help="the cheapest plan (FLOPs; measured time with --latency) whose top-1 predictions "
+        "differ from the original model's on at most P %% of held-out --calib images (no labels)",
+    )
     p.add_argument(
         "--criterion",
         choices=CRITERIA,
-        help="rank allocation criterion for --target-flops: singular-value energy (data-free, "
-        "default) or measured layer output error on --calib images",
+        help="what a budget minimises: kernel energy lost (data-free), layer output error on "
+        "--calib images (data), or that error weighted by the layer's measured effect on the "
+        "network's output (output; default with --calib, else energy)",
     )
     p.add_argument(
         "--data",
@@ -156,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        choices=METHODS,
-        help="nd: network decoupling (default); cp: CP, 1x1 -> kx1 -> 1xk -> 1x1; "
-        "tucker: Tucker-2, 1x1 -> kxk -> 1x1",
+        choices=(*METHODS, AUTO),
+        help="nd: network decoupling; cp: CP, 1x1 -> kx1 -> 1xk -> 1x1; tucker: Tucker-2, "
+        "1x1 -> kxk -> 1x1; auto: every method priced per layer, a budget chooses. Default: "
+        "auto with a budget (--target-*, --max-change), else nd",
     )
     p.add_argument(
         "--order",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..agreement import compress_within_change_
 from ..io.checkpoint import InputError, check_finite, load_model
 from ..io.evaluate import evaluate_batches
 from ..io.outputs import (
@@ -107,19 +108,38 @@ def _decouple_file(
     device = torch.device(args.device)
     model = model.to(device)
 
-    result = compress_(
-        model,
-        config,
-        shape,
-        target_flops=args.target_flops,
-        criterion=args.criterion,
-        calib_images=None if calib is None else calib.batches,
-        refit=args.refit,
-        progress=sys.stderr.isatty(),
-        target_latency=args.target_latency,
-        latency=latency,
-        realize=latency is not None,
-    )
+    # With images, a budget weighs each layer's output error by its effect on the network's.
+    criterion = args.criterion or ("output" if calib is not None else "energy")
+    common = {
+        "criterion": criterion,
+        "refit": args.refit,
+        "progress": sys.stderr.isatty(),
+        "latency": latency,
+        "realize": latency is not None,
+    }
+    search = None
+    if args.max_change is not None:
+        cost = "flops" if latency is None else "latency"
+        result, search = compress_within_change_(
+            model, config, shape, args.max_change, calib.batches, cost, **common
+        )
+        if result is None:
+            fewest = min(search.tries, key=lambda t: t["changed_pct"])
+            raise InputError(
+                f"--max-change {args.max_change:g}: no plan tried changed at most "
+                f"{args.max_change:g} % of top-1 predictions (fewest: {fewest['changed_pct']:.2f} % "
+                f"at budget {fewest['budget']:g}); nothing written"
+            )
+    else:
+        result = compress_(
+            model,
+            config,
+            shape,
+            target_flops=args.target_flops,
+            calib_images=None if calib is None else calib.batches,
+            target_latency=args.target_latency,
+            **common,
+        )
     model = model.cpu()
     records = result.records
     timed_out = any(r.reason.startswith("kept: not faster") for r in records)
@@ -128,6 +148,8 @@ def _decouple_file(
         raise InputError(f"nothing to decouple in {model_path}: every conv was kept ({seen})")
 
     extra = {"model": str(model_path), "arch": arch, "config": config.to_dict(), **result.extra()}
+    if search is not None:
+        extra["max_change"] = search.to_dict()
     if calib is not None:
         extra["calibration_images"] = calib.count
     inputs = None

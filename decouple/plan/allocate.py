@@ -16,11 +16,23 @@ MIN_SAVING = 0.1  # a rank must save at least this fraction of a layer's FLOPs t
 
 @dataclass
 class Option:
-    """One choice for a layer: ``rank`` 0 keeps the original conv."""
+    """One choice for a layer: ``rank`` 0 keeps the original conv; else ``method`` (``nd``,
+    ``cp``, ``tucker``) at ``rank``, in ``order`` (network decoupling only)."""
 
     rank: int
     cost: int  # FLOPs, or nanoseconds for a latency budget
     loss: float
+    method: str = "nd"
+    order: str = "dw-pw"
+
+    @property
+    def label(self) -> str:
+        """How tables show the option: ``keep``, ``nd dw-pw T=3``, ``cp R=40``, ``tucker r=8``."""
+        if self.rank == 0:
+            return "keep"
+        if self.method == "nd":
+            return f"nd {self.order} T={self.rank}"
+        return f"{self.method} {'R' if self.method == 'cp' else 'r'}={self.rank}"
 
 
 @dataclass
@@ -41,15 +53,24 @@ class Allocation:
     def ranks(self) -> dict[str, int]:
         return {n: o.rank for n, o in self.choice.items()}
 
+    def methods(self) -> dict[str, str]:
+        """Per layer, what was chosen: ``keep`` or the option's label."""
+        return {n: o.label for n, o in self.choice.items()}
+
+    @property
+    def loss(self) -> float:
+        """The plan's predicted loss: the sum of its layers' losses."""
+        return float(sum(o.loss for o in self.choice.values()))
+
 
 def layer_options(
-    losses: list[float], original: int, costs: list[int], min_saving: float
+    losses: list[float], original: int, costs: list[int], min_saving: float, order: str = "dw-pw"
 ) -> list[Option]:
     """Options worth offering: the original, and every ``T`` saving at least ``min_saving``."""
     opts = [Option(0, original, 0.0)]
     for t, (loss, cost) in enumerate(zip(losses, costs, strict=True), start=1):
         if cost <= (1 - min_saving) * original:
-            opts.append(Option(t, cost, max(loss, 0.0)))
+            opts.append(Option(t, cost, max(loss, 0.0), "nd", order))
     return opts
 
 
@@ -89,5 +110,18 @@ def allocate(
             )
         else:
             what = "budget" if unit == "FLOPs" else "latency budget"
-            reasons[n] = f"T={o.rank} by {what} (loss {o.loss:.3g})"
+            kinds = {(x.method, x.order) for x in options[n] if x.rank}
+            if len(kinds) == 1:
+                reasons[n] = f"T={o.rank} by {what} (loss {o.loss:.3g})"
+                continue
+            # Several methods on offer: say which lost, and by how much, at no more cost.
+            rivals = [
+                x for x in options[n]
+                if x.rank and (x.method, x.order) != (o.method, o.order) and x.cost <= o.cost
+            ]  # fmt: skip
+            why = f"{o.label} by {what} (loss {o.loss:.3g}"
+            if rivals:
+                r = min(rivals, key=lambda x: x.loss)
+                why += f"; best other method at no more cost: {r.label}, loss {r.loss:.3g}"
+            reasons[n] = why + ")"
     return Allocation(choice, reasons, fixed_flops, target_flops, unit=unit)

@@ -34,7 +34,11 @@ from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache
 from ..surgery.rewrite import decouple_with_fold_info
 from .allocate import MIN_SAVING, Allocation, Option, allocate
-from .options import allocated_config, method_and_order, rank_options
+from .options import allocated_config, rank_options
+
+MAX_PASSES = 4  # timing passes over the layer tables at most (see _stable_table)
+NOISE = 0.03  # whole-model timings this close are a tie, decided by loss
+SCREEN_KEEP = 2  # realizations per network-decoupling order timed at every rank
 
 
 @dataclass
@@ -45,10 +49,13 @@ class LatencyPlan:
     allocation: Allocation
     realizations: dict[str, str]
     model_ms: float
-    table: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> {"T=2 split": ms}
+    table: dict[str, dict[str, float]] = field(
+        default_factory=dict
+    )  # layer -> {"nd dw-pw T=2: split": ms}
     target_ms: float = 0.0
     measured_ms: float = 0.0
     steps: list[dict] = field(default_factory=list)  # budget, planned and measured ms per try
+    table_passes: int = 1  # timing passes until the plan was stable
 
     def to_dict(self) -> dict:
         a = self.allocation
@@ -61,6 +68,8 @@ class LatencyPlan:
             "reached": self.measured_ms <= self.target_ms,
             "steps": self.steps,
             "ranks": a.ranks(),
+            "methods": a.methods(),
+            "table_passes": self.table_passes,
             "realizations": self.realizations,
             "reasons": a.reasons,
             "table_ms": self.table,
@@ -81,6 +90,7 @@ def plan_latency(
     progress: bool = False,
     refine: int = 3,
     tolerance: float = 0.1,
+    noise: float = NOISE,
 ) -> LatencyPlan:
     """Per-layer ranks and realizations so the model runs in ``target_latency`` of today's time.
 
@@ -100,6 +110,8 @@ def plan_latency(
         Re-allocations at most after the first plan, each from the last whole-model measurement.
     tolerance : float
         Stop once a plan measures within ``[1 - tolerance, 1]`` of the target.
+    noise : float
+        Whole-model times within this fraction of each other count as equal (see :func:`_pick`).
     """
     if not 0 < target_latency <= 1:
         raise ValueError(f"target_latency must be a fraction in (0, 1]; got {target_latency!r}")
@@ -114,69 +126,155 @@ def plan_latency(
         model, example, latency.runtime, latency.min_run_time, latency.threads
     ).median_ms
     inputs = capture_inputs(model, list(flops_options), example)
-    options, table, best_real, layers_ns = {}, {}, {}, 0
-    for name, opts in tqdm(
-        flops_options.items(), desc="timing layers", disable=not progress, leave=False
-    ):
+    modules = {}  # layer -> {"<option label>: <realization>": module}
+    for name, opts in flops_options.items():
         conv = model.get_submodule(name)
-        method, order = method_and_order(config, name)
+        layers = {
+            o.label: cache.factor(conv, o.method, o.rank, None, o.order or config.order,
+                                  config.factor_options()).layer
+            for o in opts if o.rank
+        }  # fmt: skip
+        keep = _screen_realizations(opts, layers, inputs[name], lat)
         candidates = {ORIGINAL: conv}
-        for o in opts:
-            if o.rank == 0:
-                continue
-            layer = cache.factor(conv, method, o.rank, None, order, config.factor_options()).layer
-            for real, module in realizations(layer).items():
-                candidates[f"T={o.rank} {real}"] = module
-        times = time_candidates(candidates, inputs[name], *lat)
-        table[name] = times
+        for o in opts[1:]:
+            for real, module in realizations(layers[o.label]).items():
+                if real in keep.get((o.method, o.order), (real,)):
+                    candidates[f"{o.label}: {real}"] = module
+        modules[name] = candidates
+    table, passes = _stable_table(
+        modules, inputs, lat, flops_options, model_ms, target_latency, min_saving, progress
+    )
+    options, best_real, layers_ns = {}, {}, 0
+    for name, opts in flops_options.items():
+        times = table[name]
         original_ns = int(times[ORIGINAL] * 1e6)
         layers_ns += original_ns
-        options[name] = [Option(0, original_ns, 0.0)]
-        for o in opts:
-            if o.rank == 0:
-                continue
-            mine = {k: v for k, v in times.items() if k.startswith(f"T={o.rank} ")}
-            key = min(mine, key=mine.get)
-            ns = int(mine[key] * 1e6)
-            if ns <= (1 - min_saving) * original_ns:
-                options[name].append(Option(o.rank, ns, o.loss))
-                best_real[(name, o.rank)] = key.split(" ", 1)[1]
+        options[name] = _timed_options(opts, times, min_saving)
+        for o in options[name][1:]:
+            mine = {k: v for k, v in times.items() if k.startswith(f"{o.label}: ")}
+            best_real[(name, o.label)] = min(mine, key=mine.get).removeprefix(f"{o.label}: ")
     model_ns = int(model_ms * 1e6)
     fixed, target_ms = max(model_ns - layers_ns, 0), target_latency * model_ms
     # (budget, measured ms) of every plan timed whole. The original model is one for free: the
     # budget that buys every layer exact measures as the model itself.
     points = [(model_ns, model_ms)]
-    budget, steps, best, seen = int(target_latency * model_ns), [], None, set()
+    budget, steps, tried, seen = int(target_latency * model_ns), [], [], set()
     for _ in range(refine + 1):
         plan, budget = _new_plan(options, fixed, budget, points, seen)
         if plan is None:  # every budget left to try buys a plan measured already
             break
         plan.criterion = criterion
         seen.add(_ranks_key(plan))
-        chosen = {n: best_real[(n, o.rank)] for n, o in plan.choice.items() if o.rank}
-        ms = _measure_plan(model, config, plan.ranks(), chosen, cache, example, latency, model_ms)
+        chosen = {n: best_real[(n, o.label)] for n, o in plan.choice.items() if o.rank}
+        ms = _measure_plan(model, config, plan.choice, chosen, cache, example, latency, model_ms)
         steps.append({"budget_ms": budget / 1e6, "planned_ms": plan.total_flops / 1e6,
                       "measured_ms": ms})  # fmt: skip
         points.append((budget, ms))
-        fits = ms <= target_ms
-        loss = sum(o.loss for o in plan.choice.values())
-        key = (not fits, loss if fits else ms)  # within budget and least loss; else fastest
-        if best is None or key < best[0]:
-            best = (key, plan, chosen, ms)
-        if fits and ms >= (1 - tolerance) * target_ms:
+        tried.append((ms, plan.loss, plan, chosen))
+        if ms <= target_ms and ms >= (1 - tolerance) * target_ms:
             break
         budget = _next_budget(points, target_ms * (1 - tolerance / 2))
-    (missed, _), plan, chosen, ms = best
+    missed, plan, chosen, ms = _pick(tried, target_ms, noise)
     if missed and chosen and ms >= model_ms:
         # Nothing reached the budget and the fastest plan is no faster than the model itself
         # (an overhead-bound model: every decoupled layer adds a call): change nothing.
         plan = _unchanged(options, fixed, budget, criterion)
         chosen, ms = {}, model_ms
-    return LatencyPlan(plan, chosen, model_ms, table, target_ms, ms, steps)
+    return LatencyPlan(plan, chosen, model_ms, table, target_ms, ms, steps, passes)
+
+
+def _pick(tried, target_ms: float, noise: float):
+    """``(missed, plan, realizations, ms)`` of the plan to keep among those timed whole.
+
+    Within the budget: the least loss. Else the fastest, except that plans whose times are
+    within ``noise`` of the fastest count as equally fast, and the least loss among them wins:
+    a difference inside the timing noise is not worth accuracy.
+    """
+    fits = [t for t in tried if t[0] <= target_ms]
+    if fits:
+        ms, _, plan, chosen = min(fits, key=lambda t: t[1])
+        return False, plan, chosen, ms
+    fastest = min(t[0] for t in tried)
+    ms, _, plan, chosen = min(
+        (t for t in tried if t[0] <= fastest * (1 + noise)), key=lambda t: t[1]
+    )
+    return True, plan, chosen, ms
+
+
+def _timed_options(opts: list[Option], times: dict[str, float], min_saving: float):
+    """``opts`` re-priced in ns: each at its fastest realization, kept if it saves enough."""
+    original_ns = int(times[ORIGINAL] * 1e6)
+    out = [replace(opts[0], cost=original_ns)]
+    for o in opts[1:]:
+        mine = [v for k, v in times.items() if k.startswith(f"{o.label}: ")]
+        ns = int(min(mine) * 1e6)
+        if ns <= (1 - min_saving) * original_ns:
+            out.append(replace(o, cost=ns))
+    return out
+
+
+def _stable_table(modules, inputs, lat, flops_options, model_ms, target, min_saving, progress):
+    """Per-layer tables (ms) timed until the plan they give no longer changes.
+
+    The rule: time every candidate once (``lat``'s interleaved rounds); then, while the last two
+    tables' allocations at the target budget differ, time again the candidates still in play
+    (the original and, per option, realizations within 20 % of its fastest) and keep every
+    candidate's best time over the passes (noise on a CPU only ever adds time, so the best is
+    the least disturbed, as in each pass's best median); at most :data:`MAX_PASSES` passes. At
+    batch 1 a layer takes microseconds and a slow spell during one pass can rank near-equal
+    options either way; at larger batches the second pass agrees with the first and costs a
+    fraction of it.
+    """
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in modules}
+    table: dict[str, dict[str, float]] = {}
+    last = None
+    for p in range(MAX_PASSES):
+        for name in tqdm(modules, desc=f"timing layers (pass {p + 1})", disable=not progress,
+                         leave=False):  # fmt: skip
+            todo = modules[name] if p == 0 else _in_play(modules[name], table[name])
+            for k, v in time_candidates(todo, inputs[name], *lat).items():
+                samples[name].setdefault(k, []).append(v)
+            table[name] = {k: min(v) for k, v in samples[name].items()}
+        layers_ns = sum(int(t[ORIGINAL] * 1e6) for t in table.values())
+        options = {n: _timed_options(o, table[n], min_saving) for n, o in flops_options.items()}
+        fixed = max(int(model_ms * 1e6) - layers_ns, 0)
+        key = _ranks_key(allocate(options, fixed, int(target * model_ms * 1e6), "ns"))
+        if key == last:
+            return table, p + 1
+        last = key
+    return table, MAX_PASSES
+
+
+def _screen_realizations(opts, layers, x, lat) -> dict[tuple[str, str], list[str]]:
+    """Per network-decoupling order, the :data:`SCREEN_KEEP` realizations fastest at its middle
+    rank: which graph runs a layer fastest depends on the runtime and the shapes far more than
+    on T, and timing every realization of every rank (each one an ONNX export in ONNX Runtime)
+    would multiply the table's cost by up to five."""
+    keep = {}
+    for kind in dict.fromkeys((o.method, o.order) for o in opts if o.rank and o.method == "nd"):
+        mine = [o for o in opts if o.rank and (o.method, o.order) == kind]
+        reals = realizations(layers[mine[len(mine) // 2].label])
+        if len(mine) < 2 or len(reals) <= SCREEN_KEEP:
+            continue
+        times = time_candidates(reals, x, *lat)
+        keep[kind] = sorted(times, key=times.get)[:SCREEN_KEEP]
+    return keep
+
+
+def _in_play(candidates: dict, times: dict[str, float]) -> dict:
+    """The original and every option's realizations within 20 % of that option's fastest."""
+    best: dict[str, float] = {}
+    for k, v in times.items():
+        opt = k.split(": ", 1)[0]
+        best[opt] = min(best.get(opt, v), v)
+    return {
+        k: m for k, m in candidates.items()
+        if k == ORIGINAL or times[k] <= 1.2 * best[k.split(": ", 1)[0]]
+    }  # fmt: skip
 
 
 def _ranks_key(plan: Allocation) -> tuple:
-    return tuple(sorted(plan.ranks().items()))
+    return tuple(sorted(plan.methods().items()))
 
 
 def _new_plan(options, fixed, budget, points, seen, tries: int = 8):
@@ -222,12 +320,12 @@ def _unchanged(options, fixed, budget, criterion) -> Allocation:
     return Allocation(choice, reasons, fixed, budget, criterion, unit="ns")
 
 
-def _measure_plan(model, config, ranks, chosen, cache, example, latency, model_ms) -> float:
+def _measure_plan(model, config, choice, chosen, cache, example, latency, model_ms) -> float:
     """Whole-model latency (ms) of ``model`` decoupled at ``ranks`` in realizations ``chosen``,
     on the scale of ``model_ms``, the original's latency measured first."""
     twin = copy.deepcopy(model)
     decouple_with_fold_info(
-        twin, allocated_config(replace(config, fold_bn=False), ranks), cache=cache
+        twin, allocated_config(replace(config, fold_bn=False), choice), cache=cache
     )
     for name, real in chosen.items():
         layer = twin.get_submodule(name)

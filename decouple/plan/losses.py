@@ -3,7 +3,10 @@
 * ``energy``: the fraction of the kernel's squared norm not reproduced, ``‖W − Ŵ‖² / ‖W‖²``;
 * ``data``: the layer's squared relative output error on held-out calibration images, after the
   closed-form refit of its last factor (what calibration will do), with the original network's
-  inputs (:func:`collect_moments`).
+  inputs (:func:`collect_moments`);
+* ``output``: ``data`` times the layer's measured effect on the network's output
+  (:func:`output_sensitivity`), so that a sum over layers estimates the squared relative error
+  of the network's logits rather than counting every layer alike.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from ..calibrate.refit import Factors, refit_last
 from ..calibrate.stream import batches
 from ..factor.nd import decouple_weight
 
-CRITERIA = ("energy", "data")
+CRITERIA = ("energy", "data", "output")
+SENSITIVITY_NOISE = 0.1  # relative RMS of the noise put on a layer's output to measure its effect
+SENSITIVITY_IMAGES = 256  # images enough to rank layers; bounds the cost on large models
 
 
 @torch.no_grad()
@@ -106,3 +111,53 @@ def data_losses(
         fac = refit_last(Factors.from_decoupling(full.truncated(t), conv.bias), fit, ridge)
         losses.append(val.relative_error(fac.weight(), fac.bias) ** 2)
     return losses
+
+
+@torch.no_grad()
+def output_sensitivity(
+    model: nn.Module,
+    names: list[str],
+    images: torch.Tensor | Iterable,
+    noise: float = SENSITIVITY_NOISE,
+    max_images: int = SENSITIVITY_IMAGES,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How much each named layer's output error moves the network's output.
+
+    Seeded Gaussian noise of relative RMS ``noise`` is added to one layer's output at a time (per
+    image, scaled to that image's RMS), and the network's squared relative output change is
+    measured on the first ``max_images`` images. Divided by ``noise²``, it is the factor that
+    turns the layer's squared relative output error into the network's, to first order: a layer
+    whose errors later layers wash out (or a residual branch next to a large identity) weighs
+    little, one feeding the classifier directly weighs much.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    moved = dict.fromkeys(names, 0.0)
+    norm = 0.0
+    seen = 0
+    device = next(model.parameters()).device
+    for _, x in batches(images, batch_size)():
+        x = x[: max_images - seen].to(device)
+        if not len(x):
+            break
+        seen += len(x)
+        clean = model(x).float()
+        norm += float(clean.pow(2).sum())
+        for name in names:
+
+            def hook(mod, inp, out):
+                rms = out.pow(2).flatten(1).mean(1).sqrt().view(-1, *([1] * (out.dim() - 1)))
+                z = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+                return out + noise * rms * z
+
+            h = model.get_submodule(name).register_forward_hook(hook)
+            try:
+                moved[name] += float((model(x).float() - clean).pow(2).sum())
+            finally:
+                h.remove()
+        if seen >= max_images:
+            break
+    if norm == 0:
+        return dict.fromkeys(names, 1.0)
+    return {n: m / norm / noise**2 for n, m in moved.items()}

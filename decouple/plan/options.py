@@ -23,7 +23,17 @@ from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache, FactorOptions, candidate_ranks
 from ..surgery.rewrite import decouplable_convs
 from .allocate import MIN_SAVING, Option, layer_options
-from .losses import CRITERIA, collect_moments, data_losses, energy_losses, probe_shapes
+from .losses import (
+    CRITERIA,
+    collect_moments,
+    data_losses,
+    energy_losses,
+    output_sensitivity,
+    probe_shapes,
+)
+
+# What ``method="auto"`` prices for every layer: both orders of network decoupling, CP, Tucker-2.
+AUTO_KINDS = (("nd", "dw-pw"), ("nd", "pw-dw"), ("cp", ""), ("tucker", ""))
 
 
 def decoupled_flops(conv: nn.Conv2d, order: str, rank: int, in_hw, out_hw) -> int:
@@ -49,9 +59,9 @@ def factored_options(
     original = conv_flops(conv, out_hw)
     opts = [Option(0, original, 0.0)]
     bias = None if conv.bias is None else conv.bias.detach().double().cpu()
-    for rank, flops in candidate_ranks(
-        conv, method, "", in_hw, out_hw, (1 - min_saving) * original
-    ):
+    ranks = candidate_ranks(conv, method, "", in_hw, out_hw, (1 - min_saving) * original)
+    cache.prefetch(conv, method, [r for r, _ in ranks], options)
+    for rank, flops in ranks:
         done = cache.factor(conv, method, rank, None, "dw-pw", options)
         if moments is None:
             loss = done.rel_error**2
@@ -59,8 +69,32 @@ def factored_options(
             fit, val = moments
             _, b, kernel = refit_factored(done.layer.factors(), bias, fit, ridge)
             loss = val.relative_error(kernel, b) ** 2
-        opts.append(Option(rank, flops, float(loss)))
+        opts.append(Option(rank, flops, float(loss), method, ""))
     return opts
+
+
+def nd_options(
+    conv: nn.Conv2d,
+    order: str,
+    in_hw,
+    out_hw,
+    min_saving: float,
+    moments: tuple[Moments, Moments] | None = None,
+    ridge: float = 1e-4,
+) -> list[Option]:
+    """Options of a network-decoupled layer: the original conv and every ``T`` worth offering."""
+    original = conv_flops(conv, out_hw)
+    full = max_rank(tuple(conv.weight.shape), order, conv.groups)
+    costs = [decoupled_flops(conv, order, t, in_hw, out_hw) for t in range(1, full + 1)]
+    losses = (
+        energy_losses(conv, order) if moments is None else data_losses(conv, order, moments, ridge)
+    )
+    return layer_options(losses, original, costs, min_saving, order)
+
+
+def layer_kinds(method: str, order: str) -> tuple[tuple[str, str], ...]:
+    """The (method, order) pairs a layer is priced in: all of :data:`AUTO_KINDS` for ``auto``."""
+    return AUTO_KINDS if method == "auto" else ((method, order if method == "nd" else ""),)
 
 
 def method_and_order(config: DecoupleConfig, name: str) -> tuple[str, str]:
@@ -88,13 +122,14 @@ def rank_options(
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
-    if criterion == "data" and calib_images is None:
-        raise ValueError("the data criterion needs calibration images")
+    if criterion != "energy" and calib_images is None:
+        raise ValueError(f"the {criterion} criterion needs calibration images")
     names = decouplable_convs(model, config)
     p = next(model.parameters())
     total, _ = count_flops(model, torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
     shapes = probe_shapes(model, names, input_shape)
-    moments = collect_moments(model, names, calib_images) if criterion == "data" else {}
+    moments = collect_moments(model, names, calib_images) if criterion != "energy" else {}
+    weights = output_sensitivity(model, names, calib_images) if criterion == "output" else {}
     options, layers_flops = {}, 0
     for name in names:
         conv = model.get_submodule(name)
@@ -102,29 +137,32 @@ def rank_options(
         in_hw, out_hw = shapes[name]
         original = conv_flops(conv, out_hw)
         layers_flops += original
-        if method != "nd":
-            options[name] = factored_options(
-                conv, method, in_hw, out_hw, min_saving,
-                moments.get(name), ridge, cache, config.factor_options(),
-            )  # fmt: skip
-            continue
-        full = max_rank(tuple(conv.weight.shape), order, conv.groups)
-        costs = [decoupled_flops(conv, order, t, in_hw, out_hw) for t in range(1, full + 1)]
-        losses = (
-            energy_losses(conv, order)
-            if criterion == "energy"
-            else data_losses(conv, order, moments[name], ridge)
-        )
-        options[name] = layer_options(losses, original, costs, min_saving)
+        opts = [Option(0, original, 0.0, "", "")]
+        for m, o in layer_kinds(method, order):
+            if m == "nd":
+                found = nd_options(conv, o, in_hw, out_hw, min_saving, moments.get(name), ridge)
+            else:
+                found = factored_options(
+                    conv, m, in_hw, out_hw, min_saving, moments.get(name), ridge, cache,
+                    config.factor_options(),
+                )  # fmt: skip
+            opts += found[1:]
+        w = weights.get(name, 1.0)  # the layer's measured effect on the network's output
+        options[name] = [replace(o, loss=o.loss * w) for o in opts]
     return options, total, layers_flops
 
 
-def allocated_config(config: DecoupleConfig, ranks: dict[str, int]) -> DecoupleConfig:
-    """``config`` with the allocated per-layer ranks as overrides (0: skip); its ``"skip"``
-    overrides are kept, its global rank or energy dropped."""
+def allocated_config(config: DecoupleConfig, choice: dict[str, Option | int]) -> DecoupleConfig:
+    """``config`` with the allocated per-layer options (or bare ranks, in the config's method) as
+    overrides (rank 0: skip); its ``"skip"`` overrides are kept, its global rank or energy
+    dropped, and ``auto`` resolved to each layer's method."""
     skips = {k: s for k, s in config.overrides if s.skip}
     chosen = {}
-    for n, t in ranks.items():
-        method, order = method_and_order(config, n)
-        chosen[n] = "skip" if t == 0 else {"rank": t, "method": method, "order": order}
-    return replace(config, rank=None, energy=None, overrides={**skips, **chosen})
+    for n, o in choice.items():
+        if isinstance(o, Option):
+            rank, method, order = o.rank, o.method, o.order or config.order
+        else:
+            (method, order), rank = method_and_order(config, n), o
+        chosen[n] = "skip" if rank == 0 else {"rank": rank, "method": method, "order": order}
+    method = "nd" if config.method == "auto" else config.method
+    return replace(config, rank=None, energy=None, method=method, overrides={**skips, **chosen})

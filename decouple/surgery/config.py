@@ -14,7 +14,7 @@ from typing import Any
 
 from ..factor.cp import CP_MAX_ITER
 from ..factor.nd import ORDERS
-from .methods import FactorOptions, check_method
+from .methods import METHODS, FactorOptions, check_method
 
 
 def _check_rank(rank: Any, what: str = "rank", low: int = 1) -> None:
@@ -29,11 +29,24 @@ def _check_energy(energy: Any) -> None:
         raise ValueError(f"energy must be a number in (0, 1]; got {energy!r}")
 
 
-def _check_method(method: Any, energy: Any) -> None:
-    if method is not None:
-        check_method(method)
+AUTO = "auto"  # every method priced per layer; a budget chooses (decouple.plan)
+
+
+def _check_method(method: Any, energy: Any, rank: Any = None) -> None:
+    if method is not None and method != AUTO:
+        try:
+            check_method(method)
+        except ValueError:
+            raise ValueError(
+                f"method must be one of {', '.join(METHODS)} or {AUTO}; got {method!r}"
+            ) from None
     if method == "cp" and energy is not None:
         raise ValueError("CP takes a rank, not an energy (ALS has no closed-form energy rule)")
+    if method == AUTO and (rank is not None or energy is not None):
+        raise ValueError(
+            "method 'auto' chooses each layer's method and rank under a budget (target FLOPs, "
+            "target latency or max change); it takes no fixed rank or energy"
+        )
 
 
 def _check_order(order: Any) -> None:
@@ -58,7 +71,7 @@ class LayerSpec:
         _check_rank(self.rank)
         _check_energy(self.energy)
         _check_order(self.order)
-        _check_method(self.method, self.energy)
+        _check_method(self.method, self.energy, self.rank)
         if self.rank is not None and self.energy is not None:
             raise ValueError("give a layer either rank or energy, not both")
         if self.skip and (self.rank or self.energy or self.order or self.method):
@@ -117,9 +130,10 @@ class DecoupleConfig:
         Keys are exact module names or regular expressions matched with ``re.fullmatch``; an exact
         name wins, then the first matching pattern in order. Values: ``"skip"``, an int rank, a
         float energy, a dict with ``rank``/``energy``/``order``/``method``, or a :class:`LayerSpec`.
-    method : {"nd", "cp", "tucker"}
+    method : {"nd", "cp", "tucker", "auto"}
         Network decoupling (default), CP (rank ``R`` terms per group) or Tucker-2 (rank ``r`` for
-        both channel modes, clipped to each mode's size). CP takes no ``energy``.
+        both channel modes, clipped to each mode's size). CP takes no ``energy``. ``auto``: a
+        budget (:mod:`decouple.plan`) prices every method per layer and chooses; no rank/energy.
     cp_max_iter : int
         CP-ALS sweeps at most (a layer that stops here is reported as not converged).
     seed : int
@@ -143,8 +157,7 @@ class DecoupleConfig:
         _check_energy(self.energy)
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {self.order!r}")
-        check_method(self.method)
-        _check_method(self.method, self.energy)
+        _check_method(self.method, self.energy, self.rank)
         if self.rank is not None and self.energy is not None:
             raise ValueError("give either rank or energy, not both")
         _check_rank(self.cp_max_iter, "cp_max_iter")

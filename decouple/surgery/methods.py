@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..factor.cp import CP_MAX_ITER, CP_TOL, cp_max_rank, cp_weight
+from ..factor.cp import CP_MAX_ITER, CP_TOL, cp_max_rank, cp_weight, cp_weights_for_ranks
 from ..factor.nd import decouple_weight, max_rank, rank_for_energy
 from ..factor.tucker import tucker2_weight, tucker_max_ranks, tucker_ranks, tucker_ranks_for_energy
 from ..nn.decoupled import DecoupledConv2d
@@ -112,6 +112,11 @@ def factor_conv(
     factors = cp_weight(
         conv.weight, rank, conv.groups, options.cp_max_iter, options.cp_tol, options.seed
     )
+    return _cp_factored(conv, rank, factors)
+
+
+def _cp_factored(conv: nn.Conv2d, rank: int, factors) -> Factored:
+    """The CP layer of ``factors`` (asked for at ``rank``), with how far the kernel moved."""
     layer = CPConv2d.from_factors(conv, factors)
     err = factors.relative_error(conv.weight)
     r = factors.rank
@@ -199,9 +204,8 @@ class FactorCache:
         h.update(repr((tuple(conv.weight.shape), str(conv.weight.dtype), geometry)).encode())
         return h.hexdigest()
 
-    def factor(self, conv, method, rank, energy, order="dw-pw", options=None) -> Factored:
-        options = options or FactorOptions()
-        key = (
+    def _key(self, conv, method, rank, energy, order, options):
+        return (
             self._fingerprint(conv),
             method,
             rank,
@@ -209,6 +213,24 @@ class FactorCache:
             order if method == "nd" else "",
             options,
         )
+
+    def prefetch(self, conv, method: str, ranks: list[int], options=None) -> None:
+        """Compute ``conv``'s factorizations at every rank in ``ranks`` at once (CP-ALS warm-starts
+        each rank from the last), for :meth:`factor` to return."""
+        options = options or FactorOptions()
+        todo = [r for r in ranks if self._key(conv, method, r, None, "", options) not in self._memo]
+        if method != "cp" or len(todo) < 2:
+            return
+        for r, factors in cp_weights_for_ranks(
+            conv.weight, todo, conv.groups, options.cp_max_iter, options.cp_tol, options.seed
+        ).items():
+            self._memo[self._key(conv, method, r, None, "", options)] = _cp_factored(
+                conv, r, factors
+            )
+
+    def factor(self, conv, method, rank, energy, order="dw-pw", options=None) -> Factored:
+        options = options or FactorOptions()
+        key = self._key(conv, method, rank, energy, order, options)
         if key not in self._memo:
             self._memo[key] = factor_conv(conv, method, rank, energy, order, options)
         hit = self._memo[key]

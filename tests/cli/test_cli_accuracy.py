@@ -192,3 +192,50 @@ def test_other_cifar_depths_in_the_checkpoint_format(tmp_path, capsys, depth):
     report = json.loads((tmp_path / f"resnet{depth}.decoupled.report.json").read_text())
     assert report["allocation"]["reached"] and report["totals"]["flops_ratio"] >= 2.0
     assert len(report["calibration"]) == sum(r["action"] == "decoupled" for r in report["layers"])
+
+
+def test_a_budget_with_calibration_prices_every_method(files, capsys):
+    args = [*base_args(files), "--target-flops", "0.6", "--calib", files / "calib.pt"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    report = json.loads((files / "net.decoupled.report.json").read_text())
+    assert report["config"]["method"] == "auto"
+    alloc = report["allocation"]
+    assert alloc["criterion"] == "output" and alloc["planned_flops"] <= alloc["target_flops"]
+    assert set(alloc["methods"]) == set(alloc["ranks"])
+    for name, label in alloc["methods"].items():
+        layer = next(r for r in report["layers"] if r["name"] == name)
+        assert (label == "keep") == (layer["action"] != "decoupled")
+
+
+def test_max_change_keeps_predictions_and_says_what_it_reached(files, capsys):
+    args = [*base_args(files), "--max-change", "25", "--calib", files / "calib.pt"]
+    args += ["--data", files / "data.pt"]
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    report = json.loads((files / "net.decoupled.report.json").read_text())
+    change = report["max_change"]
+    assert change["reached"] and change["changed_pct"] <= 25
+    assert change["measured_on"] == 10 and change["decided_on"] == 30  # 40 images, every 4th
+    kept = [t for t in change["tries"] if t["within"]]
+    assert min(t["cost_ratio"] for t in kept) == pytest.approx(change["cost_ratio"], abs=1e-4)
+    assert change["cost_ratio"] == pytest.approx(
+        report["totals"]["flops_after"] / report["totals"]["flops_before"], abs=1e-4
+    )
+    assert "max change: top-1 differs" in out and "accuracy: top-1" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--max-change", "1"], "pass --calib"),
+        (["--max-change", "100", "--calib", "calib.pt"], "percentage in [0, 100)"),
+        (["--method", "auto", "--rank", "2"], "--method auto chooses per layer under a budget"),
+        (["--criterion", "output", "--target-flops", "0.5"], "--criterion output measures"),
+    ],
+)
+def test_budget_flags_are_checked(files, capsys, extra, message):
+    extra = [files / e if e == "calib.pt" else e for e in extra]
+    code, out, err = run(capsys, *base_args(files), *extra)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (files / "net.decoupled.pt").exists()

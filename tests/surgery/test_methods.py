@@ -59,8 +59,11 @@ def test_config_validates_and_round_trips():
         rank=3, method="tucker", seed=7, cp_max_iter=50, overrides={"a": {"method": "cp"}}
     )
     assert DecoupleConfig.from_json(c.to_json()) == c
-    with pytest.raises(ValueError, match="method must be one of nd, cp, tucker; got 'svd'"):
+    with pytest.raises(ValueError, match="method must be one of nd, cp, tucker or auto; got 'svd'"):
         DecoupleConfig(rank=2, method="svd")
+    with pytest.raises(ValueError, match="'auto' chooses each layer's method"):
+        DecoupleConfig(rank=2, method="auto")
+    assert DecoupleConfig(method="auto").method == "auto"
     with pytest.raises(ValueError, match="CP takes a rank"):
         DecoupleConfig(energy=0.9, method="cp")
     with pytest.raises(ValueError, match="cp_max_iter"):

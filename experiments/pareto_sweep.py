@@ -1,0 +1,378 @@
+"""Accuracy against FLOPs and measured ONNX Runtime speed: every method alone and ``auto``.
+
+Run (needs ../shared/assets; about an hour on 2 cores):
+
+    pip install -e '.[dev]' && python experiments/pareto_sweep.py
+
+For the shared pretrained CIFAR-10 ResNet-20 and ResNet-32, every method alone (nd dw-pw, nd
+pw-dw, cp, tucker) and ``auto`` (every method priced per layer, one allocation) under FLOPs
+budgets, data-free (energy criterion) and calibrated (512 JPEG test images of index >= 1017; the
+``output`` criterion). Each result: top-1 on the 1,017 exact-pixel test images, FLOPs, and ONNX
+Runtime latency at batch 1 and 32 timed side by side with the BN-folded original. Then ``auto``
+under ``--target-latency 0.6`` in ONNX Runtime (batch 1 and 32) and ``--max-change 1``.
+
+The rank correlation (Spearman) of each criterion's predicted loss (the sum of the chosen
+options' per-layer losses) with top-1, over the calibrated and over the data-free plans, says
+which loss ranks plans as their accuracy does.
+
+Writes results/pareto.csv, results/pareto_rank_correlation.csv, results/pareto.md and
+results/pareto_*.png. ``--quick`` (ResNet-20, budget 0.5, 64 calibration images, no latency
+budget runs) writes into a new temporary folder unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from accuracy_sweep import SHAPE, SHARED, load_sets, write_csv
+from scipy.stats import spearmanr
+
+from decouple import DecoupleConfig, count_flops
+from decouple.agreement import compress_within_change_
+from decouple.io.checkpoint import load_model
+from decouple.io.evaluate import evaluate
+from decouple.models import get_model_info
+from decouple.pipeline import compress_
+from decouple.plan.losses import CRITERIA
+from decouple.plan.options import rank_options
+from decouple.runtime.latency import LatencyConfig, compare, cpu_name
+from decouple.runtime.realize import choose_realizations_
+from decouple.surgery.bn_fold import fold_batchnorm_
+from decouple.surgery.methods import FactorCache
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = [
+    ("nd", "dw-pw"),
+    ("nd", "pw-dw"),
+    ("cp", "dw-pw"),
+    ("tucker", "dw-pw"),
+    ("auto", "dw-pw"),
+]
+TIMING = {"min_run_time": 0.5, "layer_rounds": 2, "layer_min_run_time": 0.02}
+
+
+def label(method: str, order: str) -> str:
+    return f"nd {order}" if method == "nd" else method
+
+
+def ort_speedups(baseline, model, batches=(1, 32)) -> dict:
+    """ONNX Runtime speedup of ``model`` over ``baseline`` at each batch, timed side by side,
+    every network-decoupled layer in its fastest realization there (no layer reverted)."""
+    out = {}
+    for b in batches:
+        cfg = LatencyConfig(runtime="onnxruntime", batch=b, **TIMING)
+        twin = copy.deepcopy(model)
+        example = cfg.example(SHAPE)
+        choose_realizations_(twin, {}, example, "onnxruntime", 2, TIMING["layer_min_run_time"])
+        side = compare(baseline, twin, example, cfg)
+        out[f"ms_b{b}"] = round(side["after"]["median_ms"], 3)
+        out[f"ms_before_b{b}"] = round(side["before"]["median_ms"], 3)
+        out[f"speedup_b{b}"] = round(side["speedup"], 3)
+    return out
+
+
+def predicted(choice, losses) -> dict:
+    """Each criterion's predicted loss of a plan: the sum of its chosen options' losses."""
+    out = {}
+    for crit, options in losses.items():
+        total = 0.0
+        for name, o in choice.items():
+            if o.rank:
+                match = [
+                    x
+                    for x in options[name]
+                    if (x.method, x.order, x.rank) == (o.method, o.order, o.rank)
+                ]
+                total += match[0].loss if match else float("nan")
+        out[f"loss_{crit}"] = total
+    return out
+
+
+def run_plan(base, baseline, method, order, budget, calib, images, labels, flops0, cache, losses):
+    model = copy.deepcopy(base)
+    config = DecoupleConfig(order=order, method=method, fold_bn=True)
+    start = time.perf_counter()
+    result = compress_(
+        model, config, SHAPE, target_flops=budget, criterion="output" if calib is not None else "energy",
+        calib_images=calib, cache=cache,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    flops, _ = count_flops(model, torch.zeros(1, *SHAPE))
+    kinds: dict[str, int] = {}
+    for lbl in result.allocation.methods().values():
+        k = "keep" if lbl == "keep" else lbl.rsplit(" ", 1)[0]
+        kinds[k] = kinds.get(k, 0) + 1
+    return {
+        "flops": flops,
+        "flops_ratio": round(flops0 / flops, 3),
+        "top1": round(100 * evaluate(model, images, labels)["top1"], 2),
+        "seconds": round(seconds, 1),
+        "chosen": " ".join(f"{k}:{n}" for k, n in sorted(kinds.items())),
+        **predicted(result.allocation.choice, losses),
+        **ort_speedups(baseline, model),
+    }
+
+
+def spearman_rows(rows) -> list[dict]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for calibrated in (False, True):
+            pts = [r for r in rows if r["model"] == model and r["calibrated"] == calibrated
+                   and r["scheme"] == "budget"]  # fmt: skip
+            if len(pts) < 3:
+                continue
+            row = {"model": model, "calibrated": calibrated, "plans": len(pts)}
+            for crit in CRITERIA:
+                rho = spearmanr([r[f"loss_{crit}"] for r in pts], [r["top1"] for r in pts])[0]
+                row[f"rho_{crit}"] = round(-float(rho), 3)  # higher loss, lower top-1: sign flipped
+            out.append(row)
+    return out
+
+
+def plot(rows, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for x, name in (("flops_ratio", "flops"), ("speedup_b1", "ort_b1"), ("speedup_b32", "ort_b32")):
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
+        for ax, model in zip(axes[0], models, strict=True):
+            base = next(r for r in rows if r["model"] == model and r["scheme"] == "original")
+            for calibrated, style in ((True, "-o"), (False, ":x")):
+                for m in dict.fromkeys(r["method"] for r in rows if r["scheme"] == "budget"):
+                    pts = sorted((float(r[x]), float(r["top1"])) for r in rows
+                                 if r["model"] == model and r["method"] == m and r["scheme"] == "budget"
+                                 and r["calibrated"] == calibrated)  # fmt: skip
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), style,
+                                label=f"{m} ({'calibrated' if calibrated else 'data-free'})")  # fmt: skip
+            ax.axhline(
+                float(base["top1"]) - 1, color="grey", lw=0.8, ls="--", label="original - 1 pt"
+            )
+            ax.set_title(model)
+            ax.set_xlabel({"flops_ratio": "FLOPs reduction (x)", "speedup_b1": "ONNX Runtime speedup, batch 1",
+                           "speedup_b32": "ONNX Runtime speedup, batch 32"}[x])  # fmt: skip
+            ax.set_ylabel("top-1 (%)")
+            ax.set_ylim(max(0, float(base["top1"]) - 25), float(base["top1"]) + 2)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7, loc="lower left")
+        fig.tight_layout()
+        fig.savefig(out / f"pareto_{name}.png", dpi=110)
+        plt.close(fig)
+
+
+def markdown(rows, rho, command: str) -> str:
+    out = [
+        "# Accuracy against FLOPs and measured speed: every method alone and `auto`",
+        "",
+        f"Written by `experiments/pareto_sweep.py`; do not edit by hand. Reproduce with `{command}`. "
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        "Top-1 on the first 1,017 exact-pixel CIFAR-10 test images; calibration on 512 JPEG test "
+        "images of index >= 1017. Data-free plans use the energy criterion, calibrated ones the "
+        "output criterion. Speedups: ONNX Runtime (CPU), each plan (its network-decoupled layers "
+        "in their fastest realization there) timed side by side with the BN-folded original.",
+        "",
+        "| model | method | budget | refit | FLOPs | top-1 | drop | ORT b1 | ORT b32 | chosen per layer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["scheme"] == "original":
+            continue
+        out.append(
+            f"| {r['model']} | {r['method']} | {r['target']} | "
+            f"{'calibrated' if r['calibrated'] else 'data-free'} | {float(r['flops_ratio']):.2f}x | "
+            f"{r['top1']} | {r['drop']} | {r.get('speedup_b1', '')} | {r.get('speedup_b32', '')} | "
+            f"{r.get('chosen', '')} |"
+        )
+    out += ["", "## Does the summed loss rank plans as top-1 does?", "",
+            "Spearman correlation of minus each criterion's predicted loss with top-1 over the "
+            "budget plans above (1: same order).", "",
+            "| model | refit | plans | " + " | ".join(CRITERIA) + " |",
+            "|---|---|---|" + "---|" * len(CRITERIA)]  # fmt: skip
+    for r in rho:
+        out.append(f"| {r['model']} | {'calibrated' if r['calibrated'] else 'data-free'} | {r['plans']} | "
+                   + " | ".join(str(r[f"rho_{c}"]) for c in CRITERIA) + " |")  # fmt: skip
+    out += ["", "![top-1 vs FLOPs](pareto_flops.png)", "",
+            "![top-1 vs ONNX Runtime speedup, batch 1](pareto_ort_b1.png)", "",
+            "![top-1 vs ONNX Runtime speedup, batch 32](pareto_ort_b32.png)", ""]  # fmt: skip
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", type=Path, default=None, help="the shared cifar10 folder")
+    ap.add_argument("--budgets", default="0.5,0.4")
+    ap.add_argument("--models", default="20,32", help="depths of the shared checkpoints")
+    ap.add_argument("--quick", action="store_true", help="ResNet-20, budget 0.5, 64 images")
+    ap.add_argument("--out", type=Path, default=None, help="default results/ (--quick: a temp dir)")
+    ap.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rebuild pareto.md and the plots from the per-model CSVs in --out")  # fmt: skip
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="pareto-")) if args.quick else ROOT / "results"
+    calib_size = 64 if args.quick else 512
+    budgets = [0.5] if args.quick else [float(b) for b in args.budgets.split(",")]
+    depths = ["20"] if args.quick else args.models.split(",")
+    command = "python experiments/pareto_sweep.py" + (" --quick" if args.quick else "")
+    if args.report_only:
+        return report(args.out, command)
+    assets, test, calib_set = load_sets(args.assets, calib_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for file, arch in SHARED:
+        if arch.removeprefix("cifar_resnet") not in depths:
+            continue
+        meta = get_model_info(arch).meta
+        images = test.as_float(meta["mean"], meta["std"])
+        calib = calib_set.as_float(meta["mean"], meta["std"])
+        base, _, _ = load_model(str(assets / file), arch)
+        baseline = copy.deepcopy(base)
+        fold_batchnorm_(baseline)  # the same free folding, so speedups are the decoupling's
+        flops0, _ = count_flops(base, torch.zeros(1, *SHAPE))
+        top0 = round(100 * evaluate(base, images, test.labels)["top1"], 2)
+        name = arch.replace("cifar_", "")
+        rows, extra_rows = [], []
+        rows.append({"model": name, "scheme": "original", "method": "", "target": "",
+                     "calibrated": False, "flops": flops0, "flops_ratio": 1.0, "top1": top0,
+                     "drop": 0.0})  # fmt: skip
+        cache = FactorCache()
+        start = time.perf_counter()
+        losses = {c: rank_options(baseline, DecoupleConfig(method="auto"), SHAPE, c,
+                                  None if c == "energy" else calib, cache=cache)[0]
+                  for c in CRITERIA}  # fmt: skip
+        print(
+            f"{name}: top-1 {top0}; every option priced in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
+        for method, order in METHODS:
+            for budget in budgets:
+                for calibrated in (False, True):
+                    r = run_plan(base, baseline, method, order, budget, calib if calibrated else None,
+                                 images, test.labels, flops0, cache, losses)  # fmt: skip
+                    row = {"model": name, "scheme": "budget", "method": label(method, order),
+                           "target": budget, "calibrated": calibrated, **r,
+                           "drop": round(r["top1"] - top0, 2)}  # fmt: skip
+                    rows.append(row)
+                    print(f"  {row['method']:9s} {budget} {'cal ' if calibrated else 'free'} "
+                          f"{row['flops_ratio']}x top-1 {row['top1']} ({row['drop']:+}) ORT b1 "
+                          f"{row['speedup_b1']}x b32 {row['speedup_b32']}x [{row['seconds']} s] "
+                          f"{row['chosen']}", flush=True)  # fmt: skip
+                    write_csv(rows, args.out / f"pareto_{name}.csv")
+        if not args.quick:
+            for batch in (32, 1):
+                extra_rows.append(latency_run(base, baseline, name, batch, calib, images,
+                                              test.labels, top0, cache))  # fmt: skip
+                write_csv(extra_rows, args.out / f"pareto_targets_{name}.csv")
+            extra_rows.append(
+                change_run(base, name, calib, images, test.labels, top0, flops0, cache)
+            )
+            write_csv(extra_rows, args.out / f"pareto_targets_{name}.csv")
+    return report(args.out, command)
+
+
+def read_csv(path: Path) -> list[dict]:
+    def value(v: str):
+        if v in ("True", "False"):
+            return v == "True"
+        try:
+            return int(v)
+        except ValueError:
+            try:
+                return float(v)
+            except ValueError:
+                return v
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def report(out: Path, command: str) -> int:
+    """pareto.md, the rank correlations and the plots, from every per-model CSV in ``out``."""
+    rows = [r for p in sorted(out.glob("pareto_resnet*.csv")) for r in read_csv(p)]
+    extra = [r for p in sorted(out.glob("pareto_targets_*.csv")) for r in read_csv(p)]
+    if not rows:
+        print(f"no pareto_resnet*.csv in {out}", file=sys.stderr)
+        return 1
+    rho = spearman_rows(rows)
+    write_csv(rho, out / "pareto_rank_correlation.csv")
+    plot(rows, out)
+    (out / "pareto.md").write_text(markdown(rows, rho, command) + targets_md(extra))
+    print(f"wrote {out}/pareto.md, pareto*.csv and pareto_*.png", file=sys.stderr)
+    return 0
+
+
+def latency_run(base, baseline, name, batch, calib, images, labels, top0, cache) -> dict:
+    """``auto`` calibrated under --target-latency 0.6 in ONNX Runtime at ``batch``."""
+    model = copy.deepcopy(base)
+    latency = LatencyConfig(runtime="onnxruntime", batch=batch, **TIMING)
+    start = time.perf_counter()
+    result = compress_(model, DecoupleConfig(method="auto", fold_bn=True), SHAPE, target_latency=0.6,
+                       criterion="output", calib_images=calib, latency=latency, cache=cache)  # fmt: skip
+    seconds = time.perf_counter() - start
+    side = compare(
+        baseline, model, latency.example(SHAPE), LatencyConfig(runtime="onnxruntime", batch=batch)
+    )
+    plan = result.latency_plan
+    top1 = round(100 * evaluate(model, images, labels)["top1"], 2)
+    f0, _ = count_flops(baseline, torch.zeros(1, *SHAPE))
+    f1, _ = count_flops(model, torch.zeros(1, *SHAPE))
+    row = {"model": name, "run": f"--target-latency 0.6 ORT batch {batch}", "top1": top1,
+           "drop": round(top1 - top0, 2), "speedup": round(side["speedup"], 3),
+           "flops_ratio": round(f0 / f1, 3), "table_passes": plan.table_passes,
+           "plans_timed": len(plan.steps), "seconds": round(seconds, 1)}  # fmt: skip
+    print(
+        f"  {row['run']}: {row['speedup']}x, top-1 {top1} ({row['drop']:+}) [{row['seconds']} s]",
+        flush=True,
+    )
+    return row
+
+
+def change_run(base, name, calib, images, labels, top0, flops0, cache) -> dict:
+    """``auto`` calibrated under --max-change 1 (FLOPs), with the labelled top-1 beside it."""
+    model = copy.deepcopy(base)
+    start = time.perf_counter()
+    config = DecoupleConfig(method="auto", fold_bn=True)
+    _, search = compress_within_change_(
+        model, config, SHAPE, 1.0, calib, criterion="output", cache=cache
+    )
+    seconds = time.perf_counter() - start
+    top1 = round(100 * evaluate(model, images, labels)["top1"], 2)
+    flops, _ = count_flops(model, torch.zeros(1, *SHAPE))
+    row = {"model": name, "run": "--max-change 1", "top1": top1, "drop": round(top1 - top0, 2),
+           "flops_ratio": round(flops0 / flops, 3), "changed_pct": search.changed_pct,
+           "measured_on": search.measured_on, "tries": len(search.tries), "seconds": round(seconds, 1)}  # fmt: skip
+    print(
+        f"  --max-change 1: {row['flops_ratio']}x, changed {row['changed_pct']} %, top-1 {top1} [{row['seconds']} s]",
+        flush=True,
+    )
+    return row
+
+
+def targets_md(rows) -> str:
+    if not rows:
+        return ""
+    out = ["## Targets: `auto`, calibrated", "",
+           "| model | run | FLOPs | ORT speedup (side by side) | top-1 | drop | changed top-1 (held-out) | notes |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        notes = (f"{r['table_passes']} timing pass(es), {r['plans_timed']} plan(s) timed whole"
+                 if "table_passes" in r and r.get("table_passes") not in ("", None)
+                 else f"{r.get('tries', '')} budgets tried, measured on {r.get('measured_on', '')} images")  # fmt: skip
+        out.append(f"| {r['model']} | `{r['run']}` | {float(r['flops_ratio']):.2f}x | {r.get('speedup', '') or ''} | "
+                   f"{r['top1']} | {r['drop']} | {r.get('changed_pct', '') if r.get('changed_pct') is not None else ''} | {notes} |")  # fmt: skip
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
