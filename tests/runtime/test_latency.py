@@ -515,3 +515,12 @@ def test_layer_tables_are_timed_again_until_the_plan_is_stable(monkeypatch):
     for name, times in steady.table.items():
         for key, ms in times.items():
             assert plan.table[name][key] == pytest.approx(ms)
+
+
+def test_realizations_are_screened_at_the_middle_rank(monkeypatch):
+    """Only the two realizations fastest at each order's middle rank are timed at every rank."""
+    _fake_clock(monkeypatch)
+    plan = lb.plan_latency(toy(), DecoupleConfig(order="dw-pw"), (3, 8, 8), 0.6)
+    for times in plan.table.values():
+        reals = {k.split(": ")[1] for k in times if k != ORIGINAL}
+        assert reals == {"split", "repeat"}  # EXTRA_MS: the two cheapest
