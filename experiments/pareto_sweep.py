@@ -56,6 +56,7 @@ METHODS = [
     ("cp", "dw-pw"),
     ("tucker", "dw-pw"),
 ]
+COLORS = {"auto": "C3", "cp": "C1", "nd dw-pw": "C0", "nd pw-dw": "C2", "tucker": "C4"}
 TIMING = {"min_run_time": 0.5, "layer_rounds": 2, "layer_min_run_time": 0.02}
 
 
@@ -154,7 +155,7 @@ def plot(rows, out: Path) -> None:
                                  if r["model"] == model and r["method"] == m and r["scheme"] == "budget"
                                  and r["calibrated"] == calibrated)  # fmt: skip
                     if pts:
-                        ax.plot(*zip(*pts, strict=True), style,
+                        ax.plot(*zip(*pts, strict=True), style, color=COLORS.get(m),
                                 label=f"{m} ({'calibrated' if calibrated else 'data-free'})")  # fmt: skip
             ax.axhline(
                 float(base["top1"]) - 1, color="grey", lw=0.8, ls="--", label="original - 1 pt"
