@@ -12,6 +12,7 @@ Where things live, in the order the pipeline runs (each layer imports only those
 * :mod:`decouple.plan` — per-layer options, the allocator, FLOPs and latency budgets
 * :mod:`decouple.pipeline` — ``compress_``: the whole flow on one model
 * :mod:`decouple.report` — FLOPs, params, per-layer and output error; JSON, Markdown, text
+* :mod:`decouple.agreement` — ``--max-change``: the cheapest plan within a label-free agreement
 * :mod:`decouple.cli` — ``python -m decouple``
 * :mod:`decouple.models` — the registry of named architectures (a leaf: imports nothing of ours)
 """
