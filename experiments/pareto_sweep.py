@@ -222,6 +222,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="default results/ (--quick: a temp dir)")
     ap.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out's CSVs")
+    ap.add_argument("--methods", default=None,
+                    help="comma list of auto, nd-dw-pw, nd-pw-dw, cp, tucker (default: all, auto first)")  # fmt: skip
     ap.add_argument("--report-only", action="store_true",
                     help="only rebuild pareto.md and the plots from the per-model CSVs in --out")  # fmt: skip
     args = ap.parse_args(argv)
@@ -273,7 +275,10 @@ def main(argv=None) -> int:
             f"{name}: top-1 {top0}; every option priced in {time.perf_counter() - start:.0f} s",
             flush=True,
         )
+        wanted = args.methods.split(",") if args.methods else None
         for method, order in METHODS:
+            if wanted and label(method, order).replace(" ", "-") not in wanted:
+                continue
             for budget in budgets:
                 for calibrated in (False, True):
                     if (label(method, order), budget, calibrated) in done:
