@@ -198,12 +198,12 @@ class Report:
                 f"budget: {alloc['target_flops']:,} FLOPs ({state}); "
                 f"planned {alloc['planned_flops']:,} with per-layer T chosen by {alloc['criterion']}"
             )
-        chosen = (alloc or lalloc or {}).get("methods")
-        if chosen and len({m.split(" T=")[0].split("=")[0] for m in chosen.values()}) > 1:
-            counts = {}
-            for m in chosen.values():
-                kind = "kept" if m == "keep" else m.rsplit(" ", 1)[0]
-                counts[kind] = counts.get(kind, 0) + 1
+        chosen = (alloc or lalloc or {}).get("methods") or {}
+        counts: dict[str, int] = {}
+        for m in chosen.values():  # "nd dw-pw T=3" -> "nd dw-pw", "cp R=4" -> "cp", "keep"
+            kind = "kept" if m == "keep" else m.rsplit(" ", 1)[0]
+            counts[kind] = counts.get(kind, 0) + 1
+        if len(set(counts) - {"kept"}) > 1:  # only worth a line when methods were mixed
             lines.append(
                 "methods chosen per layer: "
                 + ", ".join(f"{k} {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))

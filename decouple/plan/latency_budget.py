@@ -151,8 +151,7 @@ def plan_latency(
         layers_ns += original_ns
         options[name] = _timed_options(opts, times, min_saving)
         for o in options[name][1:]:
-            mine = {k: v for k, v in times.items() if k.startswith(f"{o.label}: ")}
-            best_real[(name, o.label)] = min(mine, key=mine.get).removeprefix(f"{o.label}: ")
+            best_real[(name, o.label)] = _fastest(times, o.label)[0]
     model_ns = int(model_ms * 1e6)
     fixed, target_ms = max(model_ns - layers_ns, 0), target_latency * model_ms
     # (budget, measured ms) of every plan timed whole. The original model is one for free: the
@@ -201,13 +200,19 @@ def _pick(tried, target_ms: float, noise: float):
     return True, plan, chosen, ms
 
 
+def _fastest(times: dict[str, float], label: str) -> tuple[str, float]:
+    """The fastest realization of option ``label`` in a layer's table, and its time (ms)."""
+    mine = {k.removeprefix(f"{label}: "): v for k, v in times.items() if k.startswith(f"{label}: ")}
+    real = min(mine, key=mine.get)
+    return real, mine[real]
+
+
 def _timed_options(opts: list[Option], times: dict[str, float], min_saving: float):
     """``opts`` re-priced in ns: each at its fastest realization, kept if it saves enough."""
     original_ns = int(times[ORIGINAL] * 1e6)
     out = [replace(opts[0], cost=original_ns)]
     for o in opts[1:]:
-        mine = [v for k, v in times.items() if k.startswith(f"{o.label}: ")]
-        ns = int(min(mine) * 1e6)
+        ns = int(_fastest(times, o.label)[1] * 1e6)
         if ns <= (1 - min_saving) * original_ns:
             out.append(replace(o, cost=ns))
     return out
