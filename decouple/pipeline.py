@@ -17,8 +17,10 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from .calibrate.layerwise import CalibrationRecord, calibrate_
+from .calibrate.layerwise import REFIT_MODES, CalibrationRecord, calibrate_
 from .nn.decoupled import DecoupledConv2d
+from .nn.guards import check_module, type_error
+from .nn.transaction import transaction
 from .plan.allocate import MIN_SAVING, Allocation
 from .plan.flops_budget import plan_ranks
 from .plan.latency_budget import LatencyPlan, plan_latency
@@ -27,8 +29,9 @@ from .runtime.latency import LatencyConfig
 from .runtime.realize import ORIGINAL, RealizationChoice, choose_realizations_, confirm_on_model_
 from .surgery.bn_fold import fold_batchnorm_
 from .surgery.config import DecoupleConfig
-from .surgery.methods import FactorCache, recipe_entry
+from .surgery.methods import FactorCache, is_factored, recipe_entry
 from .surgery.rewrite import LayerRecord, decouplable_convs, decouple_with_fold_info
+from .surgery.sites import check_sites, conv_sites
 
 
 @dataclass
@@ -127,9 +130,35 @@ def compress_(
         real inputs and keep the fastest; a layer nothing beats gets its conv back
         (:func:`decouple.runtime.realize.choose_realizations_`); then check the choice on the whole
         model (:func:`decouple.runtime.realize.confirm_on_model_`). Implied by ``target_latency``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`~decouple.surgery.decouple_` and the steps it runs; what can be checked is
+        checked before the model changes, and on any failure the model is restored exactly.
     """
+    check_module(model, "compress_")
+    if not isinstance(config, DecoupleConfig):
+        raise type_error("config", "a DecoupleConfig", config)
     if target_flops is not None and target_latency is not None:
         raise ValueError("give either target_flops or target_latency, not both")
+    if calib_images is not None and refit not in REFIT_MODES:
+        raise ValueError(f"refit mode must be one of {', '.join(REFIT_MODES)}; got {refit!r}")
+    # No conv, or NaN weights: refused now rather than after folding and planning.
+    check_sites(model, conv_sites(model, config), specs=False)
+    # Calibration refits factored layers in place; copies of any already there undo it.
+    with transaction(model, "compress_", save_data=is_factored):
+        return _compress(
+            model, config, input_shape, target_flops, criterion, calib_images, refit, ridge,
+            min_saving, progress, cache, target_latency, latency, realize,
+        )  # fmt: skip
+
+
+def _compress(
+    model, config, input_shape, target_flops, criterion, calib_images, refit, ridge, min_saving,
+    progress, cache, target_latency, latency, realize,
+) -> CompressResult:  # fmt: skip
+    """:func:`compress_` once its inputs are checked, inside its transaction."""
     latency = latency or LatencyConfig()
     cache = cache if cache is not None else FactorCache()
     fold_error = None

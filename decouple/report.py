@@ -144,8 +144,8 @@ class Report:
         acc = self.extra.get("accuracy")
         if acc:
             lines.append(
-                f"accuracy: top-1 {100 * acc['before']['top1']:.2f} % -> {100 * acc['after']['top1']:.2f} % "
-                f"on {acc['before']['n']} {acc.get('data', 'images')}"
+                f"accuracy: top-1 {100 * acc['before']['top1']:.2f} % -> {100 * acc['after']['top1']:.2f} % on "
+                + _counted(acc["before"]["n"], acc.get("data", "images"))
             )
         lat = self.extra.get("latency")
         if lat:
@@ -331,3 +331,8 @@ def build_report(
         output=output_error(original, decoupled, inputs),
         extra=dict(extra or {}),
     )
+
+
+def _counted(n: int, name: str) -> str:
+    """``16 images from x.pt`` as it is; ``CIFAR-10 test images`` as ``1017 CIFAR-10 ...``."""
+    return name if name.startswith(f"{n} ") else f"{n} {name}"

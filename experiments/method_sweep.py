@@ -13,6 +13,11 @@ every candidate rank of every method against the layer's FLOPs.
 
 Writes results/methods.csv, results/layer_error.csv, results/methods_vs_flops.png,
 results/layer_error.png and results/methods.md. ``experiments/compare_methods.ipynb`` reads them.
+
+``--quick`` (ResNet-20, budget 0.5, 64 calibration and 256 test images, 10 CP sweeps; minutes) and
+``--smoke`` (the same with nd dw-pw and Tucker-2 only, 16 calibration and 64 test images, the
+first layers only: seconds, for the test suite) write into a new temporary folder unless ``--out``
+is given, and never into results/.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,20 +79,23 @@ def run_one(
     }
 
 
-def layer_errors(name: str, base, cache: FactorCache, cp_iters: int) -> list[dict]:
+def layer_errors(
+    name: str, base, cache: FactorCache, cp_iters: int, methods=METHODS, max_layers=None
+) -> list[dict]:
     """Relative kernel error of every rank the allocator offers, per method and layer (BN folded;
-    the same candidates as the budget runs, so CP comes from ``cache`` rather than ALS again)."""
+    the same candidates as the budget runs, so CP comes from ``cache`` rather than ALS again);
+    the first ``max_layers`` decouplable layers only, if given."""
     model = copy.deepcopy(base)
     fold_batchnorm_(model)
     config = DecoupleConfig(cp_max_iter=cp_iters)
-    names = decouplable_convs(model, config)
+    names = decouplable_convs(model, config)[:max_layers]
     shapes = probe_shapes(model, names, SHAPE)
     rows = []
     for layer in names:
         conv = model.get_submodule(layer)
         in_hw, out_hw = shapes[layer]
         original = conv_flops(conv, out_hw)
-        for method, order in METHODS:
+        for method, order in methods:
             if method == "nd":
                 full = decouple_weight(conv.weight, None, order, conv.groups)
             limit = (1 - MIN_SAVING) * original
@@ -188,7 +197,7 @@ def plot(rows, layer_rows, out: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assets", type=Path, default=None, help="the shared cifar10 folder")
     parser.add_argument("--model", action="append", default=[], metavar="PATH:ARCH")
@@ -202,18 +211,39 @@ def main() -> None:
     parser.add_argument("--calib-size", type=int, default=512)
     parser.add_argument("--cp-iters", type=int, default=100, help="CP-ALS sweeps at most")
     parser.add_argument("--eval-size", type=int, default=None, help="first N test images only")
+    parser.add_argument("--methods", default=None,
+                        help="comma list of nd-dw-pw, nd-pw-dw, cp, tucker (default: all)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="small setting for CI and notebooks: ResNet-20, budget 0.5, "
                         "64 calibration and 256 test images, 10 CP sweeps")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
-    args = parser.parse_args()
-    if args.quick:
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, for the test suite: --quick with nd dw-pw and tucker only, "
+                        "16 calibration and 64 test images, kernel errors of 3 layers")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default results/ (--quick, --smoke: a new temp dir)")  # fmt: skip
+    args = parser.parse_args(argv)
+    small = args.quick or args.smoke
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="method_sweep-")) if small else ROOT / "results"
+    if small and args.out.resolve() == (ROOT / "results").resolve():
+        parser.error("--quick and --smoke never write into results/ (its files are the full sweep)")
+    if small:
         args.budgets, args.calib_size, args.cp_iters, args.eval_size = [0.5], 64, 10, 256
+    max_layers = None
+    if args.smoke:
+        args.calib_size, args.eval_size, max_layers = 16, 64, 3
+        args.methods = args.methods or "nd-dw-pw,tucker"
+    methods = METHODS
+    if args.methods:
+        wanted = args.methods.split(",")
+        methods = [m for m in METHODS if label(*m).replace(" ", "-") in wanted]
+        if len(methods) != len(wanted):
+            parser.error(f"--methods: each of nd-dw-pw, nd-pw-dw, cp, tucker; got {args.methods}")
     assets, test, calib_set = load_sets(args.assets, args.calib_size)
     if args.eval_size:
         test = test.subset(torch.arange(min(args.eval_size, len(test))))
     pairs = [m.rsplit(":", 1) for m in args.model] or [[str(assets / f), a] for f, a in SHARED]
-    if args.quick and not args.model:
+    if small and not args.model:
         pairs = pairs[:1]
     args.out.mkdir(parents=True, exist_ok=True)
     rows, layer_rows = [], []
@@ -234,7 +264,7 @@ def main() -> None:
             f"{name}: original top-1 {rows[-1]['top1']:.2f} % on {len(images)} images", flush=True
         )
         cache = FactorCache()  # CP/Tucker factorizations shared by every budget of this model
-        for method, order in METHODS:
+        for method, order in methods:
             for budget in args.budgets:
                 for calibrated in (False, True):
                     row = {"model": name, "scheme": "budget", "method": label(method, order),
@@ -247,12 +277,12 @@ def main() -> None:
                     print(f"  {row['method']:10s} R={budget:<4} {'calibrated' if calibrated else 'data-free '} "
                           f"{row['flops_ratio']:.2f}x top-1 {row['top1']:6.2f} ({row['drop']:+.2f}) "
                           f"{row['seconds']}s", flush=True)  # fmt: skip
-        layer_rows += layer_errors(name, base, cache, args.cp_iters)
+        layer_rows += layer_errors(name, base, cache, args.cp_iters, methods, max_layers)
     write_csv(rows, args.out / "methods.csv")
     write_csv(layer_rows, args.out / "layer_error.csv")
     plot(rows, layer_rows, args.out)
     command = "pip install -e '.[dev]' && python experiments/method_sweep.py" + (
-        " --quick" if args.quick else ""
+        " --smoke" if args.smoke else " --quick" if args.quick else ""
     )
     table = summary_table(rows, args.budgets)
     lines = [

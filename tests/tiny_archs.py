@@ -47,3 +47,42 @@ class TwoOutputs(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.conv(x)
         return y, y.mean()
+
+
+def exits() -> nn.Module:
+    """A builder that calls ``sys.exit`` (a BaseException, not an Exception)."""
+    import sys
+
+    sys.exit(0)
+
+
+def warns_then_raises() -> nn.Module:
+    import warnings
+
+    warnings.warn(
+        "a library warning that must not add a line to the error", UserWarning, stacklevel=2
+    )
+    raise ValueError("this builder warns, then fails")
+
+
+def transposed_only() -> nn.Module:
+    """No ``nn.Conv2d`` at all: a transposed convolution only."""
+    return nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class ShiftedConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward: decoupling its weight would change what it does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1.0
+
+
+def custom_conv_net() -> nn.Module:
+    """One plain 3×3 conv and one :class:`ShiftedConv`; 3×8×8 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        ShiftedConv(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )

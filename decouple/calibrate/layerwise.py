@@ -22,7 +22,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn.factorized import FactorizedConv2d
-from ..surgery.methods import FACTORED_LAYERS
+from ..nn.transaction import in_place
+from ..surgery.methods import FACTORED_LAYERS, is_factored
 from .moments import Moments
 from .refit import (
     MAX_SYSTEM,
@@ -87,6 +88,7 @@ def layer_moments(
     return fit, (val if val.count else fit)
 
 
+@in_place(save_data=is_factored)  # refits write into the factored layers: copies undo a failure
 @torch.no_grad()
 def calibrate_(
     model: nn.Module,

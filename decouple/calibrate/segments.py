@@ -19,6 +19,8 @@ from ..surgery.methods import FACTORED_LAYERS
 
 
 class _Tracer(fx.Tracer):
+    # Every nn.Conv2d stays a leaf, plain or not (decouple.nn.discover): a leaf only means the
+    # segment calls the module object; tracing into a custom forward would gain nothing.
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (*FACTORED_LAYERS, nn.Conv2d)) or super().is_leaf_module(m, qualname)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -14,15 +15,16 @@ from ..io.checkpoint import InputError
 from ..runtime.latency import LatencyConfig
 from ..surgery.config import AUTO, DecoupleConfig
 
+MAX_INPUT_ELEMENTS = 3 * 4096 * 4096  # per image
+MAX_WORKERS = 64
+MAX_JSON_BYTES = 16 << 20  # a config or recipe is a few kB; more is not one
+
 
 def make_config(args: argparse.Namespace) -> DecoupleConfig:
     """The config from ``--config`` (if any) with the command-line flags applied on top."""
     data = {"fold_bn": True}
     if args.config:
-        try:
-            loaded = json.loads(Path(args.config).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"cannot read --config {args.config}: {e}") from None
+        loaded = read_json_file(args.config, "--config")
         if not isinstance(loaded, dict):
             raise InputError(f"--config {args.config} must hold a JSON object (a DecoupleConfig)")
         data.update(loaded)
@@ -48,7 +50,11 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
     if not isinstance(overrides, dict):
         raise InputError("the config's overrides must be a JSON object of name -> rule")
     data["overrides"] = {**overrides, **{name: "skip" for name in args.skip}}
-    config = DecoupleConfig.from_dict(data)
+    try:
+        config = DecoupleConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        where = f"--config {args.config}" if args.config else "the flags"
+        raise InputError(f"{where}: {str(e).strip().splitlines()[0]}") from None
     ranked = any(not s.skip for _, s in config.overrides)
     if config.rank is None and config.energy is None and not ranked and not budget:
         raise InputError(
@@ -75,8 +81,8 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
         raise InputError(f"--calib-size must be >= 1; got {args.calib_size}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")
-    if args.workers < 0:
-        raise InputError(f"--workers must be >= 0; got {args.workers}")
+    if not 0 <= args.workers <= MAX_WORKERS:
+        raise InputError(f"--workers must be in 0..{MAX_WORKERS}; got {args.workers}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: PyTorch sees no CUDA device here")
     if args.target_latency is not None and not 0 < args.target_latency <= 1:
@@ -84,6 +90,24 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
             f"--target-latency must be a fraction in (0, 1]; got {args.target_latency}"
         )
     return config
+
+
+def read_json_file(path: str, what: str) -> object:
+    """A small JSON file read as untrusted input: a regular file, bounded in size and depth."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what}: no such file: {path}")
+    if not p.is_file():  # a FIFO would block the read forever
+        raise InputError(f"{what} {path} is not a regular file")
+    try:
+        if p.stat().st_size > MAX_JSON_BYTES:
+            raise InputError(f"{what} {path} is over {MAX_JSON_BYTES >> 20} MiB; not a config")
+        return json.loads(p.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise InputError(f"{what} {path} is nested too deeply to be a config") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0]
+        raise InputError(f"cannot read {what} {path}: {msg}") from None
 
 
 def make_latency_config(args: argparse.Namespace) -> LatencyConfig | None:
@@ -122,4 +146,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise InputError(f"--input-shape must be C,H,W with positive integers; got {text!r}")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:  # one image; a typo here would exhaust memory
+        raise InputError(
+            f"--input-shape {text} is {math.prod(shape):,} values per image; the most is "
+            f"{MAX_INPUT_ELEMENTS:,} (e.g. 3,4096,4096)"
+        )
     return shape

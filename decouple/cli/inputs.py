@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..io.datasets import loader, open_images, source_indices
+from ..io.datasets import loader, numbered_source, open_images, source_indices
 from ..io.errors import InputError
 from ..io.preprocess import Preprocess, default_preprocess
 
@@ -32,17 +32,53 @@ class Images:
     count: int
 
 
-def cli_preprocess(args: argparse.Namespace, arch: str | None) -> Preprocess:
-    """The architecture's preprocessing with ``--resize/--crop/--mean/--std`` on top."""
+PREPROCESS_FLAGS = ("resize", "crop", "mean", "std")
+
+
+def cli_preprocess(
+    args: argparse.Namespace, arch: str | None, channels: int | None = None
+) -> Preprocess:
+    """The architecture's preprocessing with ``--resize/--crop/--mean/--std`` on top, checked
+    against the model's input ``channels`` when known."""
     try:
-        return default_preprocess(arch).with_overrides(
+        prep = default_preprocess(arch).with_overrides(
             resize=args.resize,
             crop=args.crop,
             mean=_channels(args.mean, "mean"),
             std=_channels(args.std, "std"),
         )
+        if channels is not None:
+            prep.check_channels(channels)
+        return prep
     except ValueError as e:
         raise InputError(f"preprocessing: {e}") from None
+
+
+def check_image_flags(args: argparse.Namespace) -> None:
+    """Image flags that would be silently ignored are refused before anything is loaded."""
+    given = [f"--{f}" for f in PREPROCESS_FLAGS if getattr(args, f) is not None]
+    if args.demo and given:
+        raise InputError(
+            f"{', '.join(given)}: not used with --demo, which brings its own prepared images"
+        )
+    if not args.demo and given and not (args.data or args.calib):
+        raise InputError(f"{', '.join(given)}: prepares --data/--calib images; give one of them")
+    cli_preprocess(args, None)  # malformed values fail now, not after the model is loaded
+    if args.data and args.calib:
+        check_disjoint_sources(Path(args.data), Path(args.calib))
+
+
+def check_disjoint_sources(data: Path, calib: Path) -> None:
+    """Refuse a ``--calib`` that is, holds or sits inside ``--data`` when the source does not
+    number its images (only numbered sources, like CIFAR-10's test index, can be split)."""
+    d, c = data.resolve(), calib.resolve()
+    if d == c and d.is_file() and numbered_source(d):
+        return  # split by index: calibration takes only images --data does not hold
+    if d == c or d in c.parents or c in d.parents:
+        raise InputError(
+            f"--calib {calib} and --data {data} share images; calibrating on evaluation images "
+            "would flatter the accuracy. Give disjoint sources"
+        )
 
 
 def load_cli_images(args: argparse.Namespace, arch: str | None, shape: tuple[int, ...]):
@@ -59,7 +95,7 @@ def load_cli_images(args: argparse.Namespace, arch: str | None, shape: tuple[int
         images, labels = demo.load_demo_test_set()
         data = TensorDataset(images, labels)
         return Images("digits test images", loader(data, args.batch_size), len(data)), None
-    prep = cli_preprocess(args, arch)
+    prep = cli_preprocess(args, arch, shape[0])
     data = calib = None
     first_free = 0
     if args.data:
@@ -71,21 +107,32 @@ def load_cli_images(args: argparse.Namespace, arch: str | None, shape: tuple[int
             first_free = int(indices.max()) + 1
     if args.calib:
         pool = _open(
-            args.calib, "--calib", prep, labelled=False, min_index=first_free, limit=args.calib_size
+            args.calib,
+            "--calib",
+            prep,
+            labelled=False,
+            min_index=first_free,
+            limit=args.calib_size,
+            allow_empty=first_free > 0,
         )
+        if len(pool) == 0:
+            raise InputError(
+                f"--calib {args.calib}: every image it holds is also in --data (calibration never "
+                "uses evaluation images); give other images"
+            )
         _check_image_shape(pool, shape, "--calib")
         calib = Images(pool.name, loader(pool, args.batch_size, args.workers), len(pool))
     return data, calib
 
 
-def _open(path: str, what: str, prep: Preprocess, **kwargs):
+def _open(path: str, what: str, prep: Preprocess, allow_empty: bool = False, **kwargs):
     if not Path(path).exists():
         raise InputError(f"{what}: no such file or directory: {path}")
     try:
         images = open_images(path, prep, **kwargs)
     except (ValueError, OSError) as e:
         raise InputError(f"{what} {path}: {str(e).strip().splitlines()[0]}") from None
-    if len(images) == 0:
+    if len(images) == 0 and not allow_empty:
         raise InputError(f"{what} {path} holds no images")
     return images
 

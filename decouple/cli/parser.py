@@ -26,6 +26,10 @@ outputs (next to MODEL unless --out/--report say otherwise):
   X.decoupled.recipe.json  replays the change on a fresh architecture: decouple.load_decoupled()
   X.decoupled.report.json  per-layer error, params, FLOPs (and latency); and .report.md
   X.decoupled.onnx         with --onnx
+  X.decoupled.manifest.json  written last: every file's sha256; load_decoupled() checks it
+
+The set is staged beside the targets, checked, then moved in; nothing existing is replaced
+without --force, and bad input ends with one line on stderr and exit status 2.
 """
 
 

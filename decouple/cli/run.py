@@ -12,21 +12,17 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 from ..agreement import compress_within_change_
-from ..io.checkpoint import InputError, check_finite, load_model
+from ..io.checkpoint import InputError, check_finite, load_decoupled, load_model
 from ..io.evaluate import evaluate_batches
-from ..io.outputs import (
-    WEIGHT_SUFFIXES,
-    check_output_paths,
-    recipe_path_for,
-    sidecar_path,
-    torch_bytes,
-    write_files_atomically,
-)
+from ..io.manifest import manifest_path_for, name_manifest
+from ..io.output_set import OutputSet
+from ..io.outputs import WEIGHT_SUFFIXES, recipe_path_for, sidecar_path, torch_bytes
 from ..pipeline import compress_
 from ..report import build_report
 from ..runtime.latency import LatencyConfig, compare
@@ -34,12 +30,12 @@ from ..surgery.bn_fold import fold_batchnorm_
 from ..surgery.config import DecoupleConfig
 from ..surgery.recipe import make_recipe
 from .flags import make_config, make_latency_config, need_export_packages, parse_shape
-from .inputs import check_single_tensor_output, load_cli_images
+from .inputs import check_image_flags, check_single_tensor_output, load_cli_images
 from .parser import build_parser
 
 
 def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path) -> dict[str, Path]:
-    """The four output files; see the epilog of ``--help``."""
+    """The output files (the manifest last); see the epilog of ``--help``."""
     if args.out:
         out = Path(args.out)
     else:  # net.pt -> net.decoupled.pt; net -> net.decoupled
@@ -58,6 +54,7 @@ def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path) -> d
     }
     if args.onnx:
         paths["onnx"] = sidecar_path(out, ".onnx")
+    paths["manifest"] = manifest_path_for(out)  # written last: the set is complete
     return paths
 
 
@@ -74,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         model_path, arch = Path(args.model), args.arch
     config = make_config(args)
     make_latency_config(args)  # bad latency flags fail before anything is loaded
+    check_image_flags(args)
     if args.onnx:
         need_export_packages()
     out_dir = model_path.parent
@@ -93,9 +91,20 @@ def _decouple_file(
     arch: str | None,
     out_dir: Path,
 ) -> int:
-    paths = output_paths(args, model_path, out_dir)
-    check_output_paths(paths, [model_path], args.force)
+    # The outputs are checked and their folders made writable before any heavy work.
+    inputs = [model_path, *(Path(p) for p in (args.config, args.data, args.calib) if p)]
+    with OutputSet.prepare(output_paths(args, model_path, out_dir), inputs, args.force) as outputs:
+        return _decouple_into(outputs, args, config, model_path, arch)
 
+
+def _decouple_into(
+    outputs: OutputSet,
+    args: argparse.Namespace,
+    config: DecoupleConfig,
+    model_path: Path,
+    arch: str | None,
+) -> int:
+    paths = outputs.paths
     model, arch_shape, kind = load_model(model_path, arch, args.trust_pickle)
     check_finite(model)
     shape = parse_shape(args.input_shape) if args.input_shape else arch_shape
@@ -185,20 +194,25 @@ def _decouple_file(
         extra["onnx"] = check
         for n in files:  # over 2 GiB the weights come in a second file, beside the graph
             if n != paths["onnx"].name:
-                paths["onnx data"] = paths["onnx"].with_name(n)
-                check_output_paths(paths, [model_path], args.force)
-        payloads = {p: files[p.name] for k, p in paths.items() if k.startswith("onnx")}
+                outputs.add("onnx data", paths["onnx"].with_name(n))
+        paths = outputs.paths
+        payloads = {k: files[p.name] for k, p in paths.items() if k.startswith("onnx")}
     report = build_report(original, model, records, shape, inputs=inputs, extra=extra)
 
-    recipe = json.dumps(make_recipe(records, config), indent=2) + "\n"
+    recipe = name_manifest(make_recipe(records, config), paths["recipe"], paths["manifest"])
     payloads = {
-        paths["model"]: torch_bytes(model if kind == "module" else model.state_dict()),
-        paths["recipe"]: recipe.encode(),
-        paths["report"]: (report.to_json() + "\n").encode(),
-        paths["markdown"]: report.to_markdown().encode(),
+        "model": torch_bytes(model if kind == "module" else model.state_dict()),
+        "recipe": (json.dumps(recipe, indent=2) + "\n").encode(),
+        "report": (report.to_json() + "\n").encode(),
+        "markdown": report.to_markdown().encode(),
         **payloads,
     }
-    write_files_atomically(payloads)
+
+    def reloads(staged: dict[str, Path]) -> None:  # a set that cannot be reloaded is not written
+        if kind == "state_dict":
+            load_decoupled(copy.deepcopy(original), staged["model"], staged["recipe"])
+
+    outputs.write(payloads, verify=reloads)
 
     print(report.to_text())
     print()
@@ -232,21 +246,37 @@ def _measure_latency(original, model, config, shape, latency: LatencyConfig) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CLI: exit 0 with the outputs written, or exit 2 with one line on stderr and nothing
+    written (130 when interrupted). ``DECOUPLE_DEBUG=1`` shows tracebacks and warnings."""
+    debug = bool(os.environ.get("DECOUPLE_DEBUG"))
     try:
-        return run(build_parser().parse_args(argv))
-    except (InputError, ValueError) as e:
-        print(f"decouple: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("decouple: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - a bug of ours: still one line unless asked for more
-        if os.environ.get("DECOUPLE_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(
-            f"decouple: internal error: {type(e).__name__}: {msg} "
-            "(set DECOUPLE_DEBUG=1 for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        args = build_parser().parse_args(argv)
+    except InputError as e:
+        return _fail(str(e))
+    with warnings.catch_warnings():
+        if not debug:  # library warnings (torch, onnx) would add lines to the one-line contract
+            warnings.simplefilter("ignore")
+        try:
+            return run(args)
+        except KeyboardInterrupt:
+            print("decouple: interrupted", file=sys.stderr)
+            return 130
+        except (InputError, ValueError, TypeError) as e:  # ours and the library's checks
+            return _fail(str(e))
+        except SystemExit as e:  # the user's model code called sys.exit
+            return _fail(f"the model's code called sys.exit({e.code!r})")
+        except RecursionError:
+            return _fail("the model or an input is nested too deeply (recursion limit)")
+        except MemoryError:
+            return _fail("out of memory; try a smaller --batch-size or --calib-size")
+        except Exception as e:  # noqa: BLE001 - any other error: still one line, exit 2
+            if debug:
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return _fail(f"{type(e).__name__}: {msg} (set DECOUPLE_DEBUG=1 for the traceback)")
+
+
+def _fail(message: str) -> int:
+    lines = message.strip().splitlines() or ["failed"]
+    print(f"decouple: error: {lines[0]}", file=sys.stderr)
+    return 2

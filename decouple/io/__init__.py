@@ -1,14 +1,15 @@
 """Files and data: untrusted checkpoints loaded safely and ``--arch`` resolved, image sources,
-evaluation, and output files written atomically.
+evaluation, and output sets written as one transaction with a manifest.
 
-May import :mod:`decouple.surgery` (recipes) and :mod:`decouple.models` (the zoo).
+May import :mod:`decouple.surgery` (recipes), :mod:`decouple.nn` (the undo log that keeps a
+failed reload from half-changing a model) and :mod:`decouple.models` (the zoo).
 """
 
 from .checkpoint import load_decoupled, load_model, read_checkpoint
 from .errors import InputError
 from .evaluate import evaluate
 from .images import ImageSet, load_images
-from .outputs import write_files_atomically
+from .output_set import write_files_atomically
 
 __all__ = [
     "ImageSet",

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from ..models import get_model_info, list_models
+from ..nn.transaction import transaction
 from ..surgery.recipe import apply_recipe_
 from .errors import InputError
+from .manifest import MANIFEST_KEY, check_output_set
 from .outputs import recipe_path_for
 
 TORCHVISION_INPUT_SHAPE = (3, 224, 224)
@@ -28,6 +30,13 @@ TORCHVISION_INPUT_SHAPE = (3, 224, 224)
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def _describe(e: BaseException) -> str:
+    """One line for an exception raised by user code; ``sys.exit`` says so."""
+    if isinstance(e, SystemExit):
+        return f"it called sys.exit({e.code!r})"
+    return f"{type(e).__name__}: {_first_line(e)}"
 
 
 def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> object:
@@ -105,15 +114,22 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         pass
     if ":" in arch:
         mod_name, _, attr = arch.partition(":")
+        # User code: SystemExit (``sys:exit``) and other BaseExceptions become one line too.
         try:
             fn = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise InputError(f"cannot import --arch {arch}: {_first_line(e)}") from None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001
+            raise InputError(f"cannot import --arch {arch}: {_describe(e)}") from None
+        if not callable(fn):
+            raise InputError(f"--arch {arch} is a {type(fn).__name__}, not a callable")
         try:
             model = fn()
-        except Exception as e:  # noqa: BLE001 - user code
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001
             raise InputError(
-                f"--arch {arch} failed when called with no arguments: {_first_line(e)}"
+                f"--arch {arch} failed when called with no arguments: {_describe(e)}"
             ) from None
         if not isinstance(model, nn.Module):
             raise InputError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
@@ -139,8 +155,9 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     return torchvision.models.get_model(arch, weights=None), shape
 
 
-def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: str) -> None:
-    """Raise :class:`InputError` summarising how ``state_dict`` fails to fit ``model``."""
+def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`InputError` summarising how ``state_dict`` fails to fit ``model`` (``what``
+    names the model for the message, e.g. ``--arch resnet18``)."""
     want = model.state_dict()
     # BatchNorm fills in a missing num_batches_tracked itself (older checkpoints lack it).
     missing = [k for k in want if k not in state_dict and not k.endswith("num_batches_tracked")]
@@ -158,7 +175,7 @@ def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], arch: s
     if shapes:
         problems.append(f"{len(shapes)} of the wrong shape (e.g. {shapes[0]})")
     if problems:
-        raise InputError(f"the weights do not match --arch {arch}: keys {'; '.join(problems)}")
+        raise InputError(f"the weights do not match {what}: keys {'; '.join(problems)}")
 
 
 def load_model(
@@ -184,16 +201,26 @@ def load_model(
             f"(one of decouple's: {', '.join(list_models())}; a torchvision model name; or package.module:callable)"
         )
     model, shape = build_arch(arch)
-    check_keys(model, held, arch)
+    check_keys(model, held, f"--arch {arch}")
     model.load_state_dict(held)
     return model.eval(), shape, "state_dict"
 
 
 def check_finite(model: nn.Module) -> None:
-    """Raise :class:`InputError` naming the first parameter or buffer holding NaN or Inf."""
+    """Raise :class:`InputError` naming the first parameter or buffer holding NaN or Inf, or a
+    BatchNorm running variance below zero (its square root would be NaN once folded)."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_meta:
+            raise InputError(f"the model's {name} is on the meta device (it holds no values)")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise InputError(f"the model has NaN or Inf values in {name}; refusing to decouple it")
+    for name, m in model.named_modules():
+        var = getattr(m, "running_var", None)
+        if isinstance(m, nn.modules.batchnorm._NormBase) and var is not None and (var < 0).any():
+            raise InputError(
+                f"the BatchNorm {name} has a negative running_var ({float(var.min()):.3g}); "
+                "the checkpoint is damaged"
+            )
 
 
 def load_decoupled(
@@ -203,11 +230,27 @@ def load_decoupled(
 
     The recipe (default: the ``.recipe.json`` beside the weights) replays the structural change,
     then the weights load strictly, with ``weights_only=True``. Returns ``model`` in eval mode.
+    When the recipe names a manifest (or one sits beside the weights), the weights and the recipe
+    must match it: a set left half-written by an interrupted run raises :class:`InputError`.
     """
-    recipe = json.loads(Path(recipe_path or recipe_path_for(weights_path)).read_text())
-    apply_recipe_(model, recipe)
+    recipe_file = Path(recipe_path or recipe_path_for(weights_path))
+    if not recipe_file.is_file():
+        raise InputError(f"no such file: {recipe_file} (the recipe of {weights_path})")
+    try:
+        recipe = json.loads(recipe_file.read_text())
+    except RecursionError:
+        raise InputError(f"the recipe {recipe_file} is nested too deeply to be one") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the recipe {recipe_file}: {_first_line(e)}") from None
+    check_output_set(weights_path, recipe_file, recipe)
+    if isinstance(recipe, dict):
+        recipe = {k: v for k, v in recipe.items() if k != MANIFEST_KEY}
     held = split_checkpoint(read_checkpoint(weights_path), weights_path)
     if isinstance(held, nn.Module):
         raise InputError(f"{weights_path} holds a whole module; load it with torch.load instead")
-    model.load_state_dict(held)
+    with transaction(model, "load_decoupled"):  # weights that do not fit leave the model as it was
+        apply_recipe_(model, recipe)
+        # Checked first: load_state_dict copies what fits into the model before it complains.
+        check_keys(model, held, f"the model rebuilt by {recipe_file.name}")
+        model.load_state_dict(held)
     return model.eval()

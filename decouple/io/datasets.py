@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .images import (
     IMAGE_SUFFIXES,
     ImageSet,
+    decode_rgb,
+    is_regular_image,
     load_cifar10_exact,
     load_cifar10_jpeg,
     load_tensor_file,
@@ -37,10 +39,7 @@ NO_LABEL = -1
 
 
 def _rgb(data) -> object:
-    from PIL import Image
-
-    with Image.open(data) as im:
-        return im.convert("RGB")
+    return decode_rgb(data)
 
 
 class FileImages(Dataset):
@@ -140,8 +139,10 @@ def open_images(
     path = Path(path)
     if path.is_dir():
         data = _folder(path, preprocess, labelled)
-    elif not path.is_file():
+    elif not path.exists():
         raise ValueError(f"no such file or directory: {path}")
+    elif not path.is_file():
+        raise ValueError("not a regular file or a directory (a FIFO, device or socket?)")
     elif tarfile.is_tarfile(path):
         if _is_cifar_jpeg_tar(path):
             pixels = load_cifar10_jpeg(path, min_index=min_index, limit=limit, seed=seed)
@@ -188,13 +189,26 @@ def _folder(root: Path, preprocess: Preprocess, labelled: bool) -> Dataset:
             raise ValueError("it has no class folders (expected <root>/<class>/<image>)")
         from torchvision.datasets import ImageFolder
 
-        data = ImageFolder(str(root), transform=_transform(preprocess), loader=_rgb)
+        data = ImageFolder(
+            str(root), transform=_transform(preprocess), loader=_rgb, is_valid_file=is_regular_image
+        )
         data.name, data.indices = f"{len(data)} images in {root}", None
         return data
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in root.rglob("*") if is_regular_image(str(p)))
     if not paths:
         raise ValueError(f"it holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return FileImages(paths, _transform(preprocess), name=f"{len(paths)} images in {root}")
+
+
+def numbered_source(path: str | os.PathLike) -> bool:
+    """Whether the file numbers its images (the CIFAR-10 test batch and JPEG tar), so that one
+    part can calibrate and another evaluate."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if tarfile.is_tarfile(path):
+        return _is_cifar_jpeg_tar(path)
+    return looks_like_cifar_batch(read_prefix(path, 4096))
 
 
 def source_indices(data: Dataset) -> torch.Tensor | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import pickletools
+import re
+import stat
 import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +29,7 @@ CIFAR10_TEST_SIZE = 10_000
 CIFAR10_PIXELS_OFFSET = 20217
 CIFAR10_ROW = 3 * 32 * 32
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+JPEG_NAME = re.compile(r"(\d{1,5})\.jpg")  # the image's rank within its class, in test order
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,35 @@ class ImageSet:
         if std is not None:
             x = x / torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         return x
+
+
+def is_regular_image(path: str | os.PathLike) -> bool:
+    """An image file by suffix that is a regular file (a FIFO of that name would hang a read)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode) and str(path).lower().endswith(IMAGE_SUFFIXES)
+    except OSError:
+        return False
+
+
+def decode_rgb(data, where: object = None):
+    """An RGB PIL image from a path or file object. Any failure to decode (damage, a decompression
+    bomb) is a ValueError naming the image, so that it ends a CLI run with one line."""
+    import warnings
+
+    from PIL import Image
+
+    where = where or (data if isinstance(data, (str, os.PathLike)) else "an image")
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that: refuse those as well.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(data) as im:
+                return im.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{where} is too large to decode safely ({e})") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for damaged files
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read {where}: {msg}") from None
 
 
 def read_prefix(path: str | os.PathLike, limit: int | None = None) -> bytes:
@@ -142,7 +174,6 @@ def load_cifar10_jpeg(
     ``test_batch_path``, by default the truncated batch beside the tar) every file maps to its
     test index. Keeps indices ``>= min_index``; ``limit`` takes a seeded random sample of them.
     """
-    from PIL import Image
 
     tar_path = Path(tar_path)
     batch = (
@@ -162,8 +193,13 @@ def load_cifar10_jpeg(
                 continue
             if not parts[-1].endswith(".jpg"):
                 continue
-            c, k = CIFAR10_CLASSES.index(parts[-2]), int(parts[-1][:-4])
-            index = by_class[c][k]
+            c, number = CIFAR10_CLASSES.index(parts[-2]), JPEG_NAME.fullmatch(parts[-1])
+            if number is None or int(number[1]) >= len(by_class[c]):
+                raise ValueError(
+                    f"unexpected member {m.name!r}: CIFAR-10 JPEGs are <class>/NNNN.jpg with NNNN "
+                    f"below {len(by_class[c])}"
+                )
+            index = by_class[c][int(number[1])]
             if index >= min_index:
                 members.append((index, c, m))
         if not members:
@@ -174,10 +210,8 @@ def load_cifar10_jpeg(
             members = [members[i] for i in sorted(pick)]
         images = []
         for _, _, m in members:  # decode only the chosen files
-            with Image.open(io.BytesIO(tf.extractfile(m).read())) as im:
-                images.append(
-                    torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-                )
+            im = decode_rgb(io.BytesIO(tf.extractfile(m).read()), m.name)
+            images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
     idx = torch.tensor([t[0] for t in members])
     return ImageSet(
         torch.stack(images),
@@ -198,14 +232,13 @@ def load_image_folder(root: str | os.PathLike, size: tuple[int, int] | None = No
     images, labels = [], []
     for label, cls in enumerate(classes):
         for f in sorted((root / cls).iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES:
+            if not is_regular_image(f):
                 continue
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                if size is not None:
-                    im = im.resize((size[1], size[0]), Image.BILINEAR)
-                images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
-                labels.append(label)
+            im = decode_rgb(f)
+            if size is not None:
+                im = im.resize((size[1], size[0]), Image.BILINEAR)
+            images.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+            labels.append(label)
     if not images:
         raise ValueError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if len({tuple(t.shape) for t in images}) > 1:

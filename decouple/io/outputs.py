@@ -1,61 +1,12 @@
-"""Output files: where they go, no overwrite without ``force``, written atomically."""
+"""Output files: where they go and their bytes; :mod:`decouple.io.output_set` writes them."""
 
 from __future__ import annotations
 
 import io
 import os
-import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
-from .errors import InputError
-
-
-def check_output_paths(paths: Mapping[str, Path], inputs: list[Path], force: bool) -> None:
-    """Refuse outputs that collide, overwrite an input, exist without ``force``, or can't be made."""
-    seen: dict[Path, str] = {}
-    for what, p in paths.items():
-        real = p.resolve()
-        if any(real == i.resolve() for i in inputs):
-            raise InputError(
-                f"the {what} output {p} would overwrite the input file; choose another --out"
-            )
-        if real in seen:
-            raise InputError(f"the {what} and {seen[real]} outputs would both be written to {p}")
-        seen[real] = what
-        if p.is_dir():
-            raise InputError(f"the {what} output {p} is a directory")
-        if p.exists() and not force:
-            raise InputError(f"output exists: {p}; pass --force to overwrite")
-        ancestor = p.parent
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise InputError(f"cannot create {p}: {ancestor} is not a directory")
-
-
-def write_files_atomically(payloads: Mapping[Path, bytes]) -> None:
-    """Write every file through a temporary sibling, then rename them all.
-
-    A failure while writing leaves no new or half-written file behind; the renames come last.
-    """
-    staged: list[tuple[str, Path]] = []
-    try:
-        for path, data in payloads.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        for tmp, path in staged:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in staged:
-            Path(tmp).unlink(missing_ok=True)
 
 
 def torch_bytes(obj: object) -> bytes:

@@ -9,6 +9,7 @@ overridden (``--resize``, ``--crop``, ``--mean``, ``--std``). The pipeline is to
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -33,12 +34,30 @@ class Preprocess:
                 raise ValueError(f"{what} must be a positive number of pixels; got {v!r}")
         for what in ("mean", "std"):
             v = getattr(self, what)
-            if v is not None and (not v or not all(isinstance(x, (int, float)) for x in v)):
-                raise ValueError(f"{what} must be one number per channel; got {v!r}")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive; got {self.std!r}")
-        if self.mean and self.std and len(self.mean) != len(self.std):
+            if v is not None and (
+                not isinstance(v, tuple)
+                or not v
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+            ):
+                raise ValueError(f"{what} must be a tuple of one number per channel; got {v!r}")
+            if v is not None and not all(math.isfinite(x) for x in v):
+                raise ValueError(f"{what} must be finite numbers; got {v!r}")
+        # A std near 0 would blow pixels up by orders of magnitude: surely a typo.
+        if self.std is not None and any(s < 1e-6 for s in self.std):
+            raise ValueError(f"std must be positive (at least 1e-6); got {self.std!r}")
+        lengths = {len(self.mean or ()), len(self.std or ())} - {0, 1}
+        if len(lengths) > 1:
             raise ValueError(f"mean and std differ in length: {self.mean!r} and {self.std!r}")
+
+    def check_channels(self, channels: int) -> None:
+        """Raise ValueError unless ``mean`` and ``std`` have one value, or one per channel."""
+        for what in ("mean", "std"):
+            v = getattr(self, what)
+            if v is not None and len(v) not in (1, channels):
+                raise ValueError(
+                    f"{what} has {len(v)} values but the model takes {channels} channels "
+                    f"(give 1 or {channels})"
+                )
 
     def with_overrides(self, **kwargs) -> Preprocess:
         """This preprocessing with every given (not ``None``) part replaced."""

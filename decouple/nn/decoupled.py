@@ -262,8 +262,9 @@ class DecoupledConv2d(ConvGeometry):
 
     @classmethod
     def empty_like(cls, conv: nn.Conv2d, rank: int, order: str) -> DecoupledConv2d:
-        """An uninitialised layer with ``conv``'s geometry, bias, device and dtype."""
-        return cls(
+        """An uninitialised layer with ``conv``'s geometry, bias, device, dtype and
+        ``requires_grad``."""
+        layer = cls(
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -271,6 +272,8 @@ class DecoupledConv2d(ConvGeometry):
             order,
             **conv_geometry(conv),
         )
+        layer._follow_requires_grad(conv)
+        return layer
 
     @classmethod
     def from_decoupling(cls, conv: nn.Conv2d, dec: Decoupling) -> DecoupledConv2d:

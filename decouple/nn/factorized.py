@@ -27,10 +27,13 @@ class FactorizedConv2d(ConvGeometry):
 
     @classmethod
     def empty_like(cls, conv: nn.Conv2d, rank):
-        """An uninitialised layer with ``conv``'s geometry, bias, device and dtype."""
-        return cls(
+        """An uninitialised layer with ``conv``'s geometry, bias, device, dtype and
+        ``requires_grad``."""
+        layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, rank, **conv_geometry(conv)
         )
+        layer._follow_requires_grad(conv)
+        return layer
 
     @classmethod
     def from_factors(cls, conv: nn.Conv2d, factors):

@@ -48,6 +48,12 @@ class ConvGeometry(nn.Module):
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         self.padding_mode = padding_mode
 
+    def _follow_requires_grad(self, conv: nn.Conv2d) -> None:
+        """Give the new parameters ``conv``'s ``requires_grad``: a frozen conv stays frozen."""
+        bias = self.bias
+        for p in self.parameters():
+            p.requires_grad_((conv.bias if p is bias else conv.weight).requires_grad)
+
     def _geometry_repr(self) -> str:
         s = f", stride={self.stride}"
         if self.padding != (0, 0):

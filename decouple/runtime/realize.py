@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..nn.decoupled import REALIZATIONS, DecoupledConv2d
+from ..nn.transaction import in_place
 from ..surgery.methods import is_factored
 from .latency import capture_inputs, fastest, prepare
 
@@ -107,6 +108,7 @@ def factored_names(model: nn.Module) -> list[str]:
     return names
 
 
+@in_place()  # all or nothing: a failed timing leaves the model as it was
 def choose_realizations_(
     model: nn.Module,
     originals: dict[str, nn.Conv2d],
@@ -161,6 +163,7 @@ def choose_realizations_(
     return choices
 
 
+@in_place()  # all or nothing: a failed timing leaves the model as it was
 def confirm_on_model_(
     model: nn.Module,
     choices: dict[str, RealizationChoice],

@@ -1,5 +1,7 @@
 """Model surgery: ``DecoupleConfig``, the method registry (nd / cp / tucker behind one interface),
-BatchNorm folding, ``decouple_`` (the in-place verb) and recipes that replay it.
+BatchNorm folding, ``decouple_`` (the in-place verb) and recipes that replay it. Configs and
+recipes are checked as untrusted input (:mod:`.checks`, :mod:`.recipe_check`), and every verb
+plans and checks before it changes the model, all or nothing.
 
 May import :mod:`decouple.factor` and :mod:`decouple.nn`.
 """

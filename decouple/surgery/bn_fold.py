@@ -4,6 +4,8 @@ Folding first makes the decoupling approximate the kernel the network actually a
 per-channel scale included) and removes the BN at inference. A pair is folded only when the graph
 proves it safe: the conv's output goes to that BN and nowhere else, and each module is called once.
 The graph comes from ``torch.fx``; a model it cannot trace is left unfolded, with the reason.
+Folding bakes in the running statistics, which only eval mode applies: a BN to fold that is in
+training mode is refused (``ValueError``) rather than folded into a different function.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from ..nn.discover import is_plain_conv2d
+from ..nn.guards import check_module
+from ..nn.transaction import transaction
+
 
 @dataclass
 class FoldResult:
@@ -24,12 +30,20 @@ class FoldResult:
     error: str | None = None
 
 
+class _Tracer(fx.Tracer):
+    """Plain convs stay leaves, wherever their class is defined (fx would trace through a
+    subclass defined outside ``torch.nn`` and lose the module call)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_plain_conv2d(m) or super().is_leaf_module(m, qualname)
+
+
 def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     """Names of ``(conv, bn)`` pairs that are safe to fold, found on the ``torch.fx`` graph.
 
     Raises whatever ``torch.fx.symbolic_trace`` raises for an untraceable model.
     """
-    graph = fx.Tracer().trace(model)
+    graph = _Tracer().trace(model)
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = {}
@@ -41,7 +55,7 @@ def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
             continue
         conv, bn = modules.get(src.target), modules[node.target]
         if (
-            isinstance(conv, nn.Conv2d)
+            is_plain_conv2d(conv)
             and bn.running_mean is not None  # BN without running stats has nothing to fold
             and len(src.users) == 1
             and calls[src.target] == 1
@@ -66,16 +80,33 @@ def fold_batchnorm_(model: nn.Module) -> FoldResult:
     """Fold every safe conv→BN pair of ``model`` in place; each folded BN becomes ``nn.Identity``.
 
     Uses the BN running statistics, so the folded model matches the original in eval mode.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an eager ``nn.Module``.
+    ValueError
+        The model is on the meta device, or a BN to fold is in training mode (call
+        ``model.eval()`` first). Nothing is changed then, nor when folding fails halfway.
     """
+    check_module(model, "fold_batchnorm_")
     try:
         pairs = find_conv_bn_pairs(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure just means "cannot prove safety"
         return FoldResult(
             error=f"not traceable by torch.fx ({type(e).__name__}: {e})".splitlines()[0]
         )
-    for conv_name, bn_name in pairs.items():
-        fold_conv_bn_(model.get_submodule(conv_name), model.get_submodule(bn_name))
-        model.set_submodule(bn_name, nn.Identity())
+    training = [bn for bn in pairs.values() if model.get_submodule(bn).training]
+    if training:
+        more = f" (and {len(training) - 1} more)" if len(training) > 1 else ""
+        raise ValueError(
+            f"BatchNorm {training[0]!r}{more} is in training mode: folding uses its running "
+            "statistics, which only eval mode applies; call model.eval() first"
+        )
+    with transaction(model, "fold_batchnorm_"):
+        for conv_name, bn_name in pairs.items():
+            fold_conv_bn_(model.get_submodule(conv_name), model.get_submodule(bn_name))
+            model.set_submodule(bn_name, nn.Identity())
     return FoldResult(folded=pairs)
 
 
@@ -87,5 +118,6 @@ def apply_fold_structure_(model: nn.Module, pairs: dict[str, str]) -> None:
     for conv_name, bn_name in pairs.items():
         conv = model.get_submodule(conv_name)
         if conv.bias is None:
-            conv.bias = nn.Parameter(conv.weight.new_zeros(conv.out_channels))
+            zeros = conv.weight.new_zeros(conv.out_channels)
+            conv.bias = nn.Parameter(zeros, requires_grad=conv.weight.requires_grad)
         model.set_submodule(bn_name, nn.Identity())

@@ -14,44 +14,27 @@ from typing import Any
 
 from ..factor.cp import CP_MAX_ITER
 from ..factor.nd import ORDERS
-from .methods import METHODS, FactorOptions, check_method
+from ..nn.guards import show, type_error
+from .checks import (
+    AUTO,
+    MAX_CP_ITER,
+    MAX_SEED,
+    check_bool,
+    check_config_method,
+    check_energy,
+    check_int,
+    check_keys,
+    check_order,
+    check_pattern,
+    check_rank,
+)
+from .methods import FactorOptions
 
+__all__ = ["AUTO", "CONFIG_KEYS", "DecoupleConfig", "LayerSpec"]
 
-def _check_rank(rank: Any, what: str = "rank", low: int = 1) -> None:
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < low):
-        raise ValueError(f"{what} must be an integer >= {low}; got {rank!r}")
-
-
-def _check_energy(energy: Any) -> None:
-    if energy is None:
-        return
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be a number in (0, 1]; got {energy!r}")
-
-
-AUTO = "auto"  # every method priced per layer; a budget chooses (decouple.plan)
-
-
-def _check_method(method: Any, energy: Any, rank: Any = None) -> None:
-    if method is not None and method != AUTO:
-        try:
-            check_method(method)
-        except ValueError:
-            raise ValueError(
-                f"method must be one of {', '.join(METHODS)} or {AUTO}; got {method!r}"
-            ) from None
-    if method == "cp" and energy is not None:
-        raise ValueError("CP takes a rank, not an energy (ALS has no closed-form energy rule)")
-    if method == AUTO and (rank is not None or energy is not None):
-        raise ValueError(
-            "method 'auto' chooses each layer's method and rank under a budget (target FLOPs, "
-            "target latency or max change); it takes no fixed rank or energy"
-        )
-
-
-def _check_order(order: Any) -> None:
-    if order is not None and order not in ORDERS:
-        raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+SPEC_KEYS = ("rank", "energy", "order", "method", "skip")
+CONFIG_KEYS = ("rank", "energy", "order", "fold_bn", "overrides", "method", "cp_max_iter", "seed")
+_SHORT_FORMS = "'skip', an int rank, a float energy or a dict"
 
 
 @dataclass(frozen=True)
@@ -68,13 +51,16 @@ class LayerSpec:
     method: str | None = None
 
     def __post_init__(self) -> None:
-        _check_rank(self.rank)
-        _check_energy(self.energy)
-        _check_order(self.order)
-        _check_method(self.method, self.energy, self.rank)
+        check_rank(self.rank)
+        check_energy(self.energy)
+        check_order(self.order)
+        check_config_method(self.method, self.energy, self.rank)
+        check_bool(self.skip, "skip")
         if self.rank is not None and self.energy is not None:
             raise ValueError("give a layer either rank or energy, not both")
-        if self.skip and (self.rank or self.energy or self.order or self.method):
+        if self.skip and any(
+            v is not None for v in (self.rank, self.energy, self.order, self.method)
+        ):
             raise ValueError("a skipped layer takes no rank, energy, order or method")
 
     @classmethod
@@ -82,27 +68,20 @@ class LayerSpec:
         """Accept the short forms: ``"skip"``, an int rank, a float energy, or a dict."""
         if isinstance(value, LayerSpec):
             return value
-        if value == "skip":
+        if isinstance(value, str):
+            if value != "skip":
+                raise ValueError(f"a layer override must be {_SHORT_FORMS}; got {show(value)}")
             return cls(skip=True)
         if isinstance(value, bool):
-            raise ValueError(
-                f"a layer override must be 'skip', a rank, an energy or a dict; got {value!r}"
-            )
+            raise type_error("a layer override", _SHORT_FORMS, value)
         if isinstance(value, int):
             return cls(rank=value)
         if isinstance(value, float):
             return cls(energy=value)
         if isinstance(value, dict):
-            unknown = set(value) - {"rank", "energy", "order", "skip", "method"}
-            if unknown:
-                raise ValueError(
-                    f"unknown layer override keys {sorted(unknown)}; "
-                    "allowed: rank, energy, order, method, skip"
-                )
+            check_keys(value, SPEC_KEYS, "layer override")
             return cls(**value)
-        raise ValueError(
-            f"a layer override must be 'skip', a rank, an energy or a dict; got {value!r}"
-        )
+        raise type_error("a layer override", _SHORT_FORMS, value)
 
     def to_json_value(self) -> Any:
         if self.skip:
@@ -153,31 +132,21 @@ class DecoupleConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_rank(self.rank)
-        _check_energy(self.energy)
-        if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {', '.join(ORDERS)}; got {self.order!r}")
-        _check_method(self.method, self.energy, self.rank)
+        check_rank(self.rank)
+        check_energy(self.energy)
+        if self.order is None:  # a config always has an order; a layer may leave it to the config
+            raise type_error("order", f"one of {', '.join(ORDERS)}", self.order)
+        check_order(self.order)
+        check_config_method(self.method, self.energy, self.rank)
+        if self.method is None:
+            raise type_error("method", "a method name", self.method)
         if self.rank is not None and self.energy is not None:
             raise ValueError("give either rank or energy, not both")
-        _check_rank(self.cp_max_iter, "cp_max_iter")
-        _check_rank(self.seed, "seed", low=0)
-        if not isinstance(self.fold_bn, bool):
-            raise ValueError(f"fold_bn must be a bool; got {self.fold_bn!r}")
-        items = self.overrides.items() if isinstance(self.overrides, dict) else self.overrides
-        pairs = []
-        for key, value in items:
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"override keys must be non-empty strings; got {key!r}")
-            try:
-                re.compile(key)
-            except re.error as e:
-                raise ValueError(
-                    f"override {key!r} is neither a plain name nor a valid regex: {e}"
-                ) from None
-            pairs.append((key, LayerSpec.coerce(value)))
+        check_int(self.cp_max_iter, "cp_max_iter", 1, MAX_CP_ITER)
+        check_int(self.seed, "seed", 0, MAX_SEED)
+        check_bool(self.fold_bn, "fold_bn")
         # Stored as a tuple of pairs so the config stays hashable and ordered.
-        object.__setattr__(self, "overrides", tuple(pairs))
+        object.__setattr__(self, "overrides", _override_pairs(self.overrides))
 
     def factor_options(self) -> FactorOptions:
         """Settings of the iterative decompositions (CP-ALS, Tucker's HOOI)."""
@@ -220,16 +189,39 @@ class DecoupleConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> DecoupleConfig:
-        unknown = set(data) - {
-            "rank", "energy", "order", "fold_bn", "overrides", "method", "cp_max_iter", "seed"
-        }  # fmt: skip
-        if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+        """The config of a dict such as :meth:`to_dict` writes (untrusted: every field checked)."""
+        if not isinstance(data, dict):
+            raise type_error("a config", "a dict (a JSON object)", data)
+        check_keys(data, CONFIG_KEYS, "config")
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> DecoupleConfig:
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str | bytes) -> DecoupleConfig:
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise type_error("a JSON config", "a str", text)
+        try:
+            data = json.loads(text)
+        except RecursionError:  # '[' * 100000: nested deeper than the parser recurses
+            raise ValueError("the JSON config is nested too deeply") from None
+        return cls.from_dict(data)
+
+
+def _override_pairs(overrides: Any) -> tuple[tuple[str, LayerSpec], ...]:
+    """``overrides`` (a dict, or pairs of key and rule) as checked ``(key, LayerSpec)`` pairs."""
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    elif isinstance(overrides, (list, tuple)):
+        items = list(overrides)
+        for item in items:
+            if not (isinstance(item, (list, tuple)) and len(item) == 2):
+                raise type_error("each override", "a (name, rule) pair", item)
+    else:
+        raise type_error("overrides", "a dict of name -> rule", overrides)
+    pairs = []
+    for key, value in items:
+        check_pattern(key)
+        pairs.append((key, LayerSpec.coerce(value)))
+    return tuple(pairs)

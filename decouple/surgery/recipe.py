@@ -2,29 +2,33 @@
 
 :func:`make_recipe` describes what :func:`~decouple.surgery.decouple_` did (folded BNs, each layer's
 method, rank, order and realization); :func:`apply_recipe_` gives a freshly built architecture the
-same structure, so that a saved ``state_dict`` of the decoupled model loads into it.
+same structure, so that a saved ``state_dict`` of the decoupled model loads into it. A recipe read
+from disk is untrusted: :mod:`decouple.surgery.recipe_check` checks all of it first.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..nn.guards import check_module, type_error
+from ..nn.transaction import transaction
 from .bn_fold import apply_fold_structure_
 from .config import DecoupleConfig
-from .methods import (
-    FACTORED_LAYERS,
-    empty_layer,
-)
+from .methods import empty_layer
+from .recipe_check import RECIPE_FORMAT, RECIPE_VERSION, check_recipe
 from .rewrite import LayerRecord
 
-RECIPE_FORMAT = "decouple-recipe"
-
-
-RECIPE_VERSION = 1
+__all__ = ["RECIPE_FORMAT", "RECIPE_VERSION", "apply_recipe_", "make_recipe"]
 
 
 def make_recipe(records: list[LayerRecord], config: DecoupleConfig | None = None) -> dict:
     """A JSON-ready description of the structural change that :func:`apply_recipe_` replays."""
+    if not isinstance(records, (list, tuple)) or not all(
+        isinstance(r, LayerRecord) for r in records
+    ):
+        raise type_error("records", "a list of LayerRecord (what decouple_ returned)", records)
+    if config is not None and not isinstance(config, DecoupleConfig):
+        raise type_error("config", "a DecoupleConfig or None", config)
     return {
         "format": RECIPE_FORMAT,
         "version": RECIPE_VERSION,
@@ -39,25 +43,26 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
 
     Folded BNs become ``nn.Identity`` (their convs gain a bias) and each listed conv becomes an
     empty factored layer of the recorded method, rank and order (entries without a method are
-    network decoupling). Load the decoupled ``state_dict`` afterwards. Returns ``model``.
+    network decoupling). Load the decoupled ``state_dict`` afterwards. Returns ``model``. The
+    model may be on the meta device (only shapes are needed).
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an eager ``nn.Module``, or a recipe field has the wrong type.
+    ValueError
+        Not a recipe, an unknown key, a layer the model lacks or that is not a plain conv (the
+        message names the nearest ones), or a rank outside ``[1, full rank]``. All checked
+        before the model changes; on any failure it is restored.
     """
-    if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
-        raise ValueError("not a decouple recipe (missing format: 'decouple-recipe')")
-    if recipe.get("version") != RECIPE_VERSION:
-        raise ValueError(
-            f"unsupported recipe version {recipe.get('version')!r}; this is {RECIPE_VERSION}"
-        )
-    apply_fold_structure_(model, recipe.get("folded_bn") or {})
-    for name, spec in recipe["layers"].items():
-        conv = model.get_submodule(name)
-        if isinstance(conv, FACTORED_LAYERS):
-            continue
-        if not isinstance(conv, nn.Conv2d):
-            raise ValueError(f"recipe layer {name!r} is a {type(conv).__name__}, not a Conv2d")
-        method = spec.get("method", "nd")
-        rank = spec["ranks"] if method == "tucker" else spec["rank"]
-        layer = empty_layer(conv, method, rank, spec.get("order") or "dw-pw")
-        if spec.get("realization"):
-            layer.set_realization(spec["realization"])
-        model.set_submodule(name, layer)
+    check_module(model, "apply_recipe_", needs_values=False)
+    plan = check_recipe(model, recipe)
+    with transaction(model, "apply_recipe_"):
+        apply_fold_structure_(model, plan.folded)
+        for entry in plan.layers:
+            conv = model.get_submodule(entry.name)
+            layer = empty_layer(conv, entry.method, entry.rank, entry.order)
+            if entry.realization:
+                layer.set_realization(entry.realization)
+            model.set_submodule(entry.name, layer)
     return model

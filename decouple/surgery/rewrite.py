@@ -1,11 +1,13 @@
 """Model surgery: replace every regular k×k ``nn.Conv2d`` of a model by its factored layer.
 
-``decouple_(model, config)`` is the one in-place verb (after torchao's ``quantize_``): it walks
-``named_children``, leaves 1×1 convs, depthwise convs and already-factored layers alone (so running
-it twice changes nothing), applies per-layer overrides, and returns one record per conv it met.
-The layer is a ``DecoupledConv2d`` (network decoupling, the default), a ``CPConv2d`` or a
-``TuckerConv2d``, as ``config.method`` or a per-layer override says. A recipe
-(:mod:`decouple.surgery.recipe`) replays the same change on a fresh architecture.
+``decouple_(model, config)`` is the one in-place verb (after torchao's ``quantize_``). It plans
+first (:mod:`decouple.surgery.sites`: 1×1 convs, depthwise convs, convs with their own forward
+and already-factored layers are left alone, so running it twice changes nothing; per-layer
+overrides apply), checks the whole plan, and only then changes the model, inside a
+:func:`~decouple.nn.transaction.transaction`: a failure halfway restores the model exactly. It
+returns one record per conv met. The layer is a ``DecoupledConv2d`` (network decoupling, the
+default), a ``CPConv2d`` or a ``TuckerConv2d``, as ``config.method`` or a per-layer override says.
+A recipe (:mod:`decouple.surgery.recipe`) replays the same change on a fresh architecture.
 """
 
 from __future__ import annotations
@@ -16,16 +18,29 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..nn.guards import check_module, type_error
+from ..nn.transaction import transaction
 from .bn_fold import fold_batchnorm_
-from .config import DecoupleConfig
-from .methods import (
-    FACTORED_LAYERS,
-    FactorCache,
-    factor_conv,
-    is_factored,
-    layer_method,
-    recipe_entry,
+from .config import DecoupleConfig, LayerSpec
+from .methods import FactorCache, factor_conv, layer_method, recipe_entry
+from .sites import (
+    DECOUPLE,
+    FACTORED,
+    SHARED,
+    Site,
+    candidates,
+    check_sites,
+    conv_sites,
+    why_not_decouplable,
 )
+
+__all__ = [
+    "LayerRecord",
+    "decouplable_convs",
+    "decouple_",
+    "decouple_with_fold_info",
+    "why_not_decouplable",
+]
 
 
 @dataclass
@@ -71,7 +86,11 @@ class LayerRecord:
 
 
 def _n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    return sum(
+        p.numel()
+        for p in module.parameters()
+        if not isinstance(p, nn.parameter.UninitializedParameter)
+    )
 
 
 def _base_record(name: str, conv: nn.Module, action: str, reason: str) -> LayerRecord:
@@ -89,29 +108,10 @@ def _base_record(name: str, conv: nn.Module, action: str, reason: str) -> LayerR
     )
 
 
-def why_not_decouplable(conv: nn.Conv2d) -> str | None:
-    """Reason a conv is left as it is, or ``None`` if network decoupling applies to it."""
-    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        return "lazy conv not initialised yet"
-    kh, kw = conv.kernel_size
-    if kh * kw == 1:
-        return "1x1 conv"
-    if conv.groups > 1 and conv.groups == conv.in_channels:
-        return "depthwise conv"
-    return None
-
-
 def _decouple_conv(
-    name: str, conv: nn.Conv2d, config: DecoupleConfig, cache: FactorCache | None
+    name: str, conv: nn.Conv2d, spec: LayerSpec, config: DecoupleConfig, cache: FactorCache | None
 ) -> tuple[nn.Module, LayerRecord]:
-    reason = why_not_decouplable(conv)
-    if reason is not None:
-        return conv, _base_record(name, conv, "kept", reason)
-    spec = config.resolve(name)
-    if spec.skip:
-        why = "skipped by override" if config.spec_for(name) else "no rank or energy for this layer"
-        return conv, _base_record(name, conv, "kept", why)
-    if not torch.isfinite(conv.weight).all():
+    if not torch.isfinite(conv.weight).all():  # checked before; BN folding can still make it so
         raise ValueError(f"layer {name!r} has NaN or Inf weights")
     args = (conv, spec.method, spec.rank, spec.energy, spec.order, config.factor_options())
     done = cache.factor(*args) if cache is not None else factor_conv(*args)
@@ -133,7 +133,7 @@ def decouple_(
     config: DecoupleConfig,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> list[LayerRecord]:
-    """Decouple the convolutions of ``model`` in place.
+    """Decouple the convolutions of ``model`` in place, all or nothing.
 
     Parameters
     ----------
@@ -149,7 +149,18 @@ def decouple_(
     list of LayerRecord
         One per ``nn.Conv2d`` or factored layer met, in definition order. Folded BNs are
         named on their conv's record (``bn_folded``); :func:`decouple_with_fold_info` also says
-        why folding could not run on a model ``torch.fx`` cannot trace.
+        why folding could not run on a model ``torch.fx`` cannot trace. An ``nn.Conv2d``
+        subclass with its own ``forward`` is kept (``"kept: custom forward (MyConv)"``).
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not an eager ``nn.Module`` (e.g. TorchScript), or ``config`` is not a
+        :class:`DecoupleConfig`.
+    ValueError
+        The model has no ``nn.Conv2d``, holds NaN or Inf weights in a conv to decouple, is on
+        the meta device, or has BatchNorms to fold in training mode; or a layer's method cannot
+        run (``auto``). Checked before anything changes; on any failure the model is restored.
     """
     return decouple_with_fold_info(model, config, filter_fn)[0]
 
@@ -164,54 +175,50 @@ def decouple_with_fold_info(
 
     ``cache`` (a :class:`~decouple.surgery.methods.FactorCache`) reuses factorizations computed before.
     """
-    folded, fold_error = {}, None
-    if config.fold_bn:
-        result = fold_batchnorm_(model)
-        folded, fold_error = result.folded, result.error
+    check_module(model, "decouple_")
+    if not isinstance(config, DecoupleConfig):
+        raise type_error("config", "a DecoupleConfig", config)
+    if filter_fn is not None and not callable(filter_fn):
+        raise type_error("filter_fn", "a callable (module, name) -> bool", filter_fn)
+    sites = conv_sites(model, config, filter_fn)
+    check_sites(model, sites)
+    with transaction(model, "decouple_"):
+        folded, fold_error = {}, None
+        if config.fold_bn:
+            result = fold_batchnorm_(model)
+            folded, fold_error = result.folded, result.error
+        records = _rewrite(sites, config, cache, folded)
+    return records, fold_error
+
+
+def _rewrite(
+    sites: list[Site], config: DecoupleConfig, cache: FactorCache | None, folded: dict[str, str]
+) -> list[LayerRecord]:
+    """Carry out the plan of :func:`conv_sites`; one record per site but shared ones."""
     records: list[LayerRecord] = []
     done: dict[int, nn.Module] = {}  # a module shared under two names is replaced once
-
-    def walk(parent: nn.Module, prefix: str) -> None:
-        # _modules rather than named_children(): the latter hides a module's second occurrence.
-        for child_name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            name = f"{prefix}.{child_name}" if prefix else child_name
-            if isinstance(child, FACTORED_LAYERS):
-                rec = _base_record(name, child, "kept", "already decoupled")
-                rec.method, rec.rank = layer_method(child), child.rank
-                rec.order = getattr(child, "order", None)
-                records.append(rec)
-            elif isinstance(child, nn.Conv2d):
-                if id(child) in done:
-                    setattr(parent, child_name, done[id(child)])
-                    continue
-                if filter_fn is not None and not filter_fn(child, name):
-                    new, rec = child, _base_record(name, child, "kept", "excluded by filter_fn")
-                else:
-                    new, rec = _decouple_conv(name, child, config, cache)
-                rec.bn_folded = folded.get(name)
-                records.append(rec)
-                done[id(child)] = new
-                if new is not child:
-                    setattr(parent, child_name, new)
-            else:
-                walk(child, name)
-
-    walk(model, "")
-    return records, fold_error
+    for s in sites:
+        if s.action == FACTORED:
+            rec = _base_record(s.name, s.module, "kept", s.reason)
+            rec.method, rec.rank = layer_method(s.module), s.module.rank
+            rec.order = getattr(s.module, "order", None)
+            records.append(rec)
+            continue
+        if s.action == SHARED:
+            setattr(s.parent, s.attr, done[id(s.module)])
+            continue
+        if s.action == DECOUPLE:
+            new, rec = _decouple_conv(s.name, s.module, s.spec, config, cache)
+        else:
+            new, rec = s.module, _base_record(s.name, s.module, "kept", s.reason)
+        rec.bn_folded = folded.get(s.name)
+        records.append(rec)
+        done[id(s.module)] = new
+        if new is not s.module:
+            setattr(s.parent, s.attr, new)
+    return records
 
 
 def decouplable_convs(model: nn.Module, config: DecoupleConfig) -> list[str]:
     """Names of the convs that ``decouple_`` may touch under ``config`` (ignoring its ranks)."""
-    names, inside = [], []
-    for name, m in model.named_modules():
-        if any(name.startswith(p + ".") for p in inside):
-            continue  # the convs inside a factored layer are its parts, not candidates
-        if is_factored(m):
-            inside.append(name)
-            continue
-        spec = config.spec_for(name)
-        if type(m) is nn.Conv2d and why_not_decouplable(m) is None and not (spec and spec.skip):
-            names.append(name)
-    return names
+    return [s.name for s in candidates(conv_sites(model, config))]

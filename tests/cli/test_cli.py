@@ -74,6 +74,7 @@ def default_outputs(model_path: Path) -> dict[str, Path]:
         "recipe": Path(f"{stem}.recipe.json"),
         "report": Path(f"{stem}.report.json"),
         "markdown": Path(f"{stem}.report.md"),
+        "manifest": Path(f"{stem}.manifest.json"),  # written last: the set is complete
     }
 
 
@@ -435,7 +436,7 @@ def test_demo_without_out_writes_to_a_fresh_temp_dir(
     code, stdout, err = cli(capsys, "--demo", "--rank", "2")
     assert code == 0, err
     written = [line.split()[-1] for line in stdout.splitlines() if line.startswith("wrote ")]
-    assert len(written) == 4
+    assert len(written) == 5  # model, recipe, report, markdown, manifest
     assert all(Path(p).is_file() and Path(p).is_relative_to(tmp_path) for p in written)
     assert snapshot(demo.model_path().parent) == package_files
 

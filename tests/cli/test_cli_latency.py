@@ -1,8 +1,10 @@
 """The CLI's latency flags: ``--latency``, ``--target-latency``, ``--runtime``, ``--batch``,
 ``--device``, ``--threads``, and ``--onnx``.
 
-Timings are shortened (a patched ``LatencyConfig``) so the suite stays fast; what is checked is
-what the report says and that every conv is either decoupled or kept for a stated reason.
+The eager runs time on the fake clock of ``tests/conftest.py`` (modules cost what the test says),
+so the report's numbers and choices are known exactly and a busy machine cannot change them;
+the ONNX Runtime run times for real and checks only what is recorded. Timings are shortened (a
+patched ``LatencyConfig``) so the suite stays fast.
 """
 
 from __future__ import annotations
@@ -36,7 +38,24 @@ def _report(out: Path) -> dict:
     return json.loads(out.with_name(out.stem + ".report.json").read_text())
 
 
-def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys) -> None:
+# The fake clock's prices (ms per call): a conv 1 ms, the head 0.5 ms; a decoupled layer 0.1 ms
+# per term (2 ms in all in conv1, whose one input channel leaves nothing to gain) plus its
+# realization's extra.
+EXTRA_MS = {"grouped": 0.003, "split": 0.001, "repeat": 0.002, "tile": 0.004, "sum": 0.005}
+CALL_MS = 0.01  # each timed call of a whole model also pays the fake clock's call_ms
+
+
+def _prices(module: torch.nn.Module) -> float:
+    from decouple.nn.decoupled import DecoupledConv2d
+
+    if isinstance(module, DecoupledConv2d):
+        terms = 2.0 if module.in_channels == 1 else 0.1 * module.rank
+        return terms + EXTRA_MS[module.realization]
+    return {torch.nn.Conv2d: 1.0, torch.nn.Linear: 0.5}.get(type(module), 0.0)
+
+
+def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys, fake_clock):
+    fake_clock.cost = _prices
     out = tmp_path / "d.pt"
     code, stdout, err = cli(capsys, "--demo", "--rank", "2", "--latency", "--batch", "4",
                             "--out", out)  # fmt: skip
@@ -45,16 +64,22 @@ def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys
     lat = report["latency"]
     assert lat["batch"] == 4 and lat["runtime"] == "eager" and lat["device"] == "cpu"
     assert lat["threads"] == torch.get_num_threads()
-    assert lat["before"]["median_ms"] > 0 and lat["after"]["median_ms"] > 0
-    assert lat["speedup"] == pytest.approx(lat["before"]["median_ms"] / lat["after"]["median_ms"])
+    # conv1 keeps its conv; conv2-4 run as split, the cheapest realization.
+    before, after = 4 * 1.0 + 0.5 + CALL_MS, 1.0 + 3 * 0.201 + 0.5 + CALL_MS
+    assert lat["before"]["median_ms"] == pytest.approx(before)
+    assert lat["after"]["median_ms"] == pytest.approx(after)
+    assert lat["speedup"] == pytest.approx(before / after)
     assert "BatchNorm folded" in lat["baseline"]
+    assert report["realization_check"]["kept"] == "per layer"
     assert set(report["realizations"]) == {"conv1", "conv2", "conv3", "conv4"}
-    for layer in report["layers"]:
-        assert layer["latency_before_ms"] > 0
-        if layer["action"] == "kept":
-            assert layer["reason"].startswith("kept: not faster")
-        else:
-            assert layer["latency_after_ms"] < layer["latency_before_ms"]
+    layers = {r["name"]: r for r in report["layers"]}
+    assert layers["conv1"]["action"] == "kept"
+    assert layers["conv1"]["reason"].startswith("kept: not faster (best realization split 2.001")
+    assert layers["conv1"]["latency_before_ms"] == pytest.approx(1.0)
+    for name in ("conv2", "conv3", "conv4"):
+        assert layers[name]["action"] == "decoupled" and layers[name]["realization"] == "split"
+        assert layers[name]["latency_before_ms"] == pytest.approx(1.0)
+        assert layers[name]["latency_after_ms"] == pytest.approx(0.201)
     assert any(line.startswith("latency: ") for line in stdout.splitlines())
     assert "ms (alone)" in stdout
     # The saved model reloads with each layer's realization, or its original conv.
@@ -67,48 +92,39 @@ def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys
             assert module.realization == layer["realization"]
 
 
-def _fake_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A clock on which an original 3×3 conv takes 1 ms and a decoupled one 0.1 ms per term,
-    beside 0.5 ms of other work: a busy machine cannot make the plan slower than the model."""
-    from decouple.nn.decoupled import DecoupledConv2d
-    from decouple.plan import latency_budget
-    from decouple.runtime import latency
-    from decouple.runtime.realize import ORIGINAL
-
-    def time_candidates(candidates, x, *args, **kwargs):
-        return {k: 1.0 if k == ORIGINAL else 0.1 * m.rank for k, m in candidates.items()}
-
-    def measure(model, *args, **kwargs):
-        ms, inside = 0.5, set()
-        for m in model.modules():
-            if isinstance(m, DecoupledConv2d):
-                ms += 0.1 * m.rank
-                inside |= {id(c) for c in m.modules()}  # its own convs are priced with it
-            elif type(m) is torch.nn.Conv2d and id(m) not in inside:
-                ms += 1.0
-        return latency.Latency(ms, 0.0, 1, "eager", "cpu", 1, 1)
-
-    monkeypatch.setattr(latency_budget, "time_candidates", time_candidates)
-    monkeypatch.setattr(latency_budget, "measure", measure)
-    monkeypatch.setattr(latency, "measure", measure)
-
-
-def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys, monkeypatch) -> None:
-    _fake_clock(monkeypatch)
+def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys, fake_clock) -> None:
+    """On the fake clock the model takes 4.51 ms; a layer's table is its price net of the call
+    overhead and adds up exactly inside the model, so the first plan measures what it planned."""
+    fake_clock.cost = _prices
     out = tmp_path / "d.pt"
     code, stdout, err = cli(capsys, "--demo", "--target-latency", "0.9", "--batch", "32",
                             "--method", "nd", "--out", out)  # fmt: skip
     assert code == 0, err
     report = _report(out)
     plan = report["latency_allocation"]
-    assert plan["criterion"] == "energy" and plan["model_ms"] > 0
-    assert plan["target_ms"] == pytest.approx(0.9 * plan["model_ms"], rel=1e-4)
+    model_ms = 4 * 1.0 + 0.5 + CALL_MS
+    assert plan["criterion"] == "energy" and plan["model_ms"] == pytest.approx(model_ms)
+    assert plan["target_ms"] == pytest.approx(0.9 * model_ms, rel=1e-4)
+    assert plan["reached"] and len(plan["steps"]) == 1
+    assert plan["measured_ms"] == pytest.approx(plan["planned_ms"], abs=1e-5)
+    assert 0.8 * plan["target_ms"] <= plan["measured_ms"] <= plan["target_ms"]
+    for name, table in plan["table_ms"].items():
+        assert table["original"] == pytest.approx(1.0)
+        for key, ms in table.items():
+            if key != "original":
+                t, real = int(key.split("T=")[1].split(":")[0]), key.split(": ")[1]
+                want = (2.0 if name == "conv1" else 0.1 * t) + EXTRA_MS[real]
+                assert ms == pytest.approx(want), key
+    assert plan["ranks"]["conv1"] == 0 and plan["reasons"]["conv1"] == "kept: not faster"
     assert set(plan["ranks"]) == {"conv1", "conv2", "conv3", "conv4"}
+    assert set(plan["realizations"].values()) == {"split"}
+    assert report["latency"]["speedup"] == pytest.approx(model_ms / plan["measured_ms"])
     for name, rank in plan["ranks"].items():
         layer = next(r for r in report["layers"] if r["name"] == name)
         assert (layer["action"] == "decoupled") == (rank > 0)
         if rank:
             assert layer["rank"] == rank and name in plan["realizations"]
+            assert layer["latency_after_ms"] == pytest.approx(0.1 * rank + EXTRA_MS["split"])
     assert "latency budget:" in stdout and "latency:" in stdout
 
 
@@ -152,7 +168,10 @@ def test_onnx_output_and_onnxruntime_latency(tmp_path: Path, capsys) -> None:
     assert onnx_path.is_file() and "wrote onnx" in stdout
     report = _report(out)
     assert report["onnx"]["ok"] and report["onnx"]["checker"]
-    assert report["latency"]["runtime"] == "onnxruntime"
+    lat = report["latency"]  # timed for real: only what was recorded is checked
+    assert lat["runtime"] == "onnxruntime" and lat["batch"] == 1
+    assert lat["before"]["median_ms"] > 0 and lat["after"]["median_ms"] > 0
+    assert all(r["latency_before_ms"] > 0 for r in report["layers"])
     # Nothing is overwritten without --force.
     code, _, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out)
     assert code == 2 and "--force" in err

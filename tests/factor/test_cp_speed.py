@@ -202,10 +202,14 @@ def test_zero_kernel_and_zero_group():
 
 
 def test_threads_are_restored():
-    before = torch.get_num_threads()
-    w = _randn(6, 4, 3, 3, seed=1)
-    one = cp_weights_for_ranks(w, [2, 5])  # CP_THREADS (1) during the call
-    assert torch.get_num_threads() == before
-    same = cp_weights_for_ranks(w, [2, 5], threads=None)  # as set
-    assert torch.get_num_threads() == before
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)  # not CP_THREADS (1), so a missing restore shows
+    try:
+        w = _randn(6, 4, 3, 3, seed=1)
+        one = cp_weights_for_ranks(w, [2, 5])  # CP_THREADS (1) during the call
+        assert torch.get_num_threads() == 2
+        same = cp_weights_for_ranks(w, [2, 5], threads=None)  # as set
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(outer)
     assert one[5].relative_error(w) == pytest.approx(same[5].relative_error(w), rel=1e-6)

@@ -124,12 +124,23 @@ def test_defaults_come_from_the_weights_enum_or_our_registry():
         (dict(crop=0), "crop must be a positive"),
         (dict(resize=2.5), "resize must be a positive"),
         (dict(std=(1.0, 0.0, 1.0)), "std must be positive"),
-        (dict(mean=(0.5,), std=(0.2, 0.2, 0.2)), "differ in length"),
+        (dict(mean=(0.5, 0.5), std=(0.2, 0.2, 0.2)), "differ in length"),
+        (dict(std=(1.0, 1e-9)), "std must be positive"),
+        (dict(mean=(float("nan"),)), "finite"),
+        (dict(std=[0.5]), "tuple"),
+        (dict(mean=(True,)), "tuple"),
     ],
 )
 def test_bad_preprocessing_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Preprocess(**kwargs)
+
+
+def test_one_value_broadcasts_and_channels_are_checked():
+    prep = Preprocess(mean=(0.5,), std=(0.2, 0.2, 0.2))  # one mean for every channel is fine
+    prep.check_channels(3)
+    with pytest.raises(ValueError, match="takes 1 channels"):
+        prep.check_channels(1)
 
 
 def test_the_cli_evaluates_and_calibrates_on_folders_and_tars(tmp_path, capsys, monkeypatch):

@@ -1,7 +1,9 @@
 """Realizations, latency measurement, the fastest-realization choice and the latency budget.
 
-Timings are real but tiny; the properties tested do not depend on which candidate wins a race,
-except where a candidate is made slower on purpose (a sleep) so that the right answer is known.
+Every timing whose value an assertion reads runs on a fake clock (the ``fake_clock`` fixture of
+``tests/conftest.py``: modules cost what the test says), so the right answer is known and a busy
+machine cannot change it. One smoke test per runtime times for real and checks only what is
+recorded.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-import time
 
 import pytest
 import torch
@@ -163,26 +164,56 @@ def test_measure_records_what_was_timed():
     assert conv.weight.is_contiguous()  # the channels-last copy leaves the module alone
 
 
-def test_measure_tells_a_slow_module_from_a_fast_one():
-    class Sleepy(nn.Module):
+def test_measure_sizes_blocks_to_min_run_time_and_reads_their_median(fake_clock):
+    slow = nn.Identity()
+    slow.fake_ms = 2.99  # and 0.01 ms per call: 3 ms a call
+    lat = measure(slow, torch.zeros(4), min_run_time=0.06)
+    # 0.06 s of 3 ms calls: 5 blocks (the most) of 4 calls.
+    assert lat.median_ms == pytest.approx(3.0) and lat.iqr_ms == pytest.approx(0.0)
+    assert lat.runs == 20 and lat.batch == 4
+    fast = nn.Identity()
+    fast.fake_ms = 0.09
+    assert measure(fast, torch.zeros(1), min_run_time=0.06).median_ms == pytest.approx(0.1)
+
+
+def test_a_slow_spell_in_one_block_moves_neither_median_nor_spread(fake_clock):
+    """Five blocks of one call; the third takes ten times as long: the median and the IQR are
+    the other blocks'."""
+    fake_clock.call_ms = 0.0
+    spell = iter([3.0] * 5 + [30.0] + [3.0] * 10)  # 2 warm-up calls, 1 to size the blocks
+
+    class Spelled(nn.Module):
         def forward(self, x):
-            time.sleep(0.003)
+            fake_clock.advance(next(spell))
             return x
 
-    fast = measure(nn.Identity(), torch.zeros(1), min_run_time=0.01).median_ms
-    slow = measure(Sleepy(), torch.zeros(1), min_run_time=0.02).median_ms
-    assert slow >= 3.0 > fast
+    lat = measure(Spelled(), torch.zeros(1), min_run_time=0.015)
+    assert lat.runs == 5
+    assert lat.median_ms == pytest.approx(3.0) and lat.iqr_ms == pytest.approx(0.0)
 
 
-def test_compare_reports_speedup_of_after_over_before():
-    class Sleepy(nn.Module):
-        def forward(self, x):
-            time.sleep(0.004)
-            return x
+def test_compare_keeps_each_sides_better_run(fake_clock, monkeypatch):
+    """Before and after are timed twice, interleaved; a slow spell over the first timing of
+    ``before`` does not reach the speedup."""
+    fake_clock.call_ms = 0.0
+    timings = []
+    real_measure = latency_module.measure
 
-    out = compare(Sleepy(), nn.Identity(), torch.zeros(2), LatencyConfig(min_run_time=0.02))
-    assert out["speedup"] > 10 and out["batch"] == 2
-    assert out["before"]["median_ms"] > out["after"]["median_ms"]
+    def counted(*args, **kwargs):
+        timings.append(args[0])
+        return real_measure(*args, **kwargs)
+
+    before, after = nn.Identity(), nn.Identity()
+    before.fake_ms, after.fake_ms = 4.0, 0.1
+    fake_clock.cost = lambda m: (
+        2 * m.fake_ms if m is before and len(timings) == 1 else getattr(m, "fake_ms", 0.0)
+    )
+    monkeypatch.setattr(latency_module, "measure", counted)
+    out = compare(before, after, torch.zeros(2), LatencyConfig(min_run_time=0.02))
+    assert timings == [before, after, before, after]
+    assert out["before"]["median_ms"] == pytest.approx(4.0)
+    assert out["after"]["median_ms"] == pytest.approx(0.1)
+    assert out["speedup"] == pytest.approx(40.0) and out["batch"] == 2
 
 
 @pytest.mark.parametrize(
@@ -220,47 +251,47 @@ def test_capture_inputs_leaves_outputs_alone():
 # choosing realizations
 
 
-class SlowConv(nn.Conv2d):
-    """A conv that takes 5 ms more: any decoupled realization must beat it."""
-
-    def forward(self, x):
-        time.sleep(0.005)
-        return super().forward(x)
+# The fake clock's price of a decoupled layer by realization (ms), so the fastest is known: split.
+EXTRA_MS = {"grouped": 0.003, "split": 0.001, "repeat": 0.002, "tile": 0.004, "sum": 0.005}
 
 
-def _decoupled_toy():
+def _decoupled_toy(fake_clock=None):
+    """The toy at rank 2 and its original convs; on ``fake_clock`` a decoupled layer costs its
+    realization's :data:`EXTRA_MS` and a conv its ``fake_ms`` (0 unless a test sets it)."""
     model = toy()
     originals = {n: model.get_submodule(n) for n in ("conv1", "conv2", "conv3")}
     decouple_(model, DecoupleConfig(rank=2))
+    if fake_clock is not None:
+        fake_clock.cost = lambda m: getattr(
+            m, "fake_ms", EXTRA_MS[m.realization] if isinstance(m, DecoupledConv2d) else 0.0
+        )
     return model, originals
 
 
-def test_a_layer_faster_than_its_original_stays_decoupled():
-    model, originals = _decoupled_toy()
-    slow = SlowConv(8, 8, 3, padding=1, bias=False).double()
-    slow.load_state_dict(originals["conv2"].state_dict())
-    originals["conv2"] = slow
+def test_a_layer_faster_than_its_original_stays_decoupled(fake_clock):
+    model, originals = _decoupled_toy(fake_clock)
+    originals["conv2"].fake_ms = 5.0  # the other two convs cost nothing: nothing beats them
     choices = choose_realizations_(model, originals, images(2), **FAST)
-    assert isinstance(model.conv2, DecoupledConv2d)
     c = choices["conv2"]
-    assert c.chosen in REALIZATIONS["dw-pw"] and c.original_ms > 5 > c.best_ms
-    assert model.conv2.realization == c.chosen
+    assert c.chosen == "split" and model.conv2.realization == "split"
+    assert c.original_ms == pytest.approx(5.0) and c.best_ms == pytest.approx(0.001)
+    assert c.times_ms["tile"] == pytest.approx(0.004)  # the call overhead taken off
+    assert c.reason() == "split: 0.001 ms vs original 5.000 ms"
+    for name in ("conv1", "conv3"):
+        assert choices[name].chosen == ORIGINAL and model.get_submodule(name) is originals[name]
 
 
-def test_a_layer_slower_than_its_original_gets_the_original_back():
-    model, originals = _decoupled_toy()
-    x = images(2)
-
-    def slow_forward(inp, layer=model.conv2):
-        time.sleep(0.005)
-        return DecoupledConv2d.forward(layer, inp)
-
-    model.conv2.forward = slow_forward  # every realization (a copy of the layer) is slow too
-    choices = choose_realizations_(model, originals, x, **FAST)
+def test_a_layer_slower_than_its_original_gets_the_original_back(fake_clock):
+    model, originals = _decoupled_toy(fake_clock)
+    for conv in originals.values():
+        conv.fake_ms = 1.0
+    model.conv2.fake_ms = 5.0  # every realization (a copy of the layer) is slow too
+    choices = choose_realizations_(model, originals, images(2), **FAST)
     assert model.conv2 is originals["conv2"]
     assert choices["conv2"].chosen == ORIGINAL
-    assert choices["conv2"].reason().startswith("kept: not faster")
+    assert choices["conv2"].reason().startswith("kept: not faster (best realization grouped 5.000")
     assert set(choices) == {"conv1", "conv2", "conv3"}
+    assert model.conv1.realization == model.conv3.realization == "split"
 
 
 @pytest.mark.parametrize("best,kept", [(0.97, True), (0.951, True), (0.94, False), (0.5, False)])
@@ -310,7 +341,16 @@ def test_whole_model_check_never_gives_a_layer_a_realization_that_lost(monkeypat
     assert model.conv3 is originals["conv3"] and choices["conv3"].chosen == ORIGINAL
 
 
-def test_compress_with_realize_records_latency_and_keeps_outputs():
+def test_compress_with_realize_records_latency_and_keeps_outputs(fake_clock):
+    """On the fake clock a conv costs 0.1 ms and a rank-2 layer 0.02 ms plus its realization's
+    :data:`EXTRA_MS`, except ``conv1``'s (3 input channels): 0.5 ms, not faster."""
+
+    def cost(m):
+        if isinstance(m, DecoupledConv2d):
+            return 0.5 if m.in_channels == 3 else 0.01 * m.rank + EXTRA_MS[m.realization]
+        return 0.1 if type(m) is nn.Conv2d else 0.0
+
+    fake_clock.cost = cost
     model = toy()
     reference = toy()
     x = images(8)
@@ -319,34 +359,34 @@ def test_compress_with_realize_records_latency_and_keeps_outputs():
         DecoupleConfig(rank=2, fold_bn=True),
         (3, 8, 8),
         realize=True,
-        latency=LatencyConfig(layer_rounds=1, layer_min_run_time=0.002),
+        latency=LatencyConfig(layer_rounds=1, layer_min_run_time=0.002, min_run_time=0.02),
     )
     decoupled = {r.name: r for r in result.records}
-    assert set(result.realizations) == {"conv1", "conv2", "conv3"}
+    assert {n: c.chosen for n, c in result.realizations.items()} == {
+        "conv1": ORIGINAL, "conv2": "split", "conv3": "split",
+    }  # fmt: skip
+    assert result.extra()["realization_check"]["kept"] == "per layer"
     for name, c in result.realizations.items():
         rec = decoupled[name]
-        assert rec.latency_before_ms == c.original_ms and rec.latency_after_ms == c.best_ms
+        assert rec.latency_before_ms == c.original_ms == pytest.approx(0.1)
+        assert rec.latency_after_ms == c.best_ms
         if c.chosen == ORIGINAL:
             assert rec.action == "kept" and rec.reason.startswith("kept: not faster")
             assert type(model.get_submodule(name)) is nn.Conv2d
         else:
+            assert c.best_ms == pytest.approx(0.021)
             assert rec.action == "decoupled" and rec.realization == c.chosen
             assert rec.structure.get("realization", "grouped") == c.chosen
-    # Realizations are exact, so the model is the rank-2 model whatever won.
+    # Realizations are exact, so the model is the rank-2 model with conv1 as it was.
     plain = toy()
     decouple_(plain, DecoupleConfig(rank=2, fold_bn=True))
-    for name, c in result.realizations.items():
-        if c.chosen == ORIGINAL:
-            plain.set_submodule(name, model.get_submodule(name))
+    plain.set_submodule("conv1", model.conv1)
     torch.testing.assert_close(model(x), plain(x))
     assert reference is not model
 
 
 # --------------------------------------------------------------------------------------------
 # the latency budget, with a fake clock so that the right answer is known
-
-
-EXTRA_MS = {"grouped": 0.003, "split": 0.001, "repeat": 0.002, "tile": 0.004, "sum": 0.005}
 
 
 def _layer_ms(layer) -> float:
@@ -356,9 +396,13 @@ def _layer_ms(layer) -> float:
     return 0.1
 
 
-def _fake_clock(monkeypatch, in_graph: float = 1.0):
+def _fake_clock(monkeypatch, in_graph: float = 1.0, clock=None):
     """Layers cost as :func:`_layer_ms` alone and ``in_graph`` times that inside the model, whose
-    three convs run beside 200 µs of other work."""
+    three convs run beside 200 µs of other work. The planner's timings are replaced outright;
+    ``clock`` (the ``fake_clock`` fixture), where given, prices every other timing the same way
+    (``compress_``'s whole-model check of the realizations)."""
+    if clock is not None:
+        clock.cost = lambda m: _layer_ms(m) if isinstance(m, (nn.Conv2d, DecoupledConv2d)) else 0.0
 
     def time_candidates(candidates, x, *args, **kwargs):
         return {key: 0.1 if key == ORIGINAL else _layer_ms(m) for key, m in candidates.items()}
@@ -411,10 +455,10 @@ def test_a_plan_the_table_got_wrong_is_closed_on_the_clock(monkeypatch):
     assert loss[0] < loss[1]  # the budget spent on accuracy, not left on the table
 
 
-def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch):
+def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch, fake_clock):
     """Alone every rank is faster, but inside the model each decoupled layer adds 50 µs (an
     overhead-bound model: one call more per layer): every plan measures slower than the original."""
-    _fake_clock(monkeypatch)
+    _fake_clock(monkeypatch, clock=fake_clock)
 
     def measure(model, *args, **kwargs):
         extra = sum(isinstance(m, DecoupledConv2d) for m in model.modules())
@@ -451,18 +495,22 @@ def test_latency_plan_keeps_layers_no_rank_speeds_up(monkeypatch):
     assert plan.realizations == {}
 
 
-def test_compress_under_a_latency_budget_applies_ranks_and_realizations(monkeypatch):
-    _fake_clock(monkeypatch)
+def test_compress_under_a_latency_budget_applies_ranks_and_realizations(monkeypatch, fake_clock):
+    _fake_clock(monkeypatch, clock=fake_clock)
     model = toy()
-    result = compress_(model, DecoupleConfig(fold_bn=True), (3, 8, 8), target_latency=0.6)
+    quick = LatencyConfig(min_run_time=0.01)
+    result = compress_(
+        model, DecoupleConfig(fold_bn=True), (3, 8, 8), target_latency=0.6, latency=quick
+    )
     plan = result.latency_plan
-    kept = result.extra()["realization_check"]["kept"]  # the plan, or one realization throughout
+    # The plan's realizations (split: the cheapest) beat any one realization throughout.
+    assert result.extra()["realization_check"]["kept"] == "per layer"
+    assert any(o.rank for o in plan.allocation.choice.values())
     for name, o in plan.allocation.choice.items():
         layer = model.get_submodule(name)
         if o.rank:
-            want = "split" if kept == "per layer" else kept.removesuffix(" where faster")
-            assert layer.rank == o.rank and layer.realization == want
-            assert result.realizations[name].chosen == want
+            assert layer.rank == o.rank and layer.realization == "split"
+            assert result.realizations[name].chosen == "split"
         else:
             assert type(layer) is nn.Conv2d
     assert "latency_allocation" in result.extra()

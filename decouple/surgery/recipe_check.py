@@ -1,0 +1,182 @@
+"""A recipe read from disk, checked against the model it is about to change.
+
+A recipe is untrusted JSON. :func:`check_recipe` turns it into a :class:`RecipePlan` or raises
+before anything changes: a wrong type is an ``InputTypeError`` (a ``TypeError``, and a
+``ValueError`` for callers that catch only that) naming the field; an unknown key, a layer the
+model lacks (with the nearest names it has), a rank outside ``[1, full rank]`` is a
+``ValueError``. Ranks are compared as numbers, so ``10**12`` is refused before anything is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..factor.cp import cp_max_rank
+from ..factor.nd import ORDERS, max_rank
+from ..factor.tucker import tucker_max_ranks
+from ..nn.decoupled import REALIZATIONS
+from ..nn.discover import custom_forward_reason, is_plain_conv2d
+from ..nn.guards import InputTypeError, type_error
+from .checks import check_int, check_keys, check_str, close_names, is_int
+from .config import DecoupleConfig
+from .methods import METHODS, is_factored
+from .sites import FACTORED, conv_sites
+
+RECIPE_FORMAT = "decouple-recipe"
+RECIPE_VERSION = 1
+# "manifest": the CLI's output set names the manifest that vouches for the weights.
+RECIPE_KEYS = ("format", "version", "config", "folded_bn", "layers", "manifest")
+LAYER_KEYS = {
+    "nd": ("method", "rank", "order", "realization"),
+    "cp": ("method", "rank"),
+    "tucker": ("method", "ranks"),
+}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One conv to replace by an empty factored layer."""
+
+    name: str
+    method: str
+    rank: int | tuple[int, int]
+    order: str = "dw-pw"
+    realization: str | None = None
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """A checked recipe: BN pairs to fold (conv name -> BN name) and layers to replace."""
+
+    folded: dict[str, str]
+    layers: list[LayerPlan]
+
+
+class _Model:
+    """The names a recipe may use: plain convs (outside factored layers) and all modules."""
+
+    def __init__(self, model: nn.Module) -> None:
+        sites = conv_sites(model, DecoupleConfig())
+        self.convs = {s.name: s.module for s in sites if is_plain_conv2d(s.module)}
+        self.factored = {s.name: s.module for s in sites if s.action == FACTORED}
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+
+    def conv(self, name: Any, what: str) -> nn.Module:
+        """The plain conv or factored layer ``name``, else a ValueError saying what it is."""
+        if not isinstance(name, str):
+            raise type_error(f"{what} name", "a module name (str)", name)
+        if name in self.convs:
+            return self.convs[name]
+        if name in self.factored:
+            return self.factored[name]
+        module = self.modules.get(name) if name else None
+        hint = close_names(name, list(self.convs))
+        if module is None:
+            raise ValueError(f"{what} {name!r} is not a module of the model; {hint}")
+        custom = custom_forward_reason(module)
+        if custom is not None:
+            raise ValueError(f"{what} {name!r} is a conv with its own forward ({custom}); {hint}")
+        owner = next((f for f in self.factored if name.startswith(f + ".")), None)
+        if owner is not None:
+            raise ValueError(f"{what} {name!r} is part of the factored layer {owner!r}; {hint}")
+        raise ValueError(f"{what} {name!r} is a {type(module).__name__}, not a Conv2d; {hint}")
+
+
+def _check_header(recipe: Any) -> None:
+    if not isinstance(recipe, dict):
+        raise type_error("a recipe", "a dict (a JSON object)", recipe)
+    if recipe.get("format") != RECIPE_FORMAT:
+        raise ValueError("not a decouple recipe (missing format: 'decouple-recipe')")
+    version = recipe.get("version")
+    if not (is_int(version) and version == RECIPE_VERSION):
+        raise ValueError(f"unsupported recipe version {version!r}; this is {RECIPE_VERSION}")
+    check_keys(recipe, RECIPE_KEYS, "recipe")
+    config = recipe.get("config")
+    if config is not None:
+        try:
+            DecoupleConfig.from_dict(config)
+        except InputTypeError as e:
+            raise InputTypeError(f"recipe config: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"recipe config: {e}") from None
+    if "layers" not in recipe:
+        raise ValueError("the recipe has no 'layers'")
+
+
+def _check_folded(folded: Any, names: _Model) -> dict[str, str]:
+    if folded is None:
+        return {}
+    if not isinstance(folded, dict):
+        raise type_error("recipe folded_bn", "a dict of conv name -> BN name", folded)
+    for conv_name, bn_name in folded.items():
+        conv = names.conv(conv_name, "recipe folded_bn conv")
+        if not isinstance(bn_name, str):
+            raise type_error(f"recipe folded_bn[{conv_name!r}]", "a BN name (str)", bn_name)
+        bn = names.modules.get(bn_name) if bn_name else None
+        if not isinstance(bn, (_BatchNorm, nn.Identity)):
+            bns = [n for n, m in names.modules.items() if isinstance(m, _BatchNorm)]
+            what = "is not a module of the model" if bn is None else "is not a BatchNorm"
+            raise ValueError(
+                f"recipe folded_bn[{conv_name!r}]: {bn_name!r} {what}; {close_names(bn_name, bns)}"
+            )
+        if isinstance(bn, _BatchNorm) and bn.num_features != conv.out_channels:
+            raise ValueError(
+                f"recipe folds BN {bn_name!r} ({bn.num_features} features) into {conv_name!r} "
+                f"({conv.out_channels} output channels)"
+            )
+        if is_factored(conv) and conv.bias is None:
+            raise ValueError(f"recipe folds a BN into {conv_name!r}, a factored layer without bias")
+    return dict(folded)
+
+
+def _check_layer(name: str, conv: nn.Module, entry: Any) -> LayerPlan:
+    what = f"recipe layer {name!r}"
+    if not isinstance(entry, dict):
+        raise type_error(what, "a dict (a JSON object)", entry)
+    method = check_str(entry.get("method", "nd"), f"{what} method", METHODS)
+    check_keys(entry, LAYER_KEYS[method], f"{what} ({method})")
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        raise ValueError(f"{what} is a lazy conv not initialised yet: run it once first")
+    shape, groups = tuple(conv.weight.shape), conv.groups
+    if method == "tucker":
+        ranks = entry.get("ranks")
+        if not (isinstance(ranks, (list, tuple)) and len(ranks) == 2):
+            raise type_error(f"{what} ranks", "a pair [R_out, R_in]", ranks)
+        full = tucker_max_ranks(shape, groups)
+        for r, top, mode in zip(ranks, full, ("R_out", "R_in"), strict=True):
+            check_int(r, f"{what} ranks {mode}", 1, top)
+        return LayerPlan(name, method, (ranks[0], ranks[1]))
+    if method == "cp":
+        rank = check_int(entry.get("rank"), f"{what} rank", 1, cp_max_rank(shape, groups))
+        return LayerPlan(name, method, rank)
+    order = entry.get("order")
+    order = "dw-pw" if order is None else check_str(order, f"{what} order", ORDERS)
+    rank = check_int(entry.get("rank"), f"{what} rank", 1, max_rank(shape, order, groups))
+    real = entry.get("realization")
+    if real is not None:
+        check_str(real, f"{what} realization", REALIZATIONS[order])
+    return LayerPlan(name, method, rank, order, real)
+
+
+def check_recipe(model: nn.Module, recipe: Any) -> RecipePlan:
+    """What :func:`~decouple.surgery.recipe.apply_recipe_` will do to ``model``, or why it can't.
+
+    Layers that are already factored are left out (replaying a recipe twice changes nothing).
+    """
+    _check_header(recipe)
+    names = _Model(model)
+    folded = _check_folded(recipe.get("folded_bn"), names)
+    layers = recipe["layers"]
+    if not isinstance(layers, dict):
+        raise type_error("recipe layers", "a dict of layer name -> structure", layers)
+    plans = []
+    for name, entry in layers.items():
+        conv = names.conv(name, "recipe layer")
+        if is_factored(conv):
+            continue
+        plans.append(_check_layer(name, conv, entry))
+    return RecipePlan(folded, plans)

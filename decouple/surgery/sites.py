@@ -1,0 +1,146 @@
+"""Where a model's convolutions are and what ``decouple_`` will do with each, decided up front.
+
+:func:`conv_sites` walks the module tree once, without changing it, and returns one
+:class:`Site` per convolution or factored layer met; :func:`check_sites` then refuses what cannot
+be done (no conv at all, NaN weights, a method that needs a budget) before anything changes.
+What counts as a conv is :func:`decouple.nn.discover.is_plain_conv2d`, here and everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn.discover import conv_census, custom_forward_reason
+from .config import DecoupleConfig, LayerSpec
+from .methods import METHODS, is_factored
+
+NO_RULE = "no rank or energy for this layer"
+DECOUPLE, KEPT, FACTORED, SHARED = "decouple", "kept", "factored", "shared"
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """One place in the module tree that holds a conv (``parent.<attr>``) and its plan.
+
+    ``action`` is ``decouple`` (with the resolved ``spec``), ``kept`` (with a ``reason``),
+    ``factored`` (already decoupled) or ``shared`` (a conv met before under another name).
+    A ``decouple`` site whose settings contradict each other carries the ``problem``.
+    """
+
+    parent: nn.Module
+    attr: str
+    name: str
+    module: nn.Module
+    action: str
+    reason: str | None = None
+    spec: LayerSpec | None = None
+    problem: str | None = None  # why its settings cannot run (raised by check_sites)
+
+
+def why_not_decouplable(conv: nn.Conv2d) -> str | None:
+    """Reason a conv is left as it is, or ``None`` if network decoupling applies to it."""
+    custom = custom_forward_reason(conv)
+    if custom is not None:
+        return custom
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        return "lazy conv not initialised yet"
+    kh, kw = conv.kernel_size
+    if kh * kw == 1:
+        return "1x1 conv"
+    if conv.groups > 1 and conv.groups == conv.in_channels:
+        return "depthwise conv"
+    return None
+
+
+def _plan_conv(parent, attr, name, conv, config, filter_fn) -> Site:
+    if filter_fn is not None and not filter_fn(conv, name):
+        return Site(parent, attr, name, conv, KEPT, "excluded by filter_fn")
+    reason = why_not_decouplable(conv)
+    if reason is not None:
+        return Site(parent, attr, name, conv, KEPT, reason)
+    try:
+        spec = config.resolve(name)
+    except ValueError as e:  # e.g. the config's method 'auto' with this layer's own rank
+        return Site(parent, attr, name, conv, DECOUPLE, problem=f"layer {name!r}: {e}")
+    if spec.skip:
+        why = "skipped by override" if config.spec_for(name) else NO_RULE
+        return Site(parent, attr, name, conv, KEPT, why)
+    return Site(parent, attr, name, conv, DECOUPLE, spec=spec)
+
+
+def conv_sites(
+    model: nn.Module,
+    config: DecoupleConfig,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> list[Site]:
+    """Every ``nn.Conv2d`` and factored layer of ``model`` in definition order, with its plan.
+
+    Walks ``_modules`` rather than ``named_children()`` (which hides a module's second
+    occurrence), and never enters a conv or a factored layer: the convs inside a factored layer
+    are its parts, not candidates.
+    """
+    sites: list[Site] = []
+    seen: set[int] = set()
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for attr, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            name = f"{prefix}.{attr}" if prefix else attr
+            if is_factored(child):
+                sites.append(Site(parent, attr, name, child, FACTORED, "already decoupled"))
+            elif not isinstance(child, nn.Conv2d):
+                walk(child, name)
+            elif id(child) in seen:
+                sites.append(Site(parent, attr, name, child, SHARED))
+            else:
+                seen.add(id(child))
+                sites.append(_plan_conv(parent, attr, name, child, config, filter_fn))
+
+    walk(model, "")
+    return sites
+
+
+def candidates(sites: list[Site]) -> list[Site]:
+    """The convs a rank (from the config or a budget) would decouple."""
+    return [s for s in sites if s.action == DECOUPLE or s.reason == NO_RULE]
+
+
+def check_sites(model: nn.Module, sites: list[Site], specs: bool = True) -> None:
+    """Refuse, before any change, a plan that would fail halfway.
+
+    Raises
+    ------
+    ValueError
+        No ``nn.Conv2d`` (nor factored layer) at all, a conv to decouple with NaN or Inf
+        weights, or (``specs``) a layer whose resolved method cannot run here: ``auto`` (a budget
+        chooses it; see :func:`decouple.pipeline.compress_`) or CP with an energy.
+    """
+    if not sites:
+        raise ValueError(
+            f"nothing to decouple: no nn.Conv2d in the model (found {conv_census(model)})"
+        )
+    for s in candidates(sites):
+        if not torch.isfinite(s.module.weight.detach()).all():
+            raise ValueError(f"layer {s.name!r} has NaN or Inf weights")
+        if not specs:
+            continue
+        if s.problem is not None:
+            raise ValueError(s.problem)
+        if s.spec is None:  # no rank or energy for it: kept
+            continue
+        if s.spec.method not in METHODS:
+            raise ValueError(
+                f"layer {s.name!r}: method {s.spec.method!r} chooses each layer's method under a "
+                "budget; decouple_ needs nd, cp or tucker (for a budget use compress_ with "
+                "target_flops or target_latency)"
+            )
+        if s.spec.method == "cp" and s.spec.energy is not None:
+            raise ValueError(
+                f"layer {s.name!r}: CP takes a rank, not an energy (ALS has no closed-form "
+                "energy rule)"
+            )
