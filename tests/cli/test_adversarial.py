@@ -543,3 +543,47 @@ def test_fuzzed_flags_end_in_a_whole_set_or_one_line(drawn, capsys) -> None:
         else:
             assert_refused(code, stdout, err, None)
             assert snapshot(tmp) == before, "a refused run wrote or changed files"
+
+
+@pytest.mark.parametrize("after_s", [0.5, 2.0, 4.0])
+def test_kill_9_during_a_forced_run_loses_nothing(tmp_path: Path, after_s: float) -> None:
+    """Whenever the kill lands, the previous set is whole (at its place, or the replaced files in
+    the staging folder's previous/), and what is at the target loads whole or is refused."""
+    import signal
+    import time
+
+    model = digits_sd(tmp_path)
+    argv = [
+        sys.executable,
+        "-m",
+        "decouple",
+        model,
+        "--arch",
+        "digits_cnn",
+        "--out",
+        tmp_path / "o.pt",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(TESTS_DIR)}
+    first = subprocess.run(
+        [*map(str, argv), "--rank", "2"], capture_output=True, timeout=300, env=env
+    )
+    assert first.returncode == 0, first.stderr
+    old = {p.name: p.read_bytes() for p in tmp_path.glob("o.*")}
+    proc = subprocess.Popen([*map(str, argv), "--rank", "3", "--force"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    try:
+        restored = load_decoupled(build_model("digits_cnn"), tmp_path / "o.pt")
+    except Exception as e:  # noqa: BLE001 - only the one-line refusal is allowed
+        assert "incomplete or mixed" in str(e), e
+        committed = False
+    else:
+        assert restored(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+        committed = (tmp_path / "o.pt").read_bytes() != old["o.pt"]
+    if committed:  # the new set is whole: --force asked for the old one to go
+        return
+    for name, data in old.items():  # every old file survives, at its place or as a backup
+        places = [tmp_path / name, *tmp_path.glob(f".*staging*/previous/{name}")]
+        assert any(p.read_bytes() == data for p in places), f"{name} was lost"
