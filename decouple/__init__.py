@@ -17,22 +17,59 @@ Where things live, in the order the pipeline runs (each layer imports only those
 * :mod:`decouple.models` — the registry of named architectures (a leaf: imports nothing of ours)
 """
 
-from .factor.cp import cp_weight
-from .factor.nd import Decoupling, decouple_weight, max_rank, rank_for_energy, spectrum
-from .factor.tucker import tucker2_weight
-from .io.checkpoint import load_decoupled
-from .nn.decoupled import DecoupledConv2d
-from .nn.factorized import CPConv2d, TuckerConv2d
-from .nn.flops import count_flops
-from .pipeline import CompressResult, compress_
-from .report import Report, build_report
-from .runtime.latency import LatencyConfig, measure
-from .runtime.realize import choose_realizations_, confirm_on_model_
-from .surgery.config import DecoupleConfig, LayerSpec
-from .surgery.recipe import apply_recipe_, make_recipe
-from .surgery.rewrite import LayerRecord, decouple_
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+
+# Public name -> the submodule that defines it, imported on first use: ``import decouple`` (and
+# so ``python -m decouple --help``) stays free of torch and tensorly until a name is needed.
+_WHERE = {
+    "cp_weight": ".factor.cp",
+    "Decoupling": ".factor.nd",
+    "decouple_weight": ".factor.nd",
+    "max_rank": ".factor.nd",
+    "rank_for_energy": ".factor.nd",
+    "spectrum": ".factor.nd",
+    "tucker2_weight": ".factor.tucker",
+    "load_decoupled": ".io.checkpoint",
+    "save_decoupled": ".io.save",
+    "DecoupledConv2d": ".nn.decoupled",
+    "CPConv2d": ".nn.factorized",
+    "TuckerConv2d": ".nn.factorized",
+    "count_flops": ".nn.flops",
+    "CompressResult": ".pipeline",
+    "compress_": ".pipeline",
+    "Report": ".report",
+    "build_report": ".report",
+    "LatencyConfig": ".runtime.latency",
+    "measure": ".runtime.latency",
+    "choose_realizations_": ".runtime.realize",
+    "confirm_on_model_": ".runtime.realize",
+    "DecoupleConfig": ".surgery.config",
+    "LayerSpec": ".surgery.config",
+    "STEM_MAX_CHANNELS": ".surgery.config",
+    "apply_recipe_": ".surgery.recipe",
+    "make_recipe": ".surgery.recipe",
+    "recipe_of_model": ".surgery.recipe",
+    "LayerRecord": ".surgery.rewrite",
+    "decouple_": ".surgery.rewrite",
+}
+
+
+def __getattr__(name: str):
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value  # later lookups skip this hook
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "CPConv2d",
@@ -44,6 +81,7 @@ __all__ = [
     "LayerRecord",
     "LayerSpec",
     "Report",
+    "STEM_MAX_CHANNELS",
     "TuckerConv2d",
     "apply_recipe_",
     "build_report",
@@ -59,6 +97,8 @@ __all__ = [
     "max_rank",
     "measure",
     "rank_for_energy",
+    "recipe_of_model",
+    "save_decoupled",
     "spectrum",
     "tucker2_weight",
 ]

@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .calibrate.stream import Split
 from .nn.flops import count_flops
+from .nn.progress import progress_bar
 from .pipeline import CompressResult, compress_
 from .surgery.methods import FactorCache
 
@@ -144,7 +144,7 @@ def compress_within_change_(
         return ok
 
     lo, hi = lowest, 1.0
-    bar = tqdm(total=steps + 1, desc="max-change search", disable=not progress, leave=False)
+    bar = progress_bar(total=steps + 1, desc="max-change search", enabled=progress, unit="plan")
     if not attempt(lo):
         for _ in range(steps):
             bar.update()

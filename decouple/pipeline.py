@@ -182,7 +182,7 @@ def _compress(
         criterion = criterion or "energy"
         allocation = plan_ranks(
             model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge,
-            cache,
+            cache, progress,
         )  # fmt: skip
     if allocation is not None:
         plain = allocated_config(plain, allocation.choice)

@@ -15,8 +15,9 @@ from torch import nn
 from .nn.flops import count_flops
 from .surgery.rewrite import LayerRecord
 
+RANDOM_INPUTS = "random Gaussian inputs (no images given; the agreement on real images can differ)"
 
-@torch.no_grad()
+
 @torch.no_grad()
 def output_error(
     original: nn.Module, decoupled: nn.Module, inputs: torch.Tensor, batch_size: int = 32
@@ -134,7 +135,8 @@ class Report:
                 if t["layers_decoupled"]
                 else ")"
             ),
-            f"output: relative error {self.output['rel_error']:.4g} on a batch of {self.output['batch']}"
+            f"output: relative error {self.output['rel_error']:.4g} on "
+            + self.output.get("inputs", f"a batch of {self.output['batch']}")
             + (
                 f", top-1 agreement {100 * self.output['argmax_agreement']:.1f} %"
                 if "argmax_agreement" in self.output
@@ -296,6 +298,7 @@ def build_report(
     input_shape: tuple[int, ...],
     inputs: torch.Tensor | None = None,
     extra: dict | None = None,
+    inputs_name: str | None = None,
 ) -> Report:
     """Measure ``decoupled`` against ``original`` and fill the FLOPs of ``records``.
 
@@ -308,7 +311,13 @@ def build_report(
     input_shape : tuple of int
         One sample's shape ``(C, H, W)``; FLOPs are for a batch of one.
     inputs : torch.Tensor, optional
-        Batch on which the outputs are compared; default 8 standard-normal samples (seed 0).
+        Batch on which the outputs are compared; default 8 standard-normal samples (seed 0),
+        which the report says (``output.inputs``): the agreement on real images can differ.
+    extra : dict, optional
+        Added to the report as it is; ``extra["output_check_inputs"]`` names ``inputs`` when
+        ``inputs_name`` is not given.
+    inputs_name : str, optional
+        What ``inputs`` are, e.g. ``"--data images"``: the report says "on 256 --data images".
     """
     device = next(original.parameters()).device
     dtype = next(original.parameters()).dtype
@@ -318,9 +327,15 @@ def build_report(
     for r in records:
         r.flops_before = per_before.get(r.name)
         r.flops_after = per_after.get(r.name)
+    extra = dict(extra or {})
     if inputs is None:
         gen = torch.Generator().manual_seed(0)
         inputs = torch.randn((8, *input_shape), generator=gen, dtype=dtype).to(device)
+        source = f"{len(inputs)} {RANDOM_INPUTS}"
+    else:
+        name = inputs_name or extra.get("output_check_inputs") or "given inputs"
+        source = _counted(len(inputs), str(name))
+    output = {**output_error(original, decoupled, inputs), "inputs": source}
     return Report(
         layers=records,
         input_shape=tuple(input_shape),
@@ -328,8 +343,8 @@ def build_report(
         params_after=_n_params(decoupled),
         flops_before=flops_before,
         flops_after=flops_after,
-        output=output_error(original, decoupled, inputs),
-        extra=dict(extra or {}),
+        output=output,
+        extra=extra,
     )
 
 

@@ -16,7 +16,8 @@ FLOPs are the whole model's, as ``FlopCounterMode`` counts them for one 3×32×3
 It also times the calibration of a ResNet-56 (random weights: timing only).
 
 Writes results/accuracy.csv, results/calibration_time.csv, results/accuracy_vs_flops.png and
-results/README.md.
+results/README.md. ``--quick`` (one T, one budget) writes the same files into a new temporary
+folder instead, and never into results/.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from experiment_io import output_folder, progress
 
 from decouple import DecoupleConfig, count_flops
 from decouple.io.checkpoint import load_model
@@ -288,7 +290,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
         w.writerows(rows)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--quick`` writes into a new temp folder unless ``--out`` is given."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assets", type=Path, default=None, help="the shared cifar10 folder")
     parser.add_argument(
@@ -299,10 +302,17 @@ def main() -> None:
         help="checkpoint and architecture (repeatable); default: the shared ones",
     )
     parser.add_argument("--calib-size", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="a small grid (for notebooks and CI)")
-    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--quick", action="store_true", help="a small grid, into a temp dir")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default results/ (--quick: a new temp dir)")  # fmt: skip
     parser.add_argument("--no-timing", action="store_true", help="skip the ResNet-56 timing")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.out = output_folder(parser, args.out, "--quick" if args.quick else None, "accuracy_sweep-")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     assets, test, calib_set = load_sets(args.assets, args.calib_size)
     models = [m.rsplit(":", 1) for m in args.model] or [[str(assets / f), a] for f, a in SHARED]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +342,7 @@ def main() -> None:
         }
         rows.append(original)
         print(f"{name}: original top-1 {original['top1']:.2f} %, {flops0:,} FLOPs", flush=True)
-        for spec in settings(args.quick):
+        for spec in progress(settings(args.quick), f"{name} runs"):
             row = {"model": name, **spec, **run_one(base, spec, calib, images, test.labels, flops0)}
             row["target"] = "" if row["target"] is None else row["target"]
             row["rank"] = "" if row["rank"] is None else row["rank"]

@@ -37,13 +37,13 @@ import multiprocessing
 import os
 import platform
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from experiment_io import output_folder, progress
 from torch import nn
 
 from decouple.factor.cp import (
@@ -329,7 +329,8 @@ def write_report(rows: list[dict], probes, parallel, out: Path, args, load: str)
     (out / "cp_speed.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--quick`` writes into a new temp folder unless ``--out`` is given."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two convs per model, to a temp dir")
     parser.add_argument(
@@ -338,20 +339,27 @@ def main() -> None:
     parser.add_argument(
         "--jobs", type=int, default=1, help="also time the new path on N processes (convs shared)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="folder for the csv and md")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the csv and md (default results/; --quick: a temp dir)")  # fmt: skip
+    args = parser.parse_args(argv)
+    args.out_given = args.out is not None
+    args.out = output_folder(parser, args.out, "--quick" if args.quick else None, "cp_speed_")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     want = str(args.threads)
     names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
     if any(os.environ.get(k) != want for k in names):  # numpy's BLAS reads them only at start
         os.execve(
             sys.executable,
-            [sys.executable, *sys.argv],
+            # the same folder: a --quick run's temp folder is made (and printed) once
+            [sys.executable, *sys.argv, *([] if args.out_given else ["--out", str(args.out)])],
             {**os.environ, **dict.fromkeys(names, want)},
         )
     torch.set_num_threads(args.threads)
-    out = args.out or (
-        Path(tempfile.mkdtemp(prefix="cp_speed_")) if args.quick else ROOT / "results"
-    )
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     rows, probes, parallel = [], [], []
@@ -360,7 +368,7 @@ def main() -> None:
         old_layers = OLD_LAYERS[model_name]
         if args.quick:
             convs = convs[:2]
-        for layer, conv, in_hw, out_hw in convs:
+        for layer, conv, in_hw, out_hw in progress(convs, f"{model_name} convs"):
             ranks = cp_candidates(conv, in_hw, out_hw)
             if not ranks:
                 continue

@@ -20,8 +20,8 @@ Writes ``results/latency.csv`` (one row per model, batch, runtime, order, T), th
 measured and an interrupted run resumes where it stopped (``--fresh`` starts over).
 
 Run (about three and a half hours on 2 cores, most of it VGG-16 at batch 8; ``--quick``:
-ResNet-18, batch 1, T=2, dw-pw, about a minute; ``--runtimes channels-last`` adds that runtime's
-rows to the same table)::
+ResNet-18, batch 1, T=2, dw-pw, about a minute, into a new temporary folder, never results/;
+``--runtimes channels-last`` adds that runtime's rows to the same table)::
 
     pip install -e '.[dev,vision]' && python experiments/latency_bench.py
 """
@@ -41,6 +41,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 import torchvision
+from experiment_io import output_folder, progress
 
 from decouple import DecoupleConfig, decouple_
 from decouple.nn.flops import count_flops
@@ -275,15 +276,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; ``--quick`` writes into a new temp folder unless ``--out`` is given."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="resnet18,vgg16,resnet50")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--ranks", default="1,2,3,4")
     ap.add_argument("--orders", default="dw-pw,pw-dw")
     ap.add_argument("--runtimes", default="eager,onnxruntime")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "results"))
-    ap.add_argument("--quick", action="store_true", help="resnet18, batch 1, T=2, dw-pw")
+    ap.add_argument("--out", default=None, help="default results/ (--quick: a new temp dir)")
+    ap.add_argument("--quick", action="store_true", help="resnet18, batch 1, T=2, dw-pw, temp dir")
     ap.add_argument("--fresh", action="store_true", help="ignore rows already measured")
     ap.add_argument(
         "--report-only", action="store_true", help="redraw the plot and table from the CSV"
@@ -291,7 +293,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.batches, args.ranks, args.orders = "resnet18", "1", "2", "dw-pw"
-    out = Path(args.out)
+    args.out = output_folder(ap, args.out, "--quick" if args.quick else None, "latency_bench-")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "latency.csv"
     rows = [] if args.fresh else read_rows(csv_path)
@@ -316,7 +324,7 @@ def main(argv=None) -> int:
                 if not todo:
                     continue
                 base_prep = prepare(base, cfg.example((3, 224, 224)), runtime)
-                for order, rank in todo:
+                for order, rank in progress(todo, f"{model_name} b{batch} {runtime}"):
                     row = run_one(model_name, base, base_prep, batch, runtime, order, rank, cfg)
                     rows.append(row)
                     write_rows(csv_path, rows)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from accuracy_sweep import SHAPE, SHARED, load_sets, write_csv
+from experiment_io import output_folder, progress
 
 from decouple import DecoupleConfig, count_flops
 from decouple.factor.nd import decouple_weight
@@ -197,7 +197,8 @@ def plot(rows, layer_rows, out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--quick``/``--smoke`` write into a new temp folder unless ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--assets", type=Path, default=None, help="the shared cifar10 folder")
     parser.add_argument("--model", action="append", default=[], metavar="PATH:ARCH")
@@ -222,23 +223,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="default results/ (--quick, --smoke: a new temp dir)")  # fmt: skip
     args = parser.parse_args(argv)
-    small = args.quick or args.smoke
-    if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="method_sweep-")) if small else ROOT / "results"
-    if small and args.out.resolve() == (ROOT / "results").resolve():
-        parser.error("--quick and --smoke never write into results/ (its files are the full sweep)")
+    small = "--smoke" if args.smoke else "--quick" if args.quick else None
+    args.out = output_folder(parser, args.out, small, "method_sweep-")
     if small:
         args.budgets, args.calib_size, args.cp_iters, args.eval_size = [0.5], 64, 10, 256
     max_layers = None
     if args.smoke:
         args.calib_size, args.eval_size, max_layers = 16, 64, 3
         args.methods = args.methods or "nd-dw-pw,tucker"
-    methods = METHODS
+    args.methods_chosen = METHODS
     if args.methods:
         wanted = args.methods.split(",")
-        methods = [m for m in METHODS if label(*m).replace(" ", "-") in wanted]
-        if len(methods) != len(wanted):
+        args.methods_chosen = [m for m in METHODS if label(*m).replace(" ", "-") in wanted]
+        if len(args.methods_chosen) != len(wanted):
             parser.error(f"--methods: each of nd-dw-pw, nd-pw-dw, cp, tucker; got {args.methods}")
+    args.max_layers = max_layers
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    methods, max_layers, small = args.methods_chosen, args.max_layers, args.quick or args.smoke
     assets, test, calib_set = load_sets(args.assets, args.calib_size)
     if args.eval_size:
         test = test.subset(torch.arange(min(args.eval_size, len(test))))
@@ -264,19 +269,18 @@ def main(argv: list[str] | None = None) -> None:
             f"{name}: original top-1 {rows[-1]['top1']:.2f} % on {len(images)} images", flush=True
         )
         cache = FactorCache()  # CP/Tucker factorizations shared by every budget of this model
-        for method, order in methods:
-            for budget in args.budgets:
-                for calibrated in (False, True):
-                    row = {"model": name, "scheme": "budget", "method": label(method, order),
-                           "target": budget, "calibrated": calibrated}  # fmt: skip
-                    row.update(run_one(base, method, order, budget, calibrated, calib, images,
-                                       test.labels, flops0, cache, args.cp_iters))  # fmt: skip
-                    row["drop"] = round(row["top1"] - next(r["top1"] for r in rows if r["model"] == name
-                                                           and r["scheme"] == "original"), 2)  # fmt: skip
-                    rows.append(row)
-                    print(f"  {row['method']:10s} R={budget:<4} {'calibrated' if calibrated else 'data-free '} "
-                          f"{row['flops_ratio']:.2f}x top-1 {row['top1']:6.2f} ({row['drop']:+.2f}) "
-                          f"{row['seconds']}s", flush=True)  # fmt: skip
+        grid = [(m, b, c) for m in methods for b in args.budgets for c in (False, True)]
+        for (method, order), budget, calibrated in progress(grid, f"{name} runs"):
+            row = {"model": name, "scheme": "budget", "method": label(method, order),
+                   "target": budget, "calibrated": calibrated}  # fmt: skip
+            row.update(run_one(base, method, order, budget, calibrated, calib, images,
+                               test.labels, flops0, cache, args.cp_iters))  # fmt: skip
+            row["drop"] = round(row["top1"] - next(r["top1"] for r in rows if r["model"] == name
+                                                   and r["scheme"] == "original"), 2)  # fmt: skip
+            rows.append(row)
+            print(f"  {row['method']:10s} R={budget:<4} {'calibrated' if calibrated else 'data-free '} "
+                  f"{row['flops_ratio']:.2f}x top-1 {row['top1']:6.2f} ({row['drop']:+.2f}) "
+                  f"{row['seconds']}s", flush=True)  # fmt: skip
         layer_rows += layer_errors(name, base, cache, args.cp_iters, methods, max_layers)
     write_csv(rows, args.out / "methods.csv")
     write_csv(layer_rows, args.out / "layer_error.csv")

@@ -26,12 +26,12 @@ import argparse
 import copy
 import csv
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from accuracy_sweep import SHAPE, SHARED, load_sets, write_csv
+from experiment_io import output_folder, progress
 from scipy.stats import spearmanr
 
 from decouple import DecoupleConfig, count_flops
@@ -213,7 +213,8 @@ def markdown(rows, rho, command: str) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line; ``--quick`` writes into a new temp folder unless ``--out`` is given."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--assets", type=Path, default=None, help="the shared cifar10 folder")
     ap.add_argument("--budgets", default="0.5,0.4")
@@ -227,10 +228,14 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", action="store_true",
                     help="only rebuild pareto.md and the plots from the per-model CSVs in --out")  # fmt: skip
     args = ap.parse_args(argv)
+    args.out = output_folder(ap, args.out, "--quick" if args.quick else None, "pareto-")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.out is None:
-        args.out = Path(tempfile.mkdtemp(prefix="pareto-")) if args.quick else ROOT / "results"
     calib_size = 64 if args.quick else 512
     budgets = [0.5] if args.quick else [float(b) for b in args.budgets.split(",")]
     depths = ["20"] if args.quick else args.models.split(",")
@@ -279,21 +284,21 @@ def main(argv=None) -> int:
         for method, order in METHODS:
             if wanted and label(method, order).replace(" ", "-") not in wanted:
                 continue
-            for budget in budgets:
-                for calibrated in (False, True):
-                    if (label(method, order), budget, calibrated) in done:
-                        continue
-                    r = run_plan(base, baseline, method, order, budget, calib if calibrated else None,
-                                 images, test.labels, flops0, cache, losses)  # fmt: skip
-                    row = {"model": name, "scheme": "budget", "method": label(method, order),
-                           "target": budget, "calibrated": calibrated, **r,
-                           "drop": round(r["top1"] - top0, 2)}  # fmt: skip
-                    rows.append(row)
-                    print(f"  {row['method']:9s} {budget} {'cal ' if calibrated else 'free'} "
-                          f"{row['flops_ratio']}x top-1 {row['top1']} ({row['drop']:+}) ORT b1 "
-                          f"{row['speedup_b1']}x b32 {row['speedup_b32']}x [{row['seconds']} s] "
-                          f"{row['chosen']}", flush=True)  # fmt: skip
-                    write_csv(rows, done_path)
+            grid = [(b, c) for b in budgets for c in (False, True)]
+            for budget, calibrated in progress(grid, f"{name} {label(method, order)}"):
+                if (label(method, order), budget, calibrated) in done:
+                    continue
+                r = run_plan(base, baseline, method, order, budget, calib if calibrated else None,
+                             images, test.labels, flops0, cache, losses)  # fmt: skip
+                row = {"model": name, "scheme": "budget", "method": label(method, order),
+                       "target": budget, "calibrated": calibrated, **r,
+                       "drop": round(r["top1"] - top0, 2)}  # fmt: skip
+                rows.append(row)
+                print(f"  {row['method']:9s} {budget} {'cal ' if calibrated else 'free'} "
+                      f"{row['flops_ratio']}x top-1 {row['top1']} ({row['drop']:+}) ORT b1 "
+                      f"{row['speedup_b1']}x b32 {row['speedup_b32']}x [{row['seconds']} s] "
+                      f"{row['chosen']}", flush=True)  # fmt: skip
+                write_csv(rows, done_path)
             if method == "auto" and not args.quick:  # the targets next: they answer the question
                 runs = {r["run"] for r in extra_rows}
                 for batch in (32, 1):

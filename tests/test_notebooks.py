@@ -1,10 +1,18 @@
 """The experiment notebooks run end to end, so they never rot; the sweep that feeds them runs too.
 
-Each notebook reads the result files of the folder in ``DECOUPLE_RESULTS`` and computes nothing
-itself: it runs on a copy of the committed ``results/`` (real results of the full sweep, copied
-so that nothing is written there) and must draw its figures. ``method_sweep.py --smoke`` runs
-its whole code path in seconds (ResNet-20, one budget, two methods, a handful of images; needs
-the shared CIFAR-10 assets) and must write every file the notebook reads, in the same format.
+Every ``experiments/*.ipynb`` is executed, in seconds, and must draw at least one figure and print
+what shows it used the right inputs:
+
+* ``compare_methods`` and ``accuracy_vs_cost`` read the result files of the folder in
+  ``DECOUPLE_RESULTS`` and compute nothing: they run on a copy of the committed ``results/`` (real
+  results of the full sweeps, copied so that nothing is written there);
+* ``spectra`` reads the pretrained ResNet-20 of the shared CIFAR-10 assets (``DECOUPLE_ASSETS``);
+* ``quickstart`` decouples a torchvision ResNet-18 with random weights at 64×64 (needs
+  torchvision; ONNX Runtime when installed).
+
+``method_sweep.py --smoke`` runs its whole code path in seconds (ResNet-20, one budget, two
+methods, a handful of images; needs the shared CIFAR-10 assets) and must write every file the
+notebook reads, in the same format.
 """
 
 from __future__ import annotations
@@ -31,11 +39,27 @@ def committed_results(tmp_path_factory):
     return out
 
 
+# What each notebook must print: proof that it read the intended inputs.
+PRINTS = {
+    "compare_methods.ipynb": "runs on resnet20, resnet32",  # the committed runs, no other folder
+    "accuracy_vs_cost.ipynb": "runs on resnet20, resnet32",
+    "spectra.ipynb": "pretrained ResNet-20 (CIFAR-10): 19 k×k convs",
+    "quickstart.ipynb": "reloaded vs in-memory",
+}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs_and_draws(path, committed_results, monkeypatch):
+def test_notebook_runs_and_draws(path, committed_results, monkeypatch, request):
     monkeypatch.setenv("DECOUPLE_RESULTS", str(committed_results))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel draws inline
+    if path.name == "spectra.ipynb":  # the real checkpoint (CI requires the assets)
+        monkeypatch.setenv("DECOUPLE_ASSETS", str(request.getfixturevalue("cifar_assets")))
+    if path.name == "quickstart.ipynb":
+        pytest.importorskip("torchvision")
     nb = nbformat.read(path, as_version=4)
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        "commit notebooks with their outputs stripped"
+    )
     # Generous limits: they only stop a hung kernel (a busy machine starts one slowly).
     client = NotebookClient(nb, timeout=600, startup_timeout=600,
                             resources={"metadata": {"path": str(path.parent)}})  # fmt: skip
@@ -44,7 +68,11 @@ def test_notebook_runs_and_draws(path, committed_results, monkeypatch):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure drawn"
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
-    assert "runs on resnet20, resnet32" in text  # it read the committed runs, not another folder
+    assert PRINTS.get(path.name, "") in text
+
+
+def test_every_notebook_says_what_it_must_print():
+    assert {p.name for p in NOTEBOOKS} == set(PRINTS)
 
 
 def _columns(path: Path) -> list[str]:

@@ -46,7 +46,7 @@ def test_report_totals_renderings_and_output_error():
         nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(1)
     )
     model = copy.deepcopy(original)
-    records = decouple_(model, DecoupleConfig(rank=1))
+    records = decouple_(model, DecoupleConfig(rank=1, include_stem=True))
     report = build_report(original, model, records, (3, 8, 8), extra={"note": "x"})
     totals = report.totals()
     assert totals["layers_decoupled"] == 2
@@ -61,5 +61,28 @@ def test_report_totals_renderings_and_output_error():
     assert md.count("\n|") == 1 + 1 + len(records)  # header, rule, rows
     # A full-rank decoupling has no output error.
     full = copy.deepcopy(original).double()
-    recs = decouple_(full, DecoupleConfig(rank=9))
+    recs = decouple_(full, DecoupleConfig(rank=9, include_stem=True))
     assert build_report(original.double(), full, recs, (3, 8, 8)).output["rel_error"] < 1e-10
+
+
+def test_the_output_check_says_which_inputs_it_used():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(8, 8, 3), nn.Flatten(1), nn.Linear(8 * 36, 10)).eval()
+    model = copy.deepcopy(original)
+    records = decouple_(model, DecoupleConfig(rank=1))
+    shape = (8, 8, 8)
+    random = build_report(original, model, records, shape)
+    line = next(x for x in random.summary_lines() if x.startswith("output:"))
+    assert "on 8 random Gaussian inputs (no images given; the agreement on real images" in line
+    assert "top-1 agreement" in line
+    assert json.loads(random.to_json())["output"]["inputs"].startswith("8 random Gaussian")
+    assert "random Gaussian inputs" in random.to_markdown()
+    x = torch.randn(12, *shape)
+    named = build_report(original, model, records, shape, inputs=x, inputs_name="--data images")
+    assert "relative error" in named.summary_lines()[3]
+    assert named.summary_lines()[3].split(", top-1")[0].endswith("on 12 --data images")
+    assert named.output["inputs"] == "12 --data images" and named.output["batch"] == 12
+    extra = {"output_check_inputs": "--calib images"}
+    cli = build_report(original, model, records, shape, inputs=x, extra=extra)
+    assert cli.output["inputs"] == "12 --calib images"
+    assert "on 12 --calib images" in cli.to_markdown()

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..nn.factorized import FactorizedConv2d
+from ..nn.progress import progress_bar
 from ..nn.transaction import in_place
 from ..surgery.methods import FACTORED_LAYERS, is_factored
 from .moments import Moments
@@ -151,7 +151,7 @@ def calibrate_(
     ):
         per_layer = _count_batches(images, batch_size)
         total = None if per_layer is None else per_layer * len(names)
-        bar = tqdm(total=total, desc="calibrate", unit="batch", disable=not progress, leave=False)
+        bar = progress_bar(total=total, desc="calibrate", unit="batch", enabled=progress)
         for name in names:
             layer = layers[name]
             bar.set_postfix_str(name)

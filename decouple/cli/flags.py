@@ -49,7 +49,9 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
     overrides = data.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise InputError("the config's overrides must be a JSON object of name -> rule")
-    data["overrides"] = {**overrides, **{name: "skip" for name in args.skip}}
+    data["overrides"] = {**overrides, **{name: "skip" for name in skip_patterns(args.skip)}}
+    if args.include_stem:
+        data["include_stem"] = True
     try:
         config = DecoupleConfig.from_dict(data)
     except (TypeError, ValueError) as e:
@@ -90,6 +92,23 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
             f"--target-latency must be a fraction in (0, 1]; got {args.target_latency}"
         )
     return config
+
+
+def skip_patterns(values: list[str]) -> list[str]:
+    """The patterns of every ``--skip``: each value is one pattern or a comma list; a comma
+    inside ``{...}`` belongs to a regex quantifier (``layer{1,2}``), not the list."""
+    patterns = []
+    for value in values:
+        depth, start = 0, 0
+        for i, ch in enumerate(value + ","):
+            depth += {"{": 1, "}": -1}.get(ch, 0)
+            if ch == "," and depth <= 0:
+                pattern = value[start:i].strip()
+                if not pattern:
+                    raise InputError(f"--skip {value!r}: an empty pattern (a stray comma?)")
+                patterns.append(pattern)
+                start = i + 1
+    return patterns
 
 
 def read_json_file(path: str, what: str) -> object:

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 
-from ..calibrate.layerwise import REFIT_MODES
-from ..factor.nd import ORDERS
-from ..io.checkpoint import InputError
-from ..plan.losses import CRITERIA
-from ..runtime.latency import RUNTIMES
-from ..surgery.config import AUTO
-from ..surgery.methods import METHODS
+# Copies of the library's constants: importing them would load torch and tensorly (~2 s) before
+# --help or a typo could answer. tests/cli/test_first_hour.py checks they stay equal.
+REFIT_MODES = ("none", "last", "alternating", "auto")  # decouple.calibrate.layerwise
+ORDERS = ("dw-pw", "pw-dw")  # decouple.factor.nd
+CRITERIA = ("energy", "data", "output")  # decouple.plan.losses
+RUNTIMES = ("eager", "channels-last", "onnxruntime")  # decouple.runtime.latency
+AUTO = "auto"  # decouple.surgery.checks
+METHODS = ("nd", "cp", "tucker")  # decouple.surgery.methods
+VERSION = "0.1.0"  # decouple.__version__
 
 EPILOG = """examples:
   decouple --demo --rank 3                       the bundled digits CNN, accuracy before/after
   decouple resnet18.pt --arch resnet18 --rank 2  a torchvision state_dict
   decouple net.pt --arch mypkg.nets:build --energy 0.9 --skip 'layer4\\..*'
-  decouple whole_model.pt --trust-pickle --rank 3 --order pw-dw
+  decouple whole_model.pt --trust-pickle --rank 3  a pickled nn.Module; input shape inferred
   decouple net.pt --arch cifar_resnet20 --method tucker --target-flops 0.5 --calib cifar.tar
   decouple r18.pt --arch resnet18 --rank 2 --skip conv1 --latency --runtime onnxruntime --onnx
-  decouple r18.pt --arch resnet18 --target-latency 0.6 --batch 8 --skip conv1
+  decouple r18.pt --arch resnet18 --target-latency 0.6 --batch 8 --skip conv1,fc
 
-outputs (next to MODEL unless --out/--report say otherwise):
+outputs (in the current folder unless --out/--report say otherwise; never beside MODEL):
   X.decoupled.pt           the decoupled model, same kind as the input (state_dict or module)
   X.decoupled.recipe.json  replays the change on a fresh architecture: decouple.load_decoupled()
   X.decoupled.report.json  per-layer error, params, FLOPs (and latency); and .report.md
@@ -33,9 +37,37 @@ without --force, and bad input ends with one line on stderr and exit status 2.
 """
 
 
+class UsageError(Exception):
+    """A bad command line, in one line (``decouple.cli.run.main`` prints it, exit status 2)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + message
-        raise InputError(message)
+        raise UsageError(_with_suggestion(message))
+
+    def parse_args(self, args=None, namespace=None):
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:  # argparse's own message lists them with no hint
+            flags = [a.split("=", 1)[0] for a in extras if a.startswith("-")]
+            known = [o for o in self._option_string_actions if o.startswith("--")]
+            shown = [_nearest(f, known) for f in flags] or extras
+            raise UsageError(f"unrecognized arguments: {' '.join(shown)}")
+        return args
+
+
+def _nearest(word: str, choices: list[str]) -> str:
+    """``word``, with ``(did you mean X?)`` when one of ``choices`` is close."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"{word} (did you mean {close[0]}?)" if close else word
+
+
+def _with_suggestion(message: str) -> str:
+    """argparse's invalid-choice message with the nearest choice named."""
+    m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if m is None:
+        return message
+    close = difflib.get_close_matches(m.group(1), re.findall(r"'([^']*)'", m.group(2)), n=1)
+    return f"{message}; did you mean {close[0]}?" if close else message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -181,11 +213,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--skip",
-        nargs="+",
-        action="extend",
+        action="append",
         default=[],
         metavar="NAME|REGEX",
-        help="layers to leave as they are (exact module names or regexes)",
+        help="a layer to leave as it is: an exact module name or a regex matching whole names; "
+        "repeat it or give a comma list (--skip conv1,fc; commas inside {...} stay in the "
+        "regex). A pattern that matches no conv is an error",
+    )
+    p.add_argument(
+        "--include-stem",
+        action="store_true",
+        help="decouple stem convs too (input of at most 4 channels, e.g. RGB); by default they "
+        "are kept: they lose most of their kernel at the global T and save little",
     )
     p.add_argument(
         "--config",
@@ -201,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input-shape",
         metavar="C,H,W",
-        help="one input's shape, for FLOPs and the output check (default: from the arch)",
+        help="one input's shape, for FLOPs and the output check (default: from the arch; for a "
+        "whole module, channels from its first conv and 224x224, or 32x32 for the CIFAR zoo)",
     )
     timing = p.add_argument_group("latency (measured with torch.utils.benchmark)")
     timing.add_argument(
@@ -230,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         "checker and against ONNX Runtime",
     )
     p.add_argument(
-        "--out", metavar="PATH", help="decoupled model file (default: MODEL with .decoupled)"
+        "--out",
+        metavar="PATH",
+        help="decoupled model file (default: MODEL's name with .decoupled, in the current folder)",
     )
     p.add_argument("--report", metavar="PATH", help="report JSON (a Markdown copy goes beside it)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -239,4 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow loading a whole pickled model; unpickling runs code from the file",
     )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress lines on stderr (they are on by default, every few seconds when "
+        "stderr is not a terminal); the report on stdout is the same",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     return p

@@ -1,7 +1,9 @@
 """``python -m decouple MODEL --rank T``: decouple a model file, write it and a report.
 
 Bad input ends with one line on stderr and exit status 2. The input file is never modified;
-outputs are written atomically and nothing on disk is overwritten without ``--force``.
+outputs go to the current folder (or ``--out``), written atomically, and nothing on disk is
+overwritten without ``--force``. Progress goes to stderr (``--quiet``: none); stdout holds the
+report.
 """
 
 from __future__ import annotations
@@ -14,28 +16,28 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from .parser import UsageError, build_parser
 
-from ..agreement import compress_within_change_
-from ..io.checkpoint import InputError, check_finite, load_decoupled, load_model
-from ..io.evaluate import evaluate_batches
-from ..io.manifest import manifest_path_for, name_manifest
-from ..io.output_set import OutputSet
-from ..io.outputs import WEIGHT_SUFFIXES, recipe_path_for, sidecar_path, torch_bytes
-from ..pipeline import compress_
-from ..report import build_report
-from ..runtime.latency import LatencyConfig, compare
-from ..surgery.bn_fold import fold_batchnorm_
-from ..surgery.config import DecoupleConfig
-from ..surgery.recipe import make_recipe
-from .flags import make_config, make_latency_config, need_export_packages, parse_shape
-from .inputs import check_image_flags, check_single_tensor_output, load_cli_images
-from .parser import build_parser
+if TYPE_CHECKING:
+    from ..io.output_set import OutputSet
+    from ..surgery.config import DecoupleConfig
+
+# torch, tensorly and the library load inside the functions, after parsing: --help, --version
+# and a mistyped flag answer at once instead of after ~2 s of imports.
 
 
 def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path) -> dict[str, Path]:
-    """The output files (the manifest last); see the epilog of ``--help``."""
+    """The output files (the manifest last); see the epilog of ``--help``.
+
+    Without ``--out`` the model goes to ``out_dir`` (the current folder; a fresh one for
+    ``--demo``) as MODEL's name with ``.decoupled``: never beside MODEL, whose folder may be
+    shared or read-only. The other files follow the model, unless ``--report`` moves the report.
+    """
+    from ..io.manifest import manifest_path_for
+    from ..io.outputs import WEIGHT_SUFFIXES, recipe_path_for, sidecar_path
+
     if args.out:
         out = Path(args.out)
     else:  # net.pt -> net.decoupled.pt; net -> net.decoupled
@@ -59,6 +61,11 @@ def output_paths(args: argparse.Namespace, model_path: Path, out_dir: Path) -> d
 
 
 def run(args: argparse.Namespace) -> int:
+    """Decouple the model the parsed flags name; outputs go to the current folder."""
+    from ..io.errors import InputError
+    from .flags import make_config, make_latency_config, need_export_packages
+    from .inputs import check_image_flags
+
     if args.demo:
         from .. import demo
 
@@ -74,14 +81,14 @@ def run(args: argparse.Namespace) -> int:
     check_image_flags(args)
     if args.onnx:
         need_export_packages()
-    out_dir = model_path.parent
+    out_dir, made = Path.cwd(), None
     if args.demo and not args.out:  # never write into the installed package, nor over anything
-        out_dir = Path(tempfile.mkdtemp(prefix="decouple-demo-"))
+        out_dir = made = Path(tempfile.mkdtemp(prefix="decouple-demo-"))
     try:
         return _decouple_file(args, config, model_path, arch, out_dir)
     finally:
-        if out_dir != model_path.parent and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        if made is not None and not any(made.iterdir()):
+            made.rmdir()
 
 
 def _decouple_file(
@@ -91,6 +98,8 @@ def _decouple_file(
     arch: str | None,
     out_dir: Path,
 ) -> int:
+    from ..io.output_set import OutputSet
+
     # The outputs are checked and their folders made writable before any heavy work.
     inputs = [model_path, *(Path(p) for p in (args.config, args.data, args.calib) if p)]
     with OutputSet.prepare(output_paths(args, model_path, out_dir), inputs, args.force) as outputs:
@@ -104,13 +113,23 @@ def _decouple_into(
     model_path: Path,
     arch: str | None,
 ) -> int:
+    import torch
+
+    from ..agreement import compress_within_change_
+    from ..io.checkpoint import load_decoupled
+    from ..io.errors import InputError
+    from ..io.evaluate import evaluate_batches
+    from ..io.manifest import name_manifest
+    from ..io.outputs import torch_bytes
+    from ..pipeline import compress_
+    from ..report import build_report
+    from ..surgery.recipe import make_recipe
+    from .flags import make_latency_config
+    from .inputs import load_cli_images
+    from .model_checks import load_checked_model
+
     paths = outputs.paths
-    model, arch_shape, kind = load_model(model_path, arch, args.trust_pickle)
-    check_finite(model)
-    shape = parse_shape(args.input_shape) if args.input_shape else arch_shape
-    if shape is None:
-        raise InputError("cannot tell what input this model takes; pass --input-shape C,H,W")
-    check_single_tensor_output(model, shape)
+    model, shape, kind, shape_note = load_checked_model(args, config, model_path, arch)
     data, calib = load_cli_images(args, arch, shape)
     original = copy.deepcopy(model)
     latency = make_latency_config(args)
@@ -122,7 +141,7 @@ def _decouple_into(
     common = {
         "criterion": criterion,
         "refit": args.refit,
-        "progress": sys.stderr.isatty(),
+        "progress": not args.quiet,  # on stderr: stdout holds only the report
         "latency": latency,
         "realize": latency is not None,
     }
@@ -161,15 +180,19 @@ def _decouple_into(
         extra["max_change"] = search.to_dict()
     if calib is not None:
         extra["calibration_images"] = calib.count
-    inputs = None
+    if shape_note is not None:
+        extra["input_shape_note"] = shape_note
+    inputs, extra["output_check_inputs"] = check_inputs(data, calib, args.demo)
     if data is not None:
-        inputs = first_images(data.batches, 256)
-        bar = sys.stderr.isatty()
         n = len(data.batches)
         extra["accuracy"] = {
             "data": data.name,
-            "before": evaluate_batches(original.to(device), data.batches, device, bar, n),
-            "after": evaluate_batches(model.to(device), data.batches, device, bar, n),
+            "before": evaluate_batches(
+                original.to(device), data.batches, device, common["progress"], n
+            ),
+            "after": evaluate_batches(
+                model.to(device), data.batches, device, common["progress"], n
+            ),
         }
         original, model = original.cpu(), model.cpu()
     if latency is not None:
@@ -214,6 +237,8 @@ def _decouple_into(
 
     outputs.write(payloads, verify=reloads)
 
+    if shape_note is not None:
+        print(f"input shape: {shape} inferred from {shape_note}; pass --input-shape to change it")
     print(report.to_text())
     print()
     for what in paths:
@@ -221,8 +246,26 @@ def _decouple_into(
     return 0
 
 
-def first_images(batches, count: int) -> torch.Tensor:
+OUTPUT_CHECK_IMAGES = 256
+
+
+def check_inputs(data, calib, demo: bool = False):
+    """The images the report compares outputs on, and a phrase saying which: the first
+    --calib images (the closest thing to held-out inputs of the deployment), else the first
+    --data images, else None (build_report then draws random Gaussian inputs)."""
+    if calib is not None:
+        x = first_images(calib.batches, OUTPUT_CHECK_IMAGES)
+        return x, f"the first {len(x)} --calib images (also used to fit: not held out)"
+    if data is not None:
+        x = first_images(data.batches, OUTPUT_CHECK_IMAGES)
+        return x, f"the first {len(x)} {'demo test' if demo else '--data'} images"
+    return None, "8 random Gaussian inputs (no images given)"
+
+
+def first_images(batches, count: int):
     """The first ``count`` images of a source of ``(images, labels)`` batches."""
+    import torch
+
     got, n = [], 0
     for x, _ in batches:
         got.append(x[: count - n])
@@ -232,9 +275,12 @@ def first_images(batches, count: int) -> torch.Tensor:
     return torch.cat(got)
 
 
-def _measure_latency(original, model, config, shape, latency: LatencyConfig) -> dict:
+def _measure_latency(original, model, config, shape, latency) -> dict:
     """Model latency before/after, side by side; the baseline gets the same BN folding, so the
     speedup is the decoupling's alone."""
+    from ..runtime.latency import compare
+    from ..surgery.bn_fold import fold_batchnorm_
+
     baseline = copy.deepcopy(original)
     if config.fold_bn:
         fold_batchnorm_(baseline)
@@ -251,8 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = bool(os.environ.get("DECOUPLE_DEBUG"))
     try:
         args = build_parser().parse_args(argv)
-    except InputError as e:
+    except UsageError as e:
         return _fail(str(e))
+    from ..io.errors import InputError  # loads torch: only once the command line is good
+
     with warnings.catch_warnings():
         if not debug:  # library warnings (torch, onnx) would add lines to the one-line contract
             warnings.simplefilter("ignore")
@@ -261,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("decouple: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:  # stdout closed early (| head): the files are written already
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except (InputError, ValueError, TypeError) as e:  # ours and the library's checks
             return _fail(str(e))
         except SystemExit as e:  # the user's model code called sys.exit

@@ -10,6 +10,7 @@ from .errors import InputError
 from .evaluate import evaluate
 from .images import ImageSet, load_images
 from .output_set import write_files_atomically
+from .save import save_decoupled
 
 __all__ = [
     "ImageSet",
@@ -19,5 +20,6 @@ __all__ = [
     "load_images",
     "load_model",
     "read_checkpoint",
+    "save_decoupled",
     "write_files_atomically",
 ]

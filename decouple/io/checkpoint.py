@@ -7,6 +7,7 @@ unless the caller explicitly trusts them. Every problem with the user's input is
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..models import get_model_info, list_models
+from ..nn.discover import factored_layer_names
 from ..nn.transaction import transaction
 from ..surgery.recipe import apply_recipe_
 from .errors import InputError
@@ -30,6 +32,11 @@ TORCHVISION_INPUT_SHAPE = (3, 224, 224)
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name.lower(), known, n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def _describe(e: BaseException) -> str:
@@ -139,13 +146,15 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         import torchvision
     except ImportError:
         raise InputError(
-            f"unknown arch {arch!r}: not one of decouple's ({ours}), and torchvision is not installed "
-            "(pip install 'decouple[vision]'); package.module:callable also works"
+            f"unknown arch {arch!r}{_did_you_mean(arch, list_models())}: not one of decouple's "
+            f"({ours}), and torchvision is not installed (pip install 'decouple[vision]'); "
+            "package.module:callable also works"
         ) from None
     if arch not in torchvision.models.list_models():
+        known = [*list_models(), *torchvision.models.list_models()]
         raise InputError(
-            f"unknown arch {arch!r}: not one of decouple's ({ours}), not a torchvision model, "
-            "and not package.module:callable"
+            f"unknown arch {arch!r}{_did_you_mean(arch, known)}: not one of decouple's ({ours}), "
+            "not a torchvision model, and not package.module:callable"
         )
     shape = (
         TORCHVISION_INPUT_SHAPE
@@ -191,6 +200,13 @@ def load_model(
         From the architecture's metadata when known.
     kind : {"module", "state_dict"}
         What the file held; outputs are written in the same kind.
+
+    Raises
+    ------
+    InputError
+        The file cannot be read or holds no model; a ``state_dict`` without ``arch``; weights
+        that do not fit ``arch`` (a file decouple wrote, with factored layers, is named as
+        already decoupled).
     """
     held = split_checkpoint(read_checkpoint(path, trust_pickle), path)
     if isinstance(held, nn.Module):
@@ -201,7 +217,18 @@ def load_model(
             f"(one of decouple's: {', '.join(list_models())}; a torchvision model name; or package.module:callable)"
         )
     model, shape = build_arch(arch)
-    check_keys(model, held, f"--arch {arch}")
+    try:
+        check_keys(model, held, f"--arch {arch}")
+    except InputError:
+        want = model.state_dict()
+        factored = factored_layer_names(k for k in held if k not in want)
+        if factored:  # our own output given back as input: say so, not "keys do not match"
+            raise InputError(
+                f"{path} is already decoupled (written by decouple: {len(factored)} factored "
+                "layers); decouple the original model, or reload this one with "
+                f"decouple.load_decoupled(model, {str(path)!r})"
+            ) from None
+        raise
     model.load_state_dict(held)
     return model.eval(), shape, "state_dict"
 

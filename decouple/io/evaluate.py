@@ -7,7 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+
+from ..nn.progress import progress_bar
 
 
 @torch.no_grad()
@@ -28,7 +29,7 @@ def evaluate_batches(
     model.eval()
     correct1 = correct5 = n = 0
     loss = 0.0
-    for x, y in tqdm(batches, desc="evaluate", total=total, disable=not progress, leave=False):
+    for x, y in progress_bar(batches, desc="evaluate", total=total, enabled=progress, unit="batch"):
         x, y = x.to(device), torch.as_tensor(y).to(device)
         if len(x) != len(y):
             raise ValueError(f"need as many labels as images; got {len(x)} and {len(y)}")
@@ -76,7 +77,7 @@ def evaluate_set(
         raise ValueError(f"{data.name} has no labels")
     totals = {"top1": 0.0, "top5": 0.0, "loss": 0.0}
     batches = range(0, len(data), batch_size)
-    for i in tqdm(batches, desc="evaluate", disable=not progress, leave=False):
+    for i in progress_bar(batches, desc="evaluate", enabled=progress, unit="batch"):
         x = data.as_float(mean, std, i, i + batch_size)
         part = evaluate(model, x, data.labels[i : i + batch_size], batch_size, device)
         for k in totals:

@@ -37,6 +37,28 @@ def custom_forward_reason(module: nn.Module) -> str | None:
     return None
 
 
+# The parameters that mark a factored layer in a state_dict, by layer: DecoupledConv2d holds
+# depthwise + pointwise, CPConv2d and TuckerConv2d pointwise_in + pointwise_out.
+FACTORED_MARKS = (
+    ("depthwise.weight", "pointwise.weight"),
+    ("pointwise_in.weight", "pointwise_out.weight"),
+)
+
+
+def factored_layer_names(keys) -> list[str]:
+    """The factored layers (``DecoupledConv2d``, ``CPConv2d``, ``TuckerConv2d``) a ``state_dict``
+    with these ``keys`` holds, by their module names, in order."""
+    keys = set(keys)
+    names = []
+    for key in sorted(keys):
+        for first, second in FACTORED_MARKS:
+            if key == first or key.endswith("." + first):
+                prefix = key[: -len(first)]
+                if prefix + second in keys:
+                    names.append(prefix.rstrip("."))
+    return names
+
+
 def conv_census(model: nn.Module) -> str:
     """The convolutions of ``model`` by type, most common first: ``"ConvTranspose2d x2, ..."``."""
     counts = Counter(type(m).__name__ for m in model.modules() if isinstance(m, _ConvNd))

@@ -27,16 +27,18 @@ def plan_ranks(
     min_saving: float = MIN_SAVING,
     ridge: float = 1e-4,
     cache: FactorCache | None = None,
+    progress: bool = False,
 ) -> Allocation:
     """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
 
     ``target_flops`` is a fraction of the whole model's FLOPs as ``FlopCounterMode`` counts them
     for one input of ``input_shape``; layers not decoupled count at their full cost.
+    ``progress`` shows a bar over the layers being priced.
     """
     if not 0 < target_flops <= 1:
         raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
     options, total, layers_flops = rank_options(
-        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache
+        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache, progress
     )
     plan = allocate(options, total - layers_flops, int(target_flops * total))
     plan.criterion = criterion

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..nn.decoupled import DecoupledConv2d
+from ..nn.progress import progress_bar
 from ..runtime.latency import LatencyConfig, capture_inputs, compare, measure
 from ..runtime.realize import ORIGINAL, realizations, time_candidates
 from ..surgery.config import DecoupleConfig
@@ -118,7 +118,7 @@ def plan_latency(
     latency = latency or LatencyConfig()
     cache = cache if cache is not None else FactorCache()
     flops_options, _, _ = rank_options(
-        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache
+        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache, progress
     )
     example = latency.example(input_shape, next(model.parameters()).dtype)
     lat = (latency.runtime, latency.layer_rounds, latency.layer_min_run_time, latency.threads)
@@ -234,8 +234,8 @@ def _stable_table(modules, inputs, lat, flops_options, model_ms, target, min_sav
     table: dict[str, dict[str, float]] = {}
     last = None
     for p in range(MAX_PASSES):
-        for name in tqdm(modules, desc=f"timing layers (pass {p + 1})", disable=not progress,
-                         leave=False):  # fmt: skip
+        desc = f"timing layers (pass {p + 1})"
+        for name in progress_bar(modules, desc=desc, enabled=progress, unit="layer"):
             todo = modules[name] if p == 0 else _in_play(modules[name], table[name])
             for k, v in time_candidates(todo, inputs[name], *lat).items():
                 samples[name].setdefault(k, []).append(v)

@@ -19,6 +19,7 @@ from ..calibrate.moments import Moments
 from ..calibrate.refit import refit_factored
 from ..factor.nd import max_rank
 from ..nn.flops import conv_flops, count_flops, factored_flops
+from ..nn.progress import progress_bar
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache, FactorOptions, candidate_ranks
 from ..surgery.rewrite import decouplable_convs
@@ -114,11 +115,13 @@ def rank_options(
     min_saving: float = MIN_SAVING,
     ridge: float = 1e-4,
     cache: FactorCache | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, list[Option]], int, int]:
     """Every decouplable layer's options priced in FLOPs, with the model's and those layers' FLOPs.
 
     Each layer is priced with its own method (``config.method`` or its override); ``cache`` keeps
-    the CP and Tucker factorizations for the decoupling that follows.
+    the CP and Tucker factorizations for the decoupling that follows. ``progress`` shows a bar
+    over the layers (CP-ALS at every candidate rank can take minutes).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
@@ -131,7 +134,7 @@ def rank_options(
     moments = collect_moments(model, names, calib_images) if criterion != "energy" else {}
     weights = output_sensitivity(model, names, calib_images) if criterion == "output" else {}
     options, layers_flops = {}, 0
-    for name in names:
+    for name in progress_bar(names, desc="pricing ranks", enabled=progress, unit="layer"):
         conv = model.get_submodule(name)
         method, order = method_and_order(config, name)
         in_hw, out_hw = shapes[name]

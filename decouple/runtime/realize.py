@@ -17,9 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..nn.decoupled import REALIZATIONS, DecoupledConv2d
+from ..nn.progress import progress_bar
 from ..nn.transaction import in_place
 from ..surgery.methods import is_factored
 from .latency import capture_inputs, fastest, prepare
@@ -146,7 +146,7 @@ def choose_realizations_(
     names = factored_names(model)
     inputs = capture_inputs(model, names, example)
     choices = {}
-    for name in tqdm(names, desc="timing realizations", disable=not progress, leave=False):
+    for name in progress_bar(names, desc="timing realizations", enabled=progress, unit="layer"):
         layer = model.get_submodule(name)
         candidates = realizations(layer)
         if name in originals:

@@ -38,6 +38,24 @@ class _Tracer(fx.Tracer):
         return is_plain_conv2d(m) or super().is_leaf_module(m, qualname)
 
 
+class FoldedBatchNorm(nn.Identity):
+    """What a folded BatchNorm becomes: the identity, remembering the conv it went into, so a
+    folded model alone says what :func:`apply_fold_structure_` must replay (see
+    :func:`decouple.surgery.recipe.recipe_of_model`)."""
+
+    def __init__(self, into: str) -> None:
+        super().__init__()
+        self.into = into
+
+    def extra_repr(self) -> str:
+        return f"folded into {self.into!r}"
+
+
+def folded_pairs(model: nn.Module) -> dict[str, str]:
+    """``{conv: bn}`` of every BatchNorm of ``model`` folded by :func:`fold_batchnorm_`."""
+    return {m.into: n for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm)}
+
+
 def find_conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     """Names of ``(conv, bn)`` pairs that are safe to fold, found on the ``torch.fx`` graph.
 
@@ -77,7 +95,8 @@ def fold_conv_bn_(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def fold_batchnorm_(model: nn.Module) -> FoldResult:
-    """Fold every safe conv→BN pair of ``model`` in place; each folded BN becomes ``nn.Identity``.
+    """Fold every safe conv→BN pair of ``model`` in place; each folded BN becomes the identity
+    (a :class:`FoldedBatchNorm` naming its conv).
 
     Uses the BN running statistics, so the folded model matches the original in eval mode.
 
@@ -106,7 +125,7 @@ def fold_batchnorm_(model: nn.Module) -> FoldResult:
     with transaction(model, "fold_batchnorm_"):
         for conv_name, bn_name in pairs.items():
             fold_conv_bn_(model.get_submodule(conv_name), model.get_submodule(bn_name))
-            model.set_submodule(bn_name, nn.Identity())
+            model.set_submodule(bn_name, FoldedBatchNorm(conv_name))
     return FoldResult(folded=pairs)
 
 
@@ -120,4 +139,4 @@ def apply_fold_structure_(model: nn.Module, pairs: dict[str, str]) -> None:
         if conv.bias is None:
             zeros = conv.weight.new_zeros(conv.out_channels)
             conv.bias = nn.Parameter(zeros, requires_grad=conv.weight.requires_grad)
-        model.set_submodule(bn_name, nn.Identity())
+        model.set_submodule(bn_name, FoldedBatchNorm(conv_name))

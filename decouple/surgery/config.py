@@ -30,10 +30,23 @@ from .checks import (
 )
 from .methods import FactorOptions
 
-__all__ = ["AUTO", "CONFIG_KEYS", "DecoupleConfig", "LayerSpec"]
+__all__ = ["AUTO", "CONFIG_KEYS", "STEM_MAX_CHANNELS", "DecoupleConfig", "LayerSpec"]
 
 SPEC_KEYS = ("rank", "energy", "order", "method", "skip")
-CONFIG_KEYS = ("rank", "energy", "order", "fold_bn", "overrides", "method", "cp_max_iter", "seed")
+CONFIG_KEYS = (
+    "rank",
+    "energy",
+    "order",
+    "fold_bn",
+    "overrides",
+    "method",
+    "cp_max_iter",
+    "seed",
+    "include_stem",
+)
+# A conv reading at most this many channels is a stem (RGB, grey, RGBA): decoupling it at the
+# global T wrecks it (a 7x7 stem keeps 2 of 49 terms) and saves little, so it is kept by default.
+STEM_MAX_CHANNELS = 4
 _SHORT_FORMS = "'skip', an int rank, a float energy or a dict"
 
 
@@ -103,8 +116,9 @@ class DecoupleConfig:
     order : {"dw-pw", "pw-dw"}
         Default order of the two convs (network decoupling only).
     fold_bn : bool
-        Fold each BatchNorm into the conv that feeds only it, before decoupling (inference only:
-        the running statistics are baked in).
+        Fold each BatchNorm into the conv that feeds only it, before decoupling (default True, as
+        the CLI: the folded kernel is what runs, so it is what should be approximated). Inference
+        only: the running statistics are baked in, so put the model in eval mode first.
     overrides : mapping of str to LayerSpec (or its short forms)
         Keys are exact module names or regular expressions matched with ``re.fullmatch``; an exact
         name wins, then the first matching pattern in order. Values: ``"skip"``, an int rank, a
@@ -117,6 +131,11 @@ class DecoupleConfig:
         CP-ALS sweeps at most (a layer that stops here is reported as not converged).
     seed : int
         Seed of the iterative decompositions (CP, Tucker), so runs repeat.
+    include_stem : bool
+        Decouple stem convs too. By default (False) a conv with at most
+        :data:`STEM_MAX_CHANNELS` input channels is kept (``"kept: stem ..."``) unless an
+        override gives it a rank, energy or method: at the global ``T`` it loses most of its
+        kernel (a 7×7 stem keeps 2 of 49 terms) for a small saving.
 
     Layers matched by no override when neither ``rank`` nor ``energy`` is set are left as they are,
     so a mapping of names to ranks alone is a complete per-layer config.
@@ -125,11 +144,12 @@ class DecoupleConfig:
     rank: int | None = None
     energy: float | None = None
     order: str = "dw-pw"
-    fold_bn: bool = False
+    fold_bn: bool = True
     overrides: Any = field(default_factory=tuple)
     method: str = "nd"
     cp_max_iter: int = CP_MAX_ITER
     seed: int = 0
+    include_stem: bool = False
 
     def __post_init__(self) -> None:
         check_rank(self.rank)
@@ -145,6 +165,7 @@ class DecoupleConfig:
         check_int(self.cp_max_iter, "cp_max_iter", 1, MAX_CP_ITER)
         check_int(self.seed, "seed", 0, MAX_SEED)
         check_bool(self.fold_bn, "fold_bn")
+        check_bool(self.include_stem, "include_stem")
         # Stored as a tuple of pairs so the config stays hashable and ordered.
         object.__setattr__(self, "overrides", _override_pairs(self.overrides))
 
@@ -161,6 +182,23 @@ class DecoupleConfig:
             if re.fullmatch(key, name):
                 return spec
         return None
+
+    def names_layer(self, name: str) -> bool:
+        """Whether an override gives layer ``name`` its own rank, energy or method (not a skip)."""
+        spec = self.spec_for(name)
+        return (
+            spec is not None
+            and not spec.skip
+            and (spec.rank is not None or spec.energy is not None or spec.method is not None)
+        )
+
+    def keeps_stem(self, name: str, in_channels: int) -> bool:
+        """Whether layer ``name`` reading ``in_channels`` channels is a stem this config keeps:
+        ``include_stem`` is off, it reads at most :data:`STEM_MAX_CHANNELS` channels, and no
+        override names it with a rank, energy or method."""
+        if self.include_stem or in_channels > STEM_MAX_CHANNELS:
+            return False
+        return not self.names_layer(name)
 
     def resolve(self, name: str) -> LayerSpec:
         """Effective settings for layer ``name`` (``skip=True`` when nothing applies)."""
@@ -185,6 +223,7 @@ class DecoupleConfig:
             "method": self.method,
             "cp_max_iter": self.cp_max_iter,
             "seed": self.seed,
+            "include_stem": self.include_stem,
         }
 
     @classmethod

@@ -12,13 +12,13 @@ from torch import nn
 
 from ..nn.guards import check_module, type_error
 from ..nn.transaction import transaction
-from .bn_fold import apply_fold_structure_
+from .bn_fold import apply_fold_structure_, folded_pairs
 from .config import DecoupleConfig
-from .methods import empty_layer
+from .methods import empty_layer, is_factored, recipe_entry
 from .recipe_check import RECIPE_FORMAT, RECIPE_VERSION, check_recipe
 from .rewrite import LayerRecord
 
-__all__ = ["RECIPE_FORMAT", "RECIPE_VERSION", "apply_recipe_", "make_recipe"]
+__all__ = ["RECIPE_FORMAT", "RECIPE_VERSION", "apply_recipe_", "make_recipe", "recipe_of_model"]
 
 
 def make_recipe(records: list[LayerRecord], config: DecoupleConfig | None = None) -> dict:
@@ -35,6 +35,21 @@ def make_recipe(records: list[LayerRecord], config: DecoupleConfig | None = None
         "config": config.to_dict() if config is not None else None,
         "folded_bn": {r.name: r.bn_folded for r in records if r.bn_folded},
         "layers": {r.name: r.structure for r in records if r.action == "decoupled"},
+    }
+
+
+def recipe_of_model(model: nn.Module, config: DecoupleConfig | None = None) -> dict:
+    """The recipe of a decoupled ``model`` read from the model alone (no records): its factored
+    layers and the BatchNorms folded by :func:`~decouple.surgery.fold_batchnorm_`."""
+    check_module(model, "recipe_of_model", needs_values=False)
+    if config is not None and not isinstance(config, DecoupleConfig):
+        raise type_error("config", "a DecoupleConfig or None", config)
+    return {
+        "format": RECIPE_FORMAT,
+        "version": RECIPE_VERSION,
+        "config": config.to_dict() if config is not None else None,
+        "folded_bn": folded_pairs(model),
+        "layers": {n: recipe_entry(m) for n, m in model.named_modules() if is_factored(m)},
     }
 
 

@@ -1,9 +1,10 @@
 """Model surgery: replace every regular k×k ``nn.Conv2d`` of a model by its factored layer.
 
 ``decouple_(model, config)`` is the one in-place verb (after torchao's ``quantize_``). It plans
-first (:mod:`decouple.surgery.sites`: 1×1 convs, depthwise convs, convs with their own forward
-and already-factored layers are left alone, so running it twice changes nothing; per-layer
-overrides apply), checks the whole plan, and only then changes the model, inside a
+first (:mod:`decouple.surgery.sites`: 1×1 convs, depthwise convs, convs with their own forward,
+stems (at most 4 input channels, unless ``include_stem`` or an override names them) and
+already-factored layers are left alone; a model with factored layers and no conv left to decouple
+is refused as already decoupled; per-layer overrides apply), checks the whole plan, and only then changes the model, inside a
 :func:`~decouple.nn.transaction.transaction`: a failure halfway restores the model exactly. It
 returns one record per conv met. The layer is a ``DecoupledConv2d`` (network decoupling, the
 default), a ``CPConv2d`` or a ``TuckerConv2d``, as ``config.method`` or a per-layer override says.
@@ -138,7 +139,7 @@ def decouple_(
     Parameters
     ----------
     model : nn.Module
-        Changed in place; put it in eval mode first if ``config.fold_bn`` is set.
+        Changed in place; put it in eval mode first if ``config.fold_bn`` is set (the default).
     config : DecoupleConfig
         Rank rule, order, BN folding and per-layer overrides.
     filter_fn : callable, optional
@@ -158,7 +159,8 @@ def decouple_(
         ``model`` is not an eager ``nn.Module`` (e.g. TorchScript), or ``config`` is not a
         :class:`DecoupleConfig`.
     ValueError
-        The model has no ``nn.Conv2d``, holds NaN or Inf weights in a conv to decouple, is on
+        The model has no ``nn.Conv2d``, is already decoupled (factored layers and no conv
+        left to decouple), holds NaN or Inf weights in a conv to decouple, is on
         the meta device, or has BatchNorms to fold in training mode; or a layer's method cannot
         run (``auto``). Checked before anything changes; on any failure the model is restored.
     """

@@ -19,6 +19,7 @@ from .config import DecoupleConfig, LayerSpec
 from .methods import METHODS, is_factored
 
 NO_RULE = "no rank or energy for this layer"
+STEM = "kept: stem"  # the start of a kept stem's reason
 DECOUPLE, KEPT, FACTORED, SHARED = "decouple", "kept", "factored", "shared"
 
 
@@ -56,19 +57,29 @@ def why_not_decouplable(conv: nn.Conv2d) -> str | None:
     return None
 
 
+def stem_reason(in_channels: int) -> str:
+    """Why a stem is kept: ``"kept: stem (3 input channels; --include-stem to decouple it)"``."""
+    channels = "channel" if in_channels == 1 else "channels"
+    return f"{STEM} ({in_channels} input {channels}; --include-stem to decouple it)"
+
+
 def _plan_conv(parent, attr, name, conv, config, filter_fn) -> Site:
     if filter_fn is not None and not filter_fn(conv, name):
         return Site(parent, attr, name, conv, KEPT, "excluded by filter_fn")
     reason = why_not_decouplable(conv)
     if reason is not None:
         return Site(parent, attr, name, conv, KEPT, reason)
+    own = config.spec_for(name)
+    if own is not None and own.skip:
+        return Site(parent, attr, name, conv, KEPT, "skipped by override")
+    if config.keeps_stem(name, conv.in_channels):  # before NO_RULE: budgets skip stems too
+        return Site(parent, attr, name, conv, KEPT, stem_reason(conv.in_channels))
     try:
         spec = config.resolve(name)
     except ValueError as e:  # e.g. the config's method 'auto' with this layer's own rank
         return Site(parent, attr, name, conv, DECOUPLE, problem=f"layer {name!r}: {e}")
     if spec.skip:
-        why = "skipped by override" if config.spec_for(name) else NO_RULE
-        return Site(parent, attr, name, conv, KEPT, why)
+        return Site(parent, attr, name, conv, KEPT, NO_RULE)
     return Site(parent, attr, name, conv, DECOUPLE, spec=spec)
 
 
@@ -116,13 +127,20 @@ def check_sites(model: nn.Module, sites: list[Site], specs: bool = True) -> None
     Raises
     ------
     ValueError
-        No ``nn.Conv2d`` (nor factored layer) at all, a conv to decouple with NaN or Inf
+        No ``nn.Conv2d`` (nor factored layer) at all, factored layers and no conv left to
+        decouple (the model is already decoupled), a conv to decouple with NaN or Inf
         weights, or (``specs``) a layer whose resolved method cannot run here: ``auto`` (a budget
         chooses it; see :func:`decouple.pipeline.compress_`) or CP with an energy.
     """
     if not sites:
         raise ValueError(
             f"nothing to decouple: no nn.Conv2d in the model (found {conv_census(model)})"
+        )
+    factored = [s for s in sites if s.action == FACTORED]
+    if factored and not candidates(sites):
+        raise ValueError(
+            f"the model is already decoupled ({len(factored)} factored layers, no Conv2d left to "
+            "decouple); decouple the original model"
         )
     for s in candidates(sites):
         if not torch.isfinite(s.module.weight.detach()).all():

@@ -130,7 +130,7 @@ def test_full_rank_output_is_unchanged_by_calibration(mode, order):
     original = copy.deepcopy(net)
     fold_batchnorm_(net)
     reference = copy.deepcopy(net)
-    decouple_(net, DecoupleConfig(rank=9, order=order))
+    decouple_(net, DecoupleConfig(rank=9, order=order, fold_bn=False, include_stem=True))
     records = calibrate_(net, reference, images(), mode=mode)
     assert [r.name for r in records] == ["conv1", "conv2", "conv3"]
     x = images(8)
@@ -144,7 +144,7 @@ def test_calibration_reduces_output_error_at_low_rank(order):
     net = toy()
     fold_batchnorm_(net)
     reference = copy.deepcopy(net)
-    decouple_(net, DecoupleConfig(rank=1, order=order))
+    decouple_(net, DecoupleConfig(rank=1, order=order, fold_bn=False, include_stem=True))
     free = copy.deepcopy(net)
     records = calibrate_(net, reference, images(128), mode="auto")
     for r in records:
@@ -168,7 +168,7 @@ def test_calibrate_on_planted_network_recovers_the_weights():
         with torch.no_grad():
             conv.weight.copy_(decouple_weight(conv.weight, 2, "dw-pw").reconstruct())
     reference = copy.deepcopy(net)
-    decouple_(net, DecoupleConfig(rank=2))
+    decouple_(net, DecoupleConfig(rank=2, fold_bn=False, include_stem=True))
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, DecoupledConv2d):

@@ -462,6 +462,7 @@ def test_a_conv_subclass_with_its_own_forward_is_kept(tmp_path: Path, capsys) ->
     argv = [
         path,
         "--trust-pickle",
+        "--include-stem",  # the first conv reads 3 channels: a stem, kept by default
         "--rank",
         "9",
         "--input-shape",

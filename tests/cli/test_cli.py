@@ -28,6 +28,9 @@ from decouple.models import build_model
 TESTS_DIR = Path(__file__).resolve().parents[1]
 CONVS = ["conv1", "conv2", "conv3", "conv4"]
 DIGITS_SHAPE = (1, 8, 8)
+# digits_cnn's conv1 reads 1 channel: a stem, kept by default. The tests of every conv decoupled
+# say so (tests/cli/test_first_hour.py checks the default).
+STEM = "--include-stem"
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,7 +71,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def default_outputs(model_path: Path) -> dict[str, Path]:
-    stem = model_path.parent / f"{model_path.stem}.decoupled"
+    """Where a run without --out writes: the current folder (tests/cli/conftest.py makes it the
+    test's tmp_path), never beside the model."""
+    stem = Path.cwd() / f"{model_path.stem}.decoupled"
     return {
         "model": Path(f"{stem}{model_path.suffix}"),
         "recipe": Path(f"{stem}.recipe.json"),
@@ -121,7 +126,7 @@ def digits_input(n: int = 16) -> torch.Tensor:
 
 def test_state_dict_end_to_end(digits_sd: Path, tmp_path: Path, capsys) -> None:
     before = sha256(digits_sd)
-    code, out, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2")
+    code, out, err = cli(capsys, STEM, digits_sd, "--arch", "digits_cnn", "--rank", "2")
     assert code == 0, err
     assert err == ""
     assert sha256(digits_sd) == before, "the input file was modified"
@@ -177,14 +182,14 @@ def test_state_dict_end_to_end(digits_sd: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_reload_round_trip_matches_library(digits_sd: Path, capsys) -> None:
-    code, _, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2")
+    code, _, err = cli(capsys, STEM, digits_sd, "--arch", "digits_cnn", "--rank", "2")
     assert code == 0, err
     paths = default_outputs(digits_sd)
 
     reloaded = load_decoupled(build_model("digits_cnn"), paths["model"])
     assert sum(isinstance(m, DecoupledConv2d) for m in reloaded.modules()) == 4
     reference = load_digits(digits_sd)
-    decouple_(reference, DecoupleConfig(rank=2, fold_bn=True))
+    decouple_(reference, DecoupleConfig(include_stem=True, rank=2, fold_bn=True))
     x = digits_input()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), reference(x), atol=1e-6, rtol=0)
@@ -208,7 +213,9 @@ def test_whole_module_with_trust_pickle(tmp_path: Path, capsys) -> None:
     torch.save(model, path)
     before = sha256(path)
 
-    code, out, err = cli(capsys, path, "--trust-pickle", "--rank", "2", "--input-shape", "3,16,16")
+    code, out, err = cli(
+        capsys, STEM, path, "--trust-pickle", "--rank", "2", "--input-shape", "3,16,16"
+    )
     assert code == 0, err
     assert sha256(path) == before
     paths = default_outputs(path)
@@ -219,7 +226,7 @@ def test_whole_module_with_trust_pickle(tmp_path: Path, capsys) -> None:
     assert sum(isinstance(m, DecoupledConv2d) for m in loaded.modules()) == 2
 
     reference = torch.load(path, map_location="cpu", weights_only=False).eval()
-    decouple_(reference, DecoupleConfig(rank=2, fold_bn=True))
+    decouple_(reference, DecoupleConfig(include_stem=True, rank=2, fold_bn=True))
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), reference(x), atol=1e-6, rtol=0)
@@ -237,7 +244,15 @@ def test_module_callable_arch_with_input_shape(tmp_path: Path, capsys) -> None:
     path = tmp_path / "small.pt"
     torch.save(tiny_archs.small_cnn().state_dict(), path)
     code, _, err = cli(
-        capsys, path, "--arch", "tiny_archs:small_cnn", "--rank", "1", "--input-shape", "3,6,6"
+        capsys,
+        STEM,
+        path,
+        "--arch",
+        "tiny_archs:small_cnn",
+        "--rank",
+        "1",
+        "--input-shape",
+        "3,6,6",
     )
     assert code == 0, err
     paths = default_outputs(path)
@@ -257,7 +272,7 @@ def test_module_callable_arch_with_input_shape(tmp_path: Path, capsys) -> None:
 def test_checkpoint_layouts(wrap: Callable, tmp_path: Path, capsys) -> None:
     path = tmp_path / "ckpt.pth"
     torch.save(wrap(digits_model().state_dict()), path)
-    code, _, err = cli(capsys, path, "--arch", "digits_cnn", "--rank", "2")
+    code, _, err = cli(capsys, STEM, path, "--arch", "digits_cnn", "--rank", "2")
     assert code == 0, err
     out = tmp_path / "ckpt.decoupled.pth"
     assert load_decoupled(build_model("digits_cnn"), out) is not None
@@ -268,7 +283,7 @@ def test_checkpoint_layouts(wrap: Callable, tmp_path: Path, capsys) -> None:
 
 
 def test_energy(digits_sd: Path, capsys) -> None:
-    code, _, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--energy", "0.9")
+    code, _, err = cli(capsys, STEM, digits_sd, "--arch", "digits_cnn", "--energy", "0.9")
     assert code == 0, err
     report, layers = read_report(default_outputs(digits_sd)["report"])
     assert report["config"]["energy"] == 0.9 and report["config"]["rank"] is None
@@ -280,14 +295,16 @@ def test_energy(digits_sd: Path, capsys) -> None:
 
 
 def test_order_pw_dw(digits_sd: Path, capsys) -> None:
-    code, _, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2", "--order", "pw-dw")
+    code, _, err = cli(
+        capsys, STEM, digits_sd, "--arch", "digits_cnn", "--rank", "2", "--order", "pw-dw"
+    )
     assert code == 0, err
     paths = default_outputs(digits_sd)
     _, layers = read_report(paths["report"])
     assert {r["order"] for r in layers.values()} == {"pw-dw"}
     reloaded = load_decoupled(build_model("digits_cnn"), paths["model"])
     reference = load_digits(digits_sd)
-    decouple_(reference, DecoupleConfig(rank=2, order="pw-dw", fold_bn=True))
+    decouple_(reference, DecoupleConfig(include_stem=True, rank=2, order="pw-dw", fold_bn=True))
     x = digits_input()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), reference(x), atol=1e-6, rtol=0)
@@ -299,11 +316,13 @@ def test_order_pw_dw(digits_sd: Path, capsys) -> None:
         (["conv2"], {"conv2"}),
         (["conv[23]"], {"conv2", "conv3"}),
         (["conv1", "conv4"], {"conv1", "conv4"}),
+        (["conv1,conv4"], {"conv1", "conv4"}),
     ],
-    ids=["exact", "regex", "two-names"],
+    ids=["exact", "regex", "two-names", "comma-list"],
 )
 def test_skip(skip: list[str], kept: set[str], digits_sd: Path, capsys) -> None:
-    code, out, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2", "--skip", *skip)
+    flags = [a for s in skip for a in ("--skip", s)]  # one pattern (or comma list) per --skip
+    code, out, err = cli(capsys, STEM, digits_sd, "--arch", "digits_cnn", "--rank", "2", *flags)
     assert code == 0, err
     report, layers = read_report(default_outputs(digits_sd)["report"])
     for name, r in layers.items():
@@ -317,7 +336,9 @@ def test_skip(skip: list[str], kept: set[str], digits_sd: Path, capsys) -> None:
 
 
 def test_no_fold_bn(digits_sd: Path, capsys) -> None:
-    code, _, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2", "--no-fold-bn")
+    code, _, err = cli(
+        capsys, STEM, digits_sd, "--arch", "digits_cnn", "--rank", "2", "--no-fold-bn"
+    )
     assert code == 0, err
     paths = default_outputs(digits_sd)
     report, layers = read_report(paths["report"])
@@ -328,7 +349,7 @@ def test_no_fold_bn(digits_sd: Path, capsys) -> None:
     assert "bn1.running_var" in sd
     reloaded = load_decoupled(build_model("digits_cnn"), paths["model"])
     reference = load_digits(digits_sd)
-    decouple_(reference, DecoupleConfig(rank=2, fold_bn=False))
+    decouple_(reference, DecoupleConfig(include_stem=True, rank=2, fold_bn=False))
     x = digits_input()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), reference(x), atol=1e-6, rtol=0)
@@ -339,7 +360,7 @@ def test_config_file_per_layer_ranks(digits_sd: Path, tmp_path: Path, capsys) ->
     config.write_text(
         json.dumps({"overrides": {"conv2": 2, "conv3": {"rank": 4, "order": "pw-dw"}}})
     )
-    code, _, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--config", config)
+    code, _, err = cli(capsys, STEM, digits_sd, "--arch", "digits_cnn", "--config", config)
     assert code == 0, err
     paths = default_outputs(digits_sd)
     _, layers = read_report(paths["report"])
@@ -357,7 +378,7 @@ def test_flags_override_config(digits_sd: Path, tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"energy": 0.5, "order": "pw-dw", "fold_bn": True}))
     argv = [digits_sd, "--arch", "digits_cnn", "--config", config]
-    code, _, err = cli(capsys, *argv, "--rank", "3", "--order", "dw-pw", "--no-fold-bn")
+    code, _, err = cli(capsys, STEM, *argv, "--rank", "3", "--order", "dw-pw", "--no-fold-bn")
     assert code == 0, err
     report, layers = read_report(default_outputs(digits_sd)["report"])
     assert report["config"]["rank"] == 3 and report["config"]["energy"] is None
@@ -369,7 +390,17 @@ def test_custom_out_and_report(digits_sd: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "models" / "small.pt"  # folders are created
     report = tmp_path / "reports" / "run1.json"
     code, stdout, err = cli(
-        capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2", "--out", out, "--report", report
+        capsys,
+        STEM,
+        digits_sd,
+        "--arch",
+        "digits_cnn",
+        "--rank",
+        "2",
+        "--out",
+        out,
+        "--report",
+        report,
     )
     assert code == 0, err
     expected = [out, out.with_name("small.recipe.json"), report, report.with_suffix(".md")]
@@ -391,17 +422,17 @@ def test_report_given_as_markdown(digits_sd: Path, tmp_path: Path, capsys) -> No
 
 def test_existing_outputs_need_force(digits_sd: Path, tmp_path: Path, capsys) -> None:
     argv = [digits_sd, "--arch", "digits_cnn"]
-    assert cli(capsys, *argv, "--rank", "2")[0] == 0
+    assert cli(capsys, STEM, *argv, "--rank", "2")[0] == 0
     paths = default_outputs(digits_sd)
     before = snapshot(tmp_path)
 
-    code, out, err = cli(capsys, *argv, "--rank", "3")
+    code, out, err = cli(capsys, STEM, *argv, "--rank", "3")
     assert code == 2 and out == ""
     assert_one_line_error(err)
     assert "--force" in err
     assert snapshot(tmp_path) == before
 
-    code, _, err = cli(capsys, *argv, "--rank", "3", "--force")
+    code, _, err = cli(capsys, STEM, *argv, "--rank", "3", "--force")
     assert code == 0, err
     assert set(snapshot(tmp_path)) == set(before), "--force left other files behind"
     _, layers = read_report(paths["report"])
@@ -413,7 +444,7 @@ def test_existing_outputs_need_force(digits_sd: Path, tmp_path: Path, capsys) ->
 
 def test_demo(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo.pt"
-    code, stdout, err = cli(capsys, "--demo", "--rank", "3", "--out", out)
+    code, stdout, err = cli(capsys, STEM, "--demo", "--rank", "3", "--out", out)
     assert code == 0, err
     accuracy_lines = [line for line in stdout.splitlines() if line.startswith("accuracy:")]
     assert len(accuracy_lines) == 1 and "->" in accuracy_lines[0]
@@ -673,9 +704,10 @@ def _untrusted(tmp, sd):
     return [save(nn.Sequential(nn.Conv2d(3, 4, 3)), tmp / "whole.pt"), "--rank", "2"]
 
 
-@bad_case("whole-module-without-input-shape", "--input-shape")
-def _no_shape(tmp, sd):
-    return [save(nn.Sequential(nn.Conv2d(3, 4, 3)), tmp / "w.pt"), "--trust-pickle", "--rank", "2"]
+@bad_case("whole-module-not-running-at-the-inferred-shape", "pass --input-shape")
+def _no_shape(tmp, sd):  # the shape is inferred as (3, 224, 224); the Linear wants 8x8 images
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    return [save(net, tmp / "w.pt"), "--trust-pickle", "--rank", "2"]
 
 
 @bad_case("input-shape-two-numbers", "--input-shape")
@@ -848,7 +880,7 @@ def run_module(*args: object, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_subprocess_good_run(digits_sd: Path, tmp_path: Path) -> None:
-    proc = run_module(digits_sd.name, "--arch", "digits_cnn", "--rank", "2", cwd=tmp_path)
+    proc = run_module(STEM, digits_sd.name, "--arch", "digits_cnn", "--rank", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "decoupled 4 of 4 convs" in proc.stdout

@@ -65,6 +65,7 @@ def test_data_and_calibration(files, capsys, refit):
     code, out, err = run(
         capsys,
         *base_args(files),
+        "--include-stem",  # conv "0" reads 3 channels: a stem, kept by default
         "--rank",
         "1",
         "--data",

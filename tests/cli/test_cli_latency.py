@@ -57,7 +57,7 @@ def _prices(module: torch.nn.Module) -> float:
 def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys, fake_clock):
     fake_clock.cost = _prices
     out = tmp_path / "d.pt"
-    code, stdout, err = cli(capsys, "--demo", "--rank", "2", "--latency", "--batch", "4",
+    code, stdout, err = cli(capsys, "--demo", "--include-stem", "--rank", "2", "--latency", "--batch", "4",
                             "--out", out)  # fmt: skip
     assert code == 0, err
     report = _report(out)
@@ -97,7 +97,7 @@ def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys, fake_cl
     overhead and adds up exactly inside the model, so the first plan measures what it planned."""
     fake_clock.cost = _prices
     out = tmp_path / "d.pt"
-    code, stdout, err = cli(capsys, "--demo", "--target-latency", "0.9", "--batch", "32",
+    code, stdout, err = cli(capsys, "--demo", "--include-stem", "--target-latency", "0.9", "--batch", "32",
                             "--method", "nd", "--out", out)  # fmt: skip
     assert code == 0, err
     report = _report(out)
@@ -161,7 +161,7 @@ def test_cuda_on_a_cpu_machine_is_one_line(tmp_path: Path, capsys) -> None:
 @pytest.mark.skipif(not HAVE_ORT, reason="onnx/onnxruntime not installed (pip install '.[export]')")
 def test_onnx_output_and_onnxruntime_latency(tmp_path: Path, capsys) -> None:
     out = tmp_path / "d.pt"
-    code, stdout, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--latency",
+    code, stdout, err = cli(capsys, "--demo", "--include-stem", "--rank", "2", "--onnx", "--latency",
                             "--runtime", "onnxruntime", "--out", out)  # fmt: skip
     assert code == 0, err
     onnx_path = tmp_path / "d.onnx"

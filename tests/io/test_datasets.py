@@ -149,6 +149,7 @@ def test_the_cli_evaluates_and_calibrates_on_folders_and_tars(tmp_path, capsys, 
     from decouple.cli.run import main
 
     monkeypatch.syspath_prepend(str(TESTS_DIR))
+    monkeypatch.chdir(tmp_path)  # outputs go to the current folder
     torch.manual_seed(0)
     torch.save(tiny_archs.small_cnn().state_dict(), tmp_path / "net.pt")
     make_tree(tmp_path / "val")

@@ -58,7 +58,7 @@ def test_plan_meets_the_budget_as_flop_counter_counts_it(criterion, target):
     model = copy.deepcopy(net)
     result = compress_(
         model,
-        DecoupleConfig(fold_bn=True),
+        DecoupleConfig(fold_bn=True, include_stem=True),
         (3, 8, 8),
         target_flops=target,
         criterion=criterion,
@@ -88,8 +88,12 @@ def test_skip_overrides_hold_under_a_budget_and_shapes_probe():
     net = toy()
     shapes = probe_shapes(net, ["conv1", "conv3"], (3, 8, 8))
     assert shapes == {"conv1": ((8, 8), (8, 8)), "conv3": ((8, 8), (4, 4))}
-    plan = plan_ranks(net, DecoupleConfig(overrides={"conv2": "skip"}), (3, 8, 8), 0.5, "energy")
+    config = DecoupleConfig(overrides={"conv2": "skip"}, include_stem=True)
+    plan = plan_ranks(net, config, (3, 8, 8), 0.5, "energy")
     assert set(plan.choice) == {"conv1", "conv3"}
+    # By default the stem (3 input channels) is kept out of the budget.
+    plan = plan_ranks(net, DecoupleConfig(overrides={"conv2": "skip"}), (3, 8, 8), 0.5, "energy")
+    assert set(plan.choice) == {"conv3"}
     with pytest.raises(ValueError, match="target_flops"):
         plan_ranks(net, DecoupleConfig(), (3, 8, 8), 1.5, "energy")
     with pytest.raises(ValueError, match="calibration images"):

@@ -129,7 +129,7 @@ def test_derived_weights_follow_the_parameters(order, name):
 
 def test_recipe_replays_the_realization():
     model = toy()
-    decouple_(model, DecoupleConfig(rank=2))
+    decouple_(model, DecoupleConfig(rank=2, fold_bn=False, include_stem=True))
     model.conv2.set_realization("split")
     recipe = json.loads(json.dumps(make_recipe_for(model)))
     fresh = apply_recipe_(toy(seed=3), recipe)
@@ -260,7 +260,7 @@ def _decoupled_toy(fake_clock=None):
     realization's :data:`EXTRA_MS` and a conv its ``fake_ms`` (0 unless a test sets it)."""
     model = toy()
     originals = {n: model.get_submodule(n) for n in ("conv1", "conv2", "conv3")}
-    decouple_(model, DecoupleConfig(rank=2))
+    decouple_(model, DecoupleConfig(rank=2, fold_bn=False, include_stem=True))
     if fake_clock is not None:
         fake_clock.cost = lambda m: getattr(
             m, "fake_ms", EXTRA_MS[m.realization] if isinstance(m, DecoupledConv2d) else 0.0
@@ -356,7 +356,7 @@ def test_compress_with_realize_records_latency_and_keeps_outputs(fake_clock):
     x = images(8)
     result = compress_(
         model,
-        DecoupleConfig(rank=2, fold_bn=True),
+        DecoupleConfig(rank=2, fold_bn=True, include_stem=True),
         (3, 8, 8),
         realize=True,
         latency=LatencyConfig(layer_rounds=1, layer_min_run_time=0.002, min_run_time=0.02),
@@ -379,7 +379,7 @@ def test_compress_with_realize_records_latency_and_keeps_outputs(fake_clock):
             assert rec.structure.get("realization", "grouped") == c.chosen
     # Realizations are exact, so the model is the rank-2 model with conv1 as it was.
     plain = toy()
-    decouple_(plain, DecoupleConfig(rank=2, fold_bn=True))
+    decouple_(plain, DecoupleConfig(rank=2, fold_bn=True, include_stem=True))
     plain.set_submodule("conv1", model.conv1)
     torch.testing.assert_close(model(x), plain(x))
     assert reference is not model
@@ -422,7 +422,7 @@ def _fake_clock(monkeypatch, in_graph: float = 1.0, clock=None):
 def test_latency_plan_uses_the_fastest_realization_and_spends_the_budget(monkeypatch):
     _fake_clock(monkeypatch)
     model = toy()
-    config = DecoupleConfig(order="dw-pw")
+    config = DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True)
     plans = [lb.plan_latency(model, config, (3, 8, 8), r) for r in (0.5, 0.7, 0.9)]
     for plan in plans:
         assert set(plan.realizations.values()) <= {"split"}
@@ -443,7 +443,7 @@ def test_a_plan_the_table_got_wrong_is_closed_on_the_clock(monkeypatch):
     conversions between layers): the first plan lands far under the budget; with the budget
     moved up, the kept plan spends it."""
     _fake_clock(monkeypatch, in_graph=0.4)
-    config = DecoupleConfig(order="dw-pw")
+    config = DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True)
     plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.6)
     first, last = plan.steps[0], plan.steps[-1]
     assert first["measured_ms"] < 0.9 * plan.target_ms  # the table alone overshoots
@@ -466,14 +466,21 @@ def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch, fake
 
     monkeypatch.setattr(lb, "measure", measure)
     monkeypatch.setattr(latency_module, "measure", measure)
-    plan = lb.plan_latency(toy(), DecoupleConfig(order="dw-pw"), (3, 8, 8), 0.6)
+    plan = lb.plan_latency(
+        toy(), DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True), (3, 8, 8), 0.6
+    )
     assert plan.steps and all(s["measured_ms"] > plan.model_ms for s in plan.steps)
     assert all(o.rank == 0 for o in plan.allocation.choice.values())
     assert plan.realizations == {} and plan.measured_ms == plan.model_ms
     assert not plan.to_dict()["reached"]
     assert all("no plan measured faster" in r for r in plan.allocation.reasons.values())
     model, reference = toy(), toy()
-    result = compress_(model, DecoupleConfig(order="dw-pw"), (3, 8, 8), target_latency=0.6)
+    result = compress_(
+        model,
+        DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True),
+        (3, 8, 8),
+        target_latency=0.6,
+    )
     assert all(type(model.get_submodule(n)) is nn.Conv2d for n in ("conv1", "conv2", "conv3"))
     assert torch.equal(model(images(1)), reference(images(1)))
     report = build_report(reference, model, result.records, (3, 8, 8), extra=result.extra())
@@ -489,7 +496,7 @@ def test_latency_plan_keeps_layers_no_rank_speeds_up(monkeypatch):
         "time_candidates",
         lambda cands, *a, **k: {key: 0.1 if key == ORIGINAL else 0.2 for key in cands},
     )
-    plan = lb.plan_latency(toy(), DecoupleConfig(), (3, 8, 8), 0.5)
+    plan = lb.plan_latency(toy(), DecoupleConfig(fold_bn=False, include_stem=True), (3, 8, 8), 0.5)
     assert all(o.rank == 0 for o in plan.allocation.choice.values())
     assert set(plan.allocation.reasons.values()) == {"kept: not faster"}
     assert plan.realizations == {}
@@ -500,7 +507,11 @@ def test_compress_under_a_latency_budget_applies_ranks_and_realizations(monkeypa
     model = toy()
     quick = LatencyConfig(min_run_time=0.01)
     result = compress_(
-        model, DecoupleConfig(fold_bn=True), (3, 8, 8), target_latency=0.6, latency=quick
+        model,
+        DecoupleConfig(fold_bn=True, include_stem=True),
+        (3, 8, 8),
+        target_latency=0.6,
+        latency=quick,
     )
     plan = result.latency_plan
     # The plan's realizations (split: the cheapest) beat any one realization throughout.
@@ -518,9 +529,15 @@ def test_compress_under_a_latency_budget_applies_ranks_and_realizations(monkeypa
 
 def test_target_latency_is_validated():
     with pytest.raises(ValueError, match="target_latency"):
-        lb.plan_latency(toy(), DecoupleConfig(), (3, 8, 8), 1.5)
+        lb.plan_latency(toy(), DecoupleConfig(fold_bn=False, include_stem=True), (3, 8, 8), 1.5)
     with pytest.raises(ValueError, match="not both"):
-        compress_(toy(), DecoupleConfig(), (3, 8, 8), target_flops=0.5, target_latency=0.5)
+        compress_(
+            toy(),
+            DecoupleConfig(fold_bn=False, include_stem=True),
+            (3, 8, 8),
+            target_flops=0.5,
+            target_latency=0.5,
+        )
 
 
 def test_plans_within_the_noise_are_decided_by_loss():
@@ -554,10 +571,14 @@ def test_layer_tables_are_timed_again_until_the_plan_is_stable(monkeypatch):
         return out
 
     monkeypatch.setattr(lb, "time_candidates", noisy)
-    plan = lb.plan_latency(toy(), DecoupleConfig(order="dw-pw"), (3, 8, 8), 0.6)
+    plan = lb.plan_latency(
+        toy(), DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True), (3, 8, 8), 0.6
+    )
     assert plan.table_passes == 3 and plan.to_dict()["table_passes"] == 3
     monkeypatch.setattr(lb, "time_candidates", true_clock)
-    steady = lb.plan_latency(toy(), DecoupleConfig(order="dw-pw"), (3, 8, 8), 0.6)
+    steady = lb.plan_latency(
+        toy(), DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True), (3, 8, 8), 0.6
+    )
     assert steady.table_passes == 2  # a clock that agrees with itself: two passes
     assert plan.allocation.methods() == steady.allocation.methods()
     for name, times in steady.table.items():
@@ -568,7 +589,9 @@ def test_layer_tables_are_timed_again_until_the_plan_is_stable(monkeypatch):
 def test_realizations_are_screened_at_the_middle_rank(monkeypatch):
     """Only the two realizations fastest at each order's middle rank are timed at every rank."""
     _fake_clock(monkeypatch)
-    plan = lb.plan_latency(toy(), DecoupleConfig(order="dw-pw"), (3, 8, 8), 0.6)
+    plan = lb.plan_latency(
+        toy(), DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True), (3, 8, 8), 0.6
+    )
     for times in plan.table.values():
         reals = {k.split(": ")[1] for k in times if k != ORIGINAL}
         assert reals == {"split", "repeat"}  # EXTRA_MS: the two cheapest

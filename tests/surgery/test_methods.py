@@ -29,12 +29,12 @@ LAYER = {"cp": CPConv2d, "tucker": TuckerConv2d}
 @pytest.mark.parametrize("method", ["cp", "tucker"])
 def test_surgery_idempotent_and_recipe_round_trip(method):
     net, x = toy(), images(8)
-    records = decouple_(net, DecoupleConfig(rank=3, method=method))
+    records = decouple_(net, DecoupleConfig(rank=3, method=method, include_stem=True))
     assert [type(m) for m in (net.conv1, net.conv2, net.conv3)] == [LAYER[method]] * 3
     assert all(r.method == method and r.rel_error is not None for r in records)
     before = copy.deepcopy(net.state_dict())
-    again = decouple_(net, DecoupleConfig(rank=2, method=method))  # the core conv is not re-cut
-    assert {r.reason for r in again} == {"already decoupled"}
+    with pytest.raises(ValueError, match=r"already decoupled \(3 factored layers, no Conv2d"):
+        decouple_(net, DecoupleConfig(rank=2, method=method))  # the core conv is not re-cut
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     recipe = json.loads(json.dumps(make_recipe(records)))
     fresh = apply_recipe_(toy(seed=1), recipe)
@@ -45,7 +45,9 @@ def test_surgery_idempotent_and_recipe_round_trip(method):
 def test_per_layer_method_override_and_report():
     net, ref = toy(), toy()
     config = DecoupleConfig(
-        rank=2, overrides={"conv2": {"method": "tucker", "rank": 4}, "conv3": {"method": "cp"}}
+        rank=2,
+        overrides={"conv2": {"method": "tucker", "rank": 4}, "conv3": {"method": "cp"}},
+        include_stem=True,
     )
     records = decouple_(net, config)
     assert [r.method for r in records] == ["nd", "tucker", "cp"]
@@ -73,7 +75,7 @@ def test_config_validates_and_round_trips():
 def test_tucker_full_rank_in_a_network_is_exact_and_calibration_keeps_it():
     net, x = toy(), images(32)
     ref = copy.deepcopy(net)
-    decouple_(net, DecoupleConfig(rank=64, method="tucker"))
+    decouple_(net, DecoupleConfig(rank=64, method="tucker", fold_bn=False, include_stem=True))
     assert torch.allclose(net(x), ref(x), atol=1e-10)
     records = calibrate_(net, ref, x)
     assert all(r.error_after < 1e-6 for r in records)
@@ -123,7 +125,8 @@ def test_budget_is_met_as_flop_counter_counts(method, criterion):
     assert len(cache) > 0 and result.calibration
 
 
-def test_cli_method_flags(tmp_path, capsys):
+def test_cli_method_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outputs go to the current folder
     model = tmp_path / "toy.pt"
     torch.save(toy().float().state_dict(), model)
     arch = ["--arch", "toys:ToyNet", "--input-shape", "3,8,8"]

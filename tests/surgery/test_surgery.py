@@ -71,7 +71,8 @@ def test_walker_decouples_regular_convs_only():
     records = by_name(decouple_(net, DecoupleConfig(rank=2)))
     assert records["point"].reason == "1x1 conv" and records["depth"].reason == "depthwise conv"
     decoupled = {n for n, r in records.items() if r.action == "decoupled"}
-    assert decoupled == {"stem", "blocks.0.conv", "blocks.1.conv", "tail"}
+    assert decoupled == {"blocks.0.conv", "blocks.1.conv", "tail"}
+    assert records["stem"].reason.startswith("kept: stem (3 input channels")
     assert isinstance(net.blocks[1].conv, DecoupledConv2d) and type(net.point) is nn.Conv2d
     assert records["tail"].rank == 2 and records["tail"].max_rank == 3  # (3,1) kernel: k²=3
 
@@ -80,21 +81,21 @@ def test_walker_decouples_regular_convs_only():
 def test_full_rank_model_is_unchanged_and_second_run_is_a_no_op(order):
     net = trained_net()
     ref = copy.deepcopy(net)
-    decouple_(net, DecoupleConfig(rank=9, order=order, fold_bn=True))
+    decouple_(net, DecoupleConfig(rank=9, order=order, include_stem=True))
     assert torch.allclose(net(x_batch()), ref(x_batch()), atol=1e-10)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     structure = repr(net)
-    records = decouple_(net, DecoupleConfig(rank=1, order=order, fold_bn=True))
+    with pytest.raises(ValueError, match=r"already decoupled \(4 factored layers, no Conv2d"):
+        decouple_(net, DecoupleConfig(rank=1, order=order, include_stem=True))
     assert repr(net) == structure
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
-    assert not any(r.action == "decoupled" for r in records)
-    assert by_name(records)["stem"].reason == "already decoupled"
 
 
 def test_overrides_exact_name_beats_regex_and_skip():
     net = trained_net()
     config = DecoupleConfig(
         rank=1,
+        include_stem=True,
         overrides={
             r"blocks\..*": 3,
             "blocks.1.conv": {"rank": 2, "order": "pw-dw"},
@@ -162,7 +163,7 @@ def test_bn_folding_reports_untraceable_models():
             return self.conv(x)
 
     model = Dynamic().eval()
-    records, error = decouple_with_fold_info(model, DecoupleConfig(rank=1, fold_bn=True))
+    records, error = decouple_with_fold_info(model, DecoupleConfig(rank=1, include_stem=True))
     assert "torch.fx" in error and isinstance(model.bn, nn.BatchNorm2d)
     assert records[0].action == "decoupled" and records[0].bn_folded is None
 
@@ -182,7 +183,7 @@ def test_low_rank_error_shrinks_with_rank():
 def test_shared_conv_is_replaced_once():
     conv = nn.Conv2d(4, 4, 3, padding=1)
     model = nn.Sequential(conv, nn.ReLU(), conv)
-    records = decouple_(model, DecoupleConfig(rank=2))
+    records = decouple_(model, DecoupleConfig(rank=2, include_stem=True))
     assert model[0] is model[2] and isinstance(model[0], DecoupledConv2d)
     assert len(records) == 1
 
@@ -191,7 +192,7 @@ def test_nan_weights_are_refused():
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     model[0].weight.data[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        decouple_(model, DecoupleConfig(rank=1))
+        decouple_(model, DecoupleConfig(rank=1, include_stem=True))
 
 
 @pytest.mark.parametrize("fold_bn", [False, True])

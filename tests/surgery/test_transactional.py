@@ -71,7 +71,7 @@ def assert_same(before: dict, after: dict) -> None:
 
 def _recipe_for(model: nn.Module) -> dict:
     done = copy.deepcopy(model)
-    records = decouple_(done, DecoupleConfig(rank=2, fold_bn=True))
+    records = decouple_(done, DecoupleConfig(rank=2, fold_bn=True, include_stem=True))
     return json.loads(json.dumps(make_recipe(records)))
 
 
@@ -182,7 +182,7 @@ def test_failed_call_leaves_the_model_unchanged(case, monkeypatch):
 
 def test_the_same_calls_succeed_without_the_fault():
     model = toy()
-    records = decouple_(model, DecoupleConfig(rank=2, fold_bn=True))
+    records = decouple_(model, DecoupleConfig(rank=2, fold_bn=True, include_stem=True))
     assert [r.bn_folded for r in records] == ["bn1", "bn2", None]
     assert all(isinstance(getattr(model, n), DecoupledConv2d) for n in ("conv1", "conv2", "conv3"))
     fresh = apply_recipe_(toy(), _recipe_for(toy()))
@@ -234,7 +234,7 @@ def test_conv_subclasses_with_their_own_forward_are_kept():
     model = nn.Sequential(Doubling(3, 4, 3), Masked(4, 4, 3), Renamed(4, 4, 3)).double()
     x = images(2)
     ref = model(x)
-    records = decouple_(model, DecoupleConfig(rank=9))
+    records = decouple_(model, DecoupleConfig(rank=9, include_stem=True))
     assert [r.reason for r in records[:2]] == [
         "kept: custom forward (Doubling)",
         "kept: custom forward (Masked)",
@@ -254,7 +254,7 @@ def test_requires_grad_is_carried_over(method, rank):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3, bias=False))
     model[0].weight.requires_grad_(False)  # a frozen weight with a trainable bias
     model[1].requires_grad_(False)
-    decouple_(model, DecoupleConfig(rank=rank, method=method))
+    decouple_(model, DecoupleConfig(rank=rank, method=method, include_stem=True))
     assert isinstance(model[0], (DecoupledConv2d, CPConv2d, TuckerConv2d))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     bias = {"0.pointwise.bias", "0.depthwise.bias", "0.pointwise_out.bias"}

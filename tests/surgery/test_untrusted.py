@@ -92,7 +92,10 @@ def test_layer_spec_types():
 def good_recipe() -> dict:
     model = toy()
     config = DecoupleConfig(
-        rank=2, fold_bn=True, overrides={"conv2": {"method": "tucker", "rank": 3}}
+        rank=2,
+        fold_bn=True,
+        overrides={"conv2": {"method": "tucker", "rank": 3}},
+        include_stem=True,
     )
     records = decouple_(model, config)
     return json.loads(json.dumps(make_recipe(records, config)))
