@@ -350,4 +350,4 @@ def build_report(
 
 def _counted(n: int, name: str) -> str:
     """``16 images from x.pt`` as it is; ``CIFAR-10 test images`` as ``1017 CIFAR-10 ...``."""
-    return name if name.startswith(f"{n} ") else f"{n} {name}"
+    return name if str(n) in name.split() else f"{n} {name}"  # "the first 256 ..." has it
