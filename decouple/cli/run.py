@@ -250,15 +250,16 @@ OUTPUT_CHECK_IMAGES = 256
 
 
 def check_inputs(data, calib, demo: bool = False):
-    """The images the report compares outputs on, and a phrase saying which: the first
-    --calib images (the closest thing to held-out inputs of the deployment), else the first
-    --data images, else None (build_report then draws random Gaussian inputs)."""
+    """The images the report compares outputs on, and a phrase saying which: the first --data
+    images (never used to fit: calibration skips them), else the first --calib images (used to
+    fit, and said so), else None (build_report then draws random Gaussian inputs)."""
+    if data is not None:
+        x = first_images(data.batches, OUTPUT_CHECK_IMAGES)
+        fit = "" if demo else ", not used to fit"
+        return x, f"the first {len(x)} {'demo test' if demo else '--data'} images{fit}"
     if calib is not None:
         x = first_images(calib.batches, OUTPUT_CHECK_IMAGES)
         return x, f"the first {len(x)} --calib images (also used to fit: not held out)"
-    if data is not None:
-        x = first_images(data.batches, OUTPUT_CHECK_IMAGES)
-        return x, f"the first {len(x)} {'demo test' if demo else '--data'} images"
     return None, "8 random Gaussian inputs (no images given)"
 
 

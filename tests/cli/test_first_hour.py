@@ -166,10 +166,11 @@ def _images(path: Path, n: int, labelled: bool) -> Path:
     ("given", "phrase"),
     [
         ((), "8 random Gaussian inputs (no images given)"),
-        (("--data",), "the first 12 --data images"),
-        (("--data", "--calib"), "the first 20 --calib images (also used to fit: not held out)"),
+        (("--data",), "the first 12 --data images, not used to fit"),
+        (("--data", "--calib"), "the first 12 --data images, not used to fit"),
+        (("--calib",), "the first 20 --calib images (also used to fit: not held out)"),
     ],
-    ids=["none", "data", "calib"],
+    ids=["none", "data", "data-and-calib", "calib"],
 )
 def test_the_output_check_says_which_images(given, phrase, digits_sd: Path, capsys) -> None:
     argv = [digits_sd, "--arch", "digits_cnn", "--rank", "2", "--refit", "none"]
