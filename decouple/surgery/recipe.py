@@ -27,29 +27,33 @@ def make_recipe(records: list[LayerRecord], config: DecoupleConfig | None = None
         isinstance(r, LayerRecord) for r in records
     ):
         raise type_error("records", "a list of LayerRecord (what decouple_ returned)", records)
-    if config is not None and not isinstance(config, DecoupleConfig):
-        raise type_error("config", "a DecoupleConfig or None", config)
-    return {
-        "format": RECIPE_FORMAT,
-        "version": RECIPE_VERSION,
-        "config": config.to_dict() if config is not None else None,
-        "folded_bn": {r.name: r.bn_folded for r in records if r.bn_folded},
-        "layers": {r.name: r.structure for r in records if r.action == "decoupled"},
-    }
+    return _recipe(
+        config,
+        folded_bn={r.name: r.bn_folded for r in records if r.bn_folded},
+        layers={r.name: r.structure for r in records if r.action == "decoupled"},
+    )
 
 
 def recipe_of_model(model: nn.Module, config: DecoupleConfig | None = None) -> dict:
     """The recipe of a decoupled ``model`` read from the model alone (no records): its factored
     layers and the BatchNorms folded by :func:`~decouple.surgery.fold_batchnorm_`."""
     check_module(model, "recipe_of_model", needs_values=False)
+    return _recipe(
+        config,
+        folded_bn=folded_pairs(model),
+        layers={n: recipe_entry(m) for n, m in model.named_modules() if is_factored(m)},
+    )
+
+
+def _recipe(config: DecoupleConfig | None, folded_bn: dict, layers: dict) -> dict:
     if config is not None and not isinstance(config, DecoupleConfig):
         raise type_error("config", "a DecoupleConfig or None", config)
     return {
         "format": RECIPE_FORMAT,
         "version": RECIPE_VERSION,
         "config": config.to_dict() if config is not None else None,
-        "folded_bn": folded_pairs(model),
-        "layers": {n: recipe_entry(m) for n, m in model.named_modules() if is_factored(m)},
+        "folded_bn": folded_bn,
+        "layers": layers,
     }
 
 

@@ -221,24 +221,18 @@ def _same_pt(tmp):
     return base(tmp, "--data", data, "--calib", data, "--out", tmp / "o.pt")
 
 
-@case("std-zero", "std")
-def _std0(tmp):
-    return base(tmp, "--data", digits_data(tmp), "--std", "0", "--out", tmp / "o.pt")
-
-
-@case("std-nan", "finite")
-def _std_nan(tmp):
-    return base(tmp, "--data", digits_data(tmp), "--std", "nan", "--out", tmp / "o.pt")
-
-
-@case("std-tiny", "std")
-def _std_tiny(tmp):
-    return base(tmp, "--data", digits_data(tmp), "--std", "1e-30", "--out", tmp / "o.pt")
-
-
-@case("mean-of-the-wrong-length", "channels")
-def _mean_len(tmp):
-    return base(tmp, "--data", digits_data(tmp), "--mean", "0.5,0.5", "--out", tmp / "o.pt")
+PREPROCESSING = [  # (case id, flag, value, phrase): each with labelled --data images
+    ("std-zero", "--std", "0", "std"),
+    ("std-nan", "--std", "nan", "finite"),
+    ("std-tiny", "--std", "1e-30", "std"),
+    ("mean-of-the-wrong-length", "--mean", "0.5,0.5", "channels"),
+]
+for _id, _flag, _value, _expect in PREPROCESSING:
+    case(_id, _expect)(
+        lambda tmp, f=_flag, v=_value: base(
+            tmp, "--data", digits_data(tmp), f, v, "--out", tmp / "o.pt"
+        )
+    )
 
 
 @case("std-with-demo", "--demo")
