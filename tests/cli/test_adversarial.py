@@ -354,18 +354,14 @@ def _workers(tmp):
         '{"energy": "high"}',
     ],
 )
+def config_args(tmp: Path, config: Path) -> list:
+    return [digits_sd(tmp), "--arch", "digits_cnn", "--config", config, "--out", tmp / "o.pt"]
+
+
 def test_untrusted_config(config: str, tmp_path: Path, capsys) -> None:
     path = tmp_path / "c.json"
     path.write_text(config)
-    argv = [
-        digits_sd(tmp_path),
-        "--arch",
-        "digits_cnn",
-        "--config",
-        path,
-        "--out",
-        tmp_path / "o.pt",
-    ]
+    argv = config_args(tmp_path, path)
     before = snapshot(tmp_path)
     assert_refused(*run_cli(capsys, argv), None)
     assert snapshot(tmp_path) == before
@@ -375,15 +371,7 @@ def test_a_config_rank_above_full_rank_is_clipped_cheaply(tmp_path: Path, capsys
     """A config says "at most T terms" (like --rank); 10**12 means full rank, allocated as such."""
     path = tmp_path / "c.json"
     path.write_text('{"rank": 2, "overrides": {"conv2": 1000000000000}}')
-    argv = [
-        digits_sd(tmp_path),
-        "--arch",
-        "digits_cnn",
-        "--config",
-        path,
-        "--out",
-        tmp_path / "o.pt",
-    ]
+    argv = config_args(tmp_path, path)
     code, _, err = run_cli(capsys, argv)
     assert code == 0, err
     layers = {r["name"]: r for r in json.loads((tmp_path / "o.report.json").read_text())["layers"]}
