@@ -339,6 +339,10 @@ def _workers(tmp):
 # 7. untrusted configs
 
 
+def config_args(tmp: Path, config: Path) -> list:
+    return [digits_sd(tmp), "--arch", "digits_cnn", "--config", config, "--out", tmp / "o.pt"]
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -354,10 +358,6 @@ def _workers(tmp):
         '{"energy": "high"}',
     ],
 )
-def config_args(tmp: Path, config: Path) -> list:
-    return [digits_sd(tmp), "--arch", "digits_cnn", "--config", config, "--out", tmp / "o.pt"]
-
-
 def test_untrusted_config(config: str, tmp_path: Path, capsys) -> None:
     path = tmp_path / "c.json"
     path.write_text(config)
