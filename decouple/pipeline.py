@@ -127,7 +127,8 @@ def compress_(
         Runtime, batch and device of the timings (``target_latency`` and ``realize``).
     realize : bool
         After decoupling, time every layer's realizations and the conv it replaced on the model's
-        real inputs and keep the fastest; a layer nothing beats gets its conv back
+        real inputs and keep the fastest; a layer nothing beats gets its conv back, except under
+        ``target_flops``, whose FLOPs plan holds
         (:func:`decouple.runtime.realize.choose_realizations_`); then check the choice on the whole
         model (:func:`decouple.runtime.realize.confirm_on_model_`). Implied by ``target_latency``.
 
@@ -225,9 +226,11 @@ def _compress(
     elif realize:
         example = latency.example(input_shape, next(model.parameters()).dtype)
         args = (latency.runtime, latency.layer_rounds, latency.layer_min_run_time, latency.threads)
+        # Under a FLOPs budget the plan holds: a slow layer keeps its fastest realization.
         choices = choose_realizations_(
-            model, originals, example, *args, progress=progress, min_gain=latency.min_gain
-        )
+            model, originals, example, *args, progress=progress, min_gain=latency.min_gain,
+            restore=target_flops is None,
+        )  # fmt: skip
         whole = confirm_on_model_(
             model, choices, example, latency.runtime, 2, latency.min_run_time, latency.threads
         )

@@ -119,6 +119,7 @@ def choose_realizations_(
     threads: int | None = None,
     progress: bool = False,
     min_gain: float = 0.05,
+    restore: bool = True,
 ) -> dict[str, RealizationChoice]:
     """Give every factored layer of ``model`` its fastest realization, in place.
 
@@ -137,6 +138,10 @@ def choose_realizations_(
         Interleaved rounds per layer and seconds per timing.
     min_gain : float
         A realization replaces the original only if it takes at most ``1 - min_gain`` of its time.
+    restore : bool
+        Whether a layer nothing beats gets its original conv back. False where the plan is the
+        user's ask (a FLOPs budget: putting convs back would spend FLOPs the budget does not
+        have); the original is still timed, so the report shows what each layer costs.
 
     Returns
     -------
@@ -153,7 +158,7 @@ def choose_realizations_(
             candidates[ORIGINAL] = originals[name]
         times = time_candidates(candidates, inputs[name], runtime, rounds, min_run_time, threads)
         chosen = min((k for k in times if k != ORIGINAL), key=times.get)
-        if ORIGINAL in times and times[chosen] > (1 - min_gain) * times[ORIGINAL]:
+        if restore and ORIGINAL in times and times[chosen] > (1 - min_gain) * times[ORIGINAL]:
             chosen = ORIGINAL
         if chosen == ORIGINAL:
             model.set_submodule(name, originals[name])

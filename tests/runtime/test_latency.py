@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from decouple import (
     DecoupledConv2d,
     apply_recipe_,
     build_report,
+    count_flops,
     decouple_,
     make_recipe,
 )
@@ -292,6 +294,33 @@ def test_a_layer_slower_than_its_original_gets_the_original_back(fake_clock):
     assert choices["conv2"].reason().startswith("kept: not faster (best realization grouped 5.000")
     assert set(choices) == {"conv1", "conv2", "conv3"}
     assert model.conv1.realization == model.conv3.realization == "split"
+
+
+def test_under_a_flops_budget_a_slow_layer_keeps_its_plan(fake_clock):
+    """A FLOPs budget is the user's ask: timing picks each layer's fastest realization but never
+    puts a conv back, which would spend FLOPs the budget does not have. Without a budget the
+    same slow layers get their convs back."""
+
+    def cost(m):  # every decoupled layer is 10x slower than its conv
+        return 1.0 if isinstance(m, DecoupledConv2d) else (0.1 if type(m) is nn.Conv2d else 0.0)
+
+    fake_clock.cost = cost
+    quick = LatencyConfig(layer_rounds=1, layer_min_run_time=0.002, min_run_time=0.02)
+    config = DecoupleConfig(fold_bn=False, include_stem=True)
+    planned = toy()
+    result = compress_(planned, config, (3, 8, 8), target_flops=0.5, realize=True, latency=quick)
+    budgeted = toy()
+    compress_(budgeted, config, (3, 8, 8), target_flops=0.5)  # the same plan, untimed
+    flops = [count_flops(m, images(1))[0] for m in (toy(), planned, budgeted)]
+    assert flops[1] == flops[2] <= 0.5 * flops[0]
+    decoupled = [n for n, o in result.allocation.choice.items() if o.rank]
+    assert decoupled and all(result.realizations[n].chosen != ORIGINAL for n in decoupled)
+    for n in decoupled:
+        c = result.realizations[n]
+        assert c.best_ms > c.original_ms  # slower, and the report says by how much
+    unbudgeted = toy()
+    result = compress_(unbudgeted, replace(config, rank=2), (3, 8, 8), realize=True, latency=quick)
+    assert all(c.chosen == ORIGINAL for c in result.realizations.values())
 
 
 @pytest.mark.parametrize("best,kept", [(0.97, True), (0.951, True), (0.94, False), (0.5, False)])
