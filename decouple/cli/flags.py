@@ -79,7 +79,7 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
         raise InputError(
             f"--criterion {args.criterion} measures layers on calibration images: pass --calib"
         )
-    if args.calib_size < 1:
+    if args.calib_size is not None and args.calib_size < 1:
         raise InputError(f"--calib-size must be >= 1; got {args.calib_size}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1; got {args.batch_size}")

@@ -150,7 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         "images that --data also holds are never used",
     )
     p.add_argument(
-        "--calib-size", type=int, default=512, metavar="N", help="calibration images (default 512)"
+        "--calib-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="calibration images (default: 512 at 224x224 and larger, more for smaller images, "
+        "up to 2048 at 112x112 and smaller)",
     )
     p.add_argument(
         "--refit",

@@ -60,6 +60,21 @@ def test_budget_without_data(files, capsys):
     )
 
 
+def test_default_calibration_size_follows_the_image_size(monkeypatch, files, capsys):
+    """By default calibration takes as many images as 512 at 224x224 hold pixels, within
+    [512, 2048]: small images get more (their layers see few positions each)."""
+    from decouple.cli import inputs
+
+    sizes = [inputs.default_calib_size((3, s, s)) for s in (8, 32, 112, 128, 160, 224, 384)]
+    assert sizes[:3] == [2048] * 3 and sizes[-2:] == [512, 512]
+    assert 512 < sizes[4] < sizes[3] < 2048  # 1003 and 1568: fewer as images grow
+    monkeypatch.setattr(inputs, "CALIB_SIZES", (8, 30))  # the 8x8 images get the most: 30 of 40
+    code, _, err = run(capsys, *base_args(files), "--rank", "1", "--calib", files / "calib.pt")
+    assert code == 0, err
+    report = json.loads((files / "net.decoupled.report.json").read_text())
+    assert report["calibration_images"] == 30
+
+
 @pytest.mark.parametrize("refit", ["auto", "last", "alternating"])
 def test_data_and_calibration(files, capsys, refit):
     code, out, err = run(
