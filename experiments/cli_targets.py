@@ -166,7 +166,7 @@ def report(results: Path) -> None:
         if r["target"] == "latency":
             tried = f"{r['table_passes']} timing passes; {r.get('tries', '')}"
         elif r["target"] == "change":
-            tried = f"{r['tries']} budgets; {r['changed_pct']} % changed of {r['measured_on']}"
+            tried = f"{r['tries']} budgets; {r['changed_pct']:.2f} % changed of {r['measured_on']}"
         else:
             tried = ""
         speed = f"{r['speedup']}x" if r["speedup"] != "" else ""
