@@ -8,7 +8,8 @@
         20:512:flops,32:512:flops,20:512:change,32:512:change &                  # side by side
     wait; python experiments/cli_targets.py --report-only
 
-A run is ``DEPTH:CALIB_SIZE:TARGET`` with TARGET one of ``latency``, ``flops``, ``change``. Each is
+A run is ``DEPTH:CALIB_SIZE:TARGET[:K]`` with TARGET one of ``latency``, ``flops``, ``change``, and K
+the repeat number of a run made again (kept beside the first, to show how far results move). Each is
 the README's command in a subprocess, writing into a temporary folder, with no flag beyond the
 target, ``--calib``, ``--calib-size`` and ``--data`` (and one thread, so that two runs can share
 the machine): the method, criterion and everything else are the CLI's defaults. Speedups are the
@@ -74,7 +75,7 @@ def chosen(report: dict) -> str:
     return " ".join(f"{m}:{n}" for m, n in sorted(methods.items()))
 
 
-def run_one(depth: str, calib_size: int, target: str, assets: Path) -> dict:
+def run_one(depth: str, calib_size: int, target: str, assets: Path, repeat: int = 1) -> dict:
     file, arch = ARCH[depth]
     with tempfile.TemporaryDirectory() as tmp:
         argv = [sys.executable, "-m", "decouple", str(assets / file), "--arch", arch,
@@ -115,7 +116,9 @@ def run_one(depth: str, calib_size: int, target: str, assets: Path) -> dict:
         row["measured_on"] = change["measured_on"]
         row["tries"] = len(change["tries"])
     RUNS.mkdir(parents=True, exist_ok=True)
-    (RUNS / f"{row['model']}_{target}_{calib_size}.json").write_text(
+    row["repeat"] = repeat  # the same command run again, to see how much a result moves
+    suffix = "" if repeat == 1 else f"_run{repeat}"
+    (RUNS / f"{row['model']}_{target}_{calib_size}{suffix}.json").write_text(
         json.dumps(row, indent=1) + "\n"
     )
     print(f"{row['model']} {target} calib {calib_size}: {row['flops_ratio']}x FLOPs, "
@@ -136,7 +139,7 @@ def report(results: Path) -> None:
     order = list(TARGETS)
     rows = sorted(
         (json.loads(p.read_text()) for p in (results / "cli_targets").glob("*.json")),
-        key=lambda r: (order.index(r["target"]), r["model"], -r["calib_size"]),
+        key=lambda r: (order.index(r["target"]), r["model"], -r["calib_size"], r.get("repeat", 1)),
     )
     if not rows:
         sys.exit("cli_targets: no runs in results/cli_targets/")
@@ -171,7 +174,8 @@ def report(results: Path) -> None:
             tried = ""
         speed = f"{r['speedup']}x" if r["speedup"] != "" else ""
         lines.append(
-            f"| {r['model']} | `{' '.join(TARGETS[r['target']][:2])}` | {r['calib_size']} | "
+            f"| {r['model']} | `{' '.join(TARGETS[r['target']][:2])}` | {r['calib_size']}"
+            f"{'' if r.get('repeat', 1) == 1 else ' (run ' + str(r['repeat']) + ')'} | "
             f"{speed} | {r['flops_ratio']}x | {r['top1_before']} | {r['top1_after']} | "
             f"{r['drop']:+} | {met(r)} | {r['chosen']} | {tried} | {r['seconds']} |"
         )
@@ -187,12 +191,12 @@ def main(argv=None) -> int:
     if not args.report_only:
         assets = assets_dir()
         for item in args.runs.split(","):
-            depth, size, target = item.split(":")
-            if depth not in ARCH or target not in TARGETS:
+            depth, size, target, *again = item.split(":")
+            if depth not in ARCH or target not in TARGETS or not all(a.isdigit() for a in again):
                 sys.exit(
                     f"cli_targets: bad run {item!r}; depths {list(ARCH)}, targets {list(TARGETS)}"
                 )
-            run_one(depth, int(size), target, assets)
+            run_one(depth, int(size), target, assets, int(again[0]) if again else 1)
     report(RESULTS)
     return 0
 
