@@ -44,8 +44,9 @@ CALIB_SIZES = (512, 2048)
 
 def default_calib_size(shape: tuple[int, ...]) -> int:
     """Calibration images to use when ``--calib-size`` is not given, for inputs of ``shape``."""
-    pixels = shape[-1] * shape[-2] if len(shape) >= 3 else CALIB_PIXELS // CALIB_SIZES[0]
-    return max(CALIB_SIZES[0], min(CALIB_SIZES[1], CALIB_PIXELS // pixels))
+    if len(shape) < 3:  # no image plane to measure
+        return CALIB_SIZES[0]
+    return max(CALIB_SIZES[0], min(CALIB_SIZES[1], CALIB_PIXELS // (shape[-1] * shape[-2])))
 
 
 def cli_preprocess(

@@ -33,12 +33,6 @@ TESTS_DIR = Path(__file__).resolve().parents[1]
 ROOT = TESTS_DIR.parent
 
 
-@pytest.fixture(autouse=True)
-def _importable_tiny_archs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(TESTS_DIR))
-    monkeypatch.delenv("DECOUPLE_DEBUG", raising=False)
-
-
 def digits_sd(folder: Path) -> Path:
     torch.manual_seed(0)
     model = build_model("digits_cnn").eval()

@@ -37,13 +37,6 @@ STEM = "--include-stem"
 # helpers
 
 
-@pytest.fixture(autouse=True)
-def _importable_tiny_archs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``--arch tiny_archs:NAME`` and pickles of ``tiny_archs`` classes resolve in-process."""
-    monkeypatch.syspath_prepend(str(TESTS_DIR))
-    monkeypatch.delenv("DECOUPLE_DEBUG", raising=False)
-
-
 def cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
     """Run ``main`` in-process; return (exit status, stdout, stderr)."""
     code = main([str(a) for a in argv])

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from decouple.cli.run import main
-
-TESTS_DIR = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _tiny_archs(monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS_DIR))
 
 
 @pytest.fixture

@@ -13,26 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import cli
 from torch import nn
 
 from decouple.cli.flags import skip_patterns
 from decouple.cli.model_checks import infer_input_shape
-from decouple.cli.run import main
 from decouple.models import build_model
-
-TESTS_DIR = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DECOUPLE_DEBUG", raising=False)
-    monkeypatch.syspath_prepend(str(TESTS_DIR))
-
-
-def cli(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_line(err: str) -> str:
