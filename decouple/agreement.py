@@ -20,6 +20,7 @@ from torch import nn
 
 from .calibrate.stream import Split
 from .nn.flops import count_flops
+from .nn.outputs import class_logits, describe_output
 from .nn.progress import progress_bar
 from .pipeline import CompressResult, compress_
 from .surgery.methods import FactorCache
@@ -62,10 +63,27 @@ class ChangeSearch:
 
 @torch.no_grad()
 def top1(model: nn.Module, images: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The model's top-1 class of every image of a source of batches."""
+    """The model's top-1 class of every image of a source of batches.
+
+    Raises
+    ------
+    ValueError
+        The model's output is not class logits (one (batch, classes) tensor): top-1 agreement,
+        so ``--max-change``, needs a classifier.
+    """
     device = next(model.parameters()).device
     model.eval()
-    return torch.cat([model(x.to(device)).argmax(1).cpu() for x in images])
+    got = []
+    for x in images:
+        out = model(x.to(device))
+        logits = class_logits(out)
+        if logits is None:
+            raise ValueError(
+                "max_change needs a classifier, whose output is class logits (batch, classes); "
+                f"the model returns {describe_output(out)}"
+            )
+        got.append(logits.argmax(1).cpu())
+    return torch.cat(got)
 
 
 def compress_within_change_(

@@ -13,32 +13,25 @@ import torch
 from torch import nn
 
 from .nn.flops import count_flops
+from .nn.output_diff import compare_models, summary_lines
 from .surgery.rewrite import LayerRecord
 
 RANDOM_INPUTS = "random Gaussian inputs (no images given; the agreement on real images can differ)"
 
 
-@torch.no_grad()
 def output_error(
     original: nn.Module, decoupled: nn.Module, inputs: torch.Tensor, batch_size: int = 32
 ) -> dict:
-    """Relative Frobenius error of the outputs and, for 2-D outputs, argmax agreement.
+    """Compare the two models' outputs on ``inputs``, leaf by leaf, whatever their structure.
 
-    The inputs go through in mini-batches: 256 ImageNet-size images at once would take gigabytes.
+    ``rel_error`` is the relative Frobenius error over the leaves compared (``leaves``; each
+    one's in ``leaf_errors``); leaves that cannot be compared (``not_comparable``: shapes that
+    depend on the data, a structure that differs, detections) are named with the reason, and
+    then a ``backbone`` submodule's outputs are compared too. Class logits add
+    ``argmax_agreement``; see :mod:`decouple.nn.output_diff` for the whole rule. The inputs go
+    through in mini-batches: 256 ImageNet-size images at once would take gigabytes.
     """
-    pairs = []
-    for i in range(0, len(inputs), batch_size):
-        a, b = original(inputs[i : i + batch_size]), decoupled(inputs[i : i + batch_size])
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            raise ValueError("the model must return a single tensor to compare outputs")
-        pairs.append((a.double(), b.double()))
-    a, b = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-    denom = a.norm()
-    out = {"rel_error": float((a - b).norm() / denom) if denom > 0 else float((a - b).norm())}
-    if a.dim() == 2 and a.shape[1] > 1:
-        out["argmax_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
-    out["batch"] = int(inputs.shape[0])
-    return out
+    return compare_models(original, decoupled, inputs, batch_size)
 
 
 def _n_params(model: nn.Module) -> int:
@@ -98,7 +91,7 @@ class Report:
         if timed:
             rows[0].insert(7, "ms (alone)")
         for r in self.layers:
-            k = "x".join(map(str, r.kernel_size))
+            k = "linear" if r.kind == "linear" else "x".join(map(str, r.kernel_size))
             shape = f"{r.in_channels}->{r.out_channels} {k}" + (
                 f" s{r.stride[0]}" if r.stride[0] > 1 else ""
             )
@@ -125,8 +118,9 @@ class Report:
 
     def summary_lines(self) -> list[str]:
         t = self.totals()
+        what = "layers" if any(r.kind == "linear" for r in self.layers) else "convs"
         lines = [
-            f"decoupled {t['layers_decoupled']} of {len(self.layers)} convs "
+            f"decoupled {t['layers_decoupled']} of {len(self.layers)} {what} "
             f"(FLOPs at input {tuple(self.input_shape)}, batch 1)",
             f"params: {t['params_before']:,} -> {t['params_after']:,} ({_fewer(t['params_ratio'])})",
             f"FLOPs:  {t['flops_before']:,} -> {t['flops_after']:,} ({_fewer(t['flops_ratio'])}"
@@ -135,13 +129,7 @@ class Report:
                 if t["layers_decoupled"]
                 else ")"
             ),
-            f"output: relative error {self.output['rel_error']:.4g} on "
-            + self.output.get("inputs", f"a batch of {self.output['batch']}")
-            + (
-                f", top-1 agreement {100 * self.output['argmax_agreement']:.1f} %"
-                if "argmax_agreement" in self.output
-                else ""
-            ),
+            *summary_lines(self.output),
         ]
         acc = self.extra.get("accuracy")
         if acc:
@@ -313,6 +301,7 @@ def build_report(
     inputs : torch.Tensor, optional
         Batch on which the outputs are compared; default 8 standard-normal samples (seed 0),
         which the report says (``output.inputs``): the agreement on real images can differ.
+        The outputs may have any structure: compared leaf by leaf (:func:`output_error`).
     extra : dict, optional
         Added to the report as it is; ``extra["output_check_inputs"]`` names ``inputs`` when
         ``inputs_name`` is not given.

@@ -20,6 +20,7 @@ REQUIRED = (
     "resnet32-d509ac18.th",
     "test_batch.truncated_first_3145728_bytes",
     "cifar10_test_jpeg_q75_YoongiKim.tar",
+    "mbv2_tinymlperf_alibaba_cifar10.onnx",
 )
 
 

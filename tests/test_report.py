@@ -2,6 +2,7 @@
 
 import copy
 import json
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -86,3 +87,103 @@ def test_the_output_check_says_which_inputs_it_used():
     cli = build_report(original, model, records, shape, inputs=x, extra=extra)
     assert cli.output["inputs"] == "12 --calib images"
     assert "on 12 --calib images" in cli.to_markdown()
+
+
+class DictNet(nn.Module):
+    """Returns a segmentation-like ``{"out": (B, 4, H, W), "aux": (B, 4)}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.body(x)))
+        return OrderedDict(out=y, aux=y.mean((2, 3)))
+
+
+class TinyDetector(nn.Module):
+    """A ``backbone`` conv net, then per image the positions whose mean feature passes a
+    threshold as boxes: how many depends on the data, as a real detector's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)
+        )
+
+    def forward(self, x):
+        found = []
+        for f in self.backbone(x):
+            score = f.mean(0).sigmoid()
+            keep = (score > 0.5).nonzero()
+            xy = keep.flip(1).to(f.dtype) * 2
+            found.append(
+                {
+                    "boxes": torch.cat([xy, xy + 4], 1),
+                    "scores": score[keep[:, 0], keep[:, 1]],
+                    "labels": f.argmax(0)[keep[:, 0], keep[:, 1]],
+                }
+            )
+        return found
+
+
+def test_a_dict_output_is_compared_leaf_by_leaf_and_the_report_names_the_leaves():
+    torch.manual_seed(0)
+    original = DictNet().eval()
+    model = copy.deepcopy(original)
+    records = decouple_(model, DecoupleConfig(rank=2))
+    assert [r.action for r in records] == ["kept", "decoupled"]  # the 3-channel stem is kept
+    report = build_report(original, model, records, (3, 8, 8))
+    out = report.output
+    assert out["leaves"] == ["out", "aux"] and "not_comparable" not in out
+    errors = out["leaf_errors"]
+    assert all(e > 0 for e in errors.values())
+    assert min(errors.values()) <= out["rel_error"] <= max(errors.values())
+    assert 0 < out["pixel_agreement"]["out"] <= 1 and "argmax_agreement" not in out
+    line = report.summary_lines()[3]
+    assert line.startswith(
+        f"output: relative error {out['rel_error']:.4g} over 2 leaves (out, aux)"
+    )
+    assert "on 8 random Gaussian inputs" in line and "per-pixel argmax agreement" in line
+    assert json.loads(report.to_json())["output"]["leaves"] == ["out", "aux"]
+    # Exact at full rank, leaf by leaf.
+    full = copy.deepcopy(original).double()
+    recs = decouple_(full, DecoupleConfig(rank=9))
+    exact = build_report(original.double(), full, recs, (3, 8, 8)).output
+    assert max(exact["leaf_errors"].values()) < 1e-10 and exact["pixel_agreement"]["out"] == 1
+
+
+def test_a_detector_is_compared_on_its_backbone_features_and_matched_boxes():
+    torch.manual_seed(0)
+    original = TinyDetector().eval()
+    model = copy.deepcopy(original)
+    records = decouple_(model, DecoupleConfig(rank=2))
+    report = build_report(original, model, records, (3, 16, 16))
+    out = report.output
+    # Every output leaf is a detection: none compared element by element.
+    assert set(out["not_comparable"]) == {
+        f"[{i}].{k}" for i in range(8) for k in ("boxes", "scores", "labels")
+    }
+    assert out["backbone"]["leaves"] == ["backbone"] and out["leaves"] == ["backbone"]
+    x = torch.randn((8, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = original.backbone(x).double(), model.backbone(x).double()
+    assert out["rel_error"] == pytest.approx(float((a - b).norm() / a.norm()), rel=1e-6)
+    det = out["detections"]
+    counts = [len(d["boxes"]) for d in original(x)], [len(d["boxes"]) for d in model(x)]
+    assert (det["before"], det["after"]) == (sum(counts[0]), sum(counts[1]))
+    assert len(set(counts[0])) > 1  # the number of boxes does depend on the image
+    assert det["sets"] == 8 and 0 < det["matched"] <= min(det["before"], det["after"])
+    lines = report.summary_lines()
+    assert lines[3].startswith(
+        "output: detections are data-dependent; compared the backbone features (1 leaf) and "
+        "matched boxes on 8 random Gaussian inputs"
+    )
+    assert lines[4].startswith(f"detections: {det['before']:,} -> {det['after']:,} boxes")
+    # Exact at full rank: the same boxes, all matched, the same scores.
+    full = copy.deepcopy(original).double()
+    recs = decouple_(full, DecoupleConfig(rank=9))
+    exact = build_report(original.double(), full, recs, (3, 16, 16)).output
+    assert exact["rel_error"] < 1e-10 and exact["detections"]["matched_fraction"] == 1.0
+    assert exact["detections"]["mean_score_diff"] < 1e-10

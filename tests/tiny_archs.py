@@ -86,3 +86,33 @@ def custom_conv_net() -> nn.Module:
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
     )
+
+
+class DictOutput(nn.Module):
+    """A segmentation-like net: ``OrderedDict(out=(B, 4, H, W), aux=(B, 4))``, not logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        from collections import OrderedDict
+
+        y = self.head(torch.relu(self.body(x)))
+        return OrderedDict(out=y, aux=y.mean((2, 3)))
+
+
+def dict_output() -> nn.Module:
+    return DictOutput()
+
+
+class NoTensorOutput(nn.Module):
+    """A conv net whose forward returns no tensor at all: nothing to compare."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"channels": int(self.conv(x).shape[1]), "note": None}

@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from ..nn.factorized import FactorizedConv2d
+from ..nn.geometry import kernel_of
 from ..nn.progress import progress_bar
 from ..nn.transaction import in_place
 from ..surgery.methods import FACTORED_LAYERS, is_factored
 from .moments import Moments
+from .reduced_rank import MAX_MOMENT_ELEMENTS, moments_fit, refit_lowrank, ridges
 from .refit import (
     MAX_SYSTEM,
     Factors,
@@ -155,9 +157,19 @@ def calibrate_(
         for name in names:
             layer = layers[name]
             bar.set_postfix_str(name)
+            if not moments_fit(layer):  # e.g. a linear layer of 25,088 inputs: 5 GB of moments
+                bar.update(per_layer or 0)
+                records.append(_too_large(layer, name))
+                continue
             m_fit, m_val = layer_moments(
                 _ticking(xs.run(name, "input"), bar), ys.run(name, "output"), layer, holdout
             )
+            if getattr(layer, "method", "") == "svd":
+                anchor = kernel_of(reference.get_submodule(name))
+                records.append(
+                    _refit_lowrank(layer, name, m_fit, m_val, candidates, mode, ridge, anchor)
+                )
+                continue
             if isinstance(layer, FactorizedConv2d):
                 records.append(_refit_factorized(layer, name, m_fit, m_val, mode, ridge))
                 continue
@@ -213,6 +225,54 @@ def _refit_factorized(
     if best == "last":
         w = layer.pointwise_out.weight
         w.copy_(out.reshape(w.shape).to(w.device, w.dtype))
+        if new_bias is not None:
+            layer.bias.copy_(new_bias.to(layer.bias.device, layer.bias.dtype))
+    return CalibrationRecord(name, best, err["data-free"], err[best], err)
+
+
+def _too_large(layer: nn.Module, name: str) -> CalibrationRecord:
+    why = f"its moments would exceed {MAX_MOMENT_ELEMENTS:,} elements: kept data-free"
+    return CalibrationRecord(name, "data-free", float("nan"), float("nan"), {}, why)
+
+
+@torch.no_grad()
+def _refit_lowrank(
+    layer: nn.Module,
+    name: str,
+    m_fit: Moments,
+    m_val: Moments,
+    candidates,
+    mode: str,
+    ridge: float,
+    anchor: torch.Tensor,
+) -> CalibrationRecord:
+    """A low-rank layer: ``last`` refits its second factor, ``alternating`` both by reduced-rank
+    regression (the closed-form optimum that alternating rounds would approach); ``auto`` keeps
+    whichever (or the data-free factors) measures best on held-out images. Each refit tries the
+    ridges of :func:`~decouple.calibrate.reduced_rank.ridges`, pulled towards ``anchor``, the
+    original layer's kernel."""
+    f = layer.factors()
+    bias = None if layer.bias is None else layer.bias.detach().double().cpu()
+    err = {"data-free": m_val.relative_error(f.reconstruct(), bias)}
+    fitted = {}
+    for lam in ridges(ridge):  # few samples per feature (a 1x1 map) need a stronger ridge
+        if "last" in candidates:
+            out, new_bias, kernel = refit_factored(f, bias, m_fit, lam)
+            e = m_val.relative_error(kernel, new_bias)
+            if e < err.get("last", float("inf")):
+                fitted["last"], err["last"] = (out, f.inp, new_bias), e
+        if "alternating" in candidates:
+            out, inp, new_bias, kernel = refit_lowrank(f, bias, m_fit, lam, anchor)
+            e = m_val.relative_error(kernel, new_bias)
+            if e < err.get("alternating", float("inf")):
+                fitted["alternating"], err["alternating"] = (out, inp, new_bias), e
+    best = min(err, key=err.get) if mode == "auto" else mode
+    if best != "data-free":
+        out, inp, new_bias = fitted[best]
+        for part, w in ((layer.pointwise_in, inp), (layer.pointwise_out, out)):
+            part.weight.copy_(
+                w.reshape(part.weight.shape).to(part.weight.device, part.weight.dtype)
+            )
         if new_bias is not None:
             layer.bias.copy_(new_bias.to(layer.bias.device, layer.bias.dtype))
     return CalibrationRecord(name, best, err["data-free"], err[best], err)

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..nn.geometry import geometry_of, is_linear
+
 POSITIONS = 1024  # output pixels per image the moments read: all of a 32×32 layer
 
 _PAD_MODES = {
@@ -64,6 +66,7 @@ class Moments:
 
     @classmethod
     def zeros(cls, conv: nn.Module) -> Moments:
+        conv = geometry_of(conv)
         g = conv.groups
         f = conv.in_channels // g * conv.kernel_size[0] * conv.kernel_size[1]
         n = conv.out_channels
@@ -91,8 +94,13 @@ class Moments:
         and 16 M numbers, so a batch of 224×224 images never sits in memory unfolded. Where an output
         has more than ``positions`` pixels, only that many are used, the same in every image
         (chosen at random once per output size): a 224×224 layer has 50,176 per image, far more
-        than its moments need, at a cost of ``(C·k²)²`` each.
+        than its moments need, at a cost of ``(C·k²)²`` each. A linear layer's inputs
+        ``(..., C)`` are read as a 1×1 conv's, one position per row.
         """
+        if is_linear(conv):
+            conv = geometry_of(conv)
+            x = x.reshape(-1, conv.in_channels, 1, 1)
+            y = y.reshape(-1, conv.out_channels, 1, 1)
         hw = y.shape[2] * y.shape[3]
         keep = None
         if positions is not None and hw > positions:

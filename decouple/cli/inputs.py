@@ -152,11 +152,29 @@ def _open(path: str, what: str, prep: Preprocess, allow_empty: bool = False, **k
     return images
 
 
-def _check_image_shape(images, shape: tuple[int, ...], what: str) -> None:
+def first_image_shape(
+    args: argparse.Namespace, arch: str | None, channels: int
+) -> tuple[tuple[int, ...], str] | None:
+    """The first ``--data`` (else ``--calib``) image's shape as preprocessing makes it, and the
+    flag it came from; None without images. The source is opened again by
+    :func:`load_cli_images` (only a model whose input is a guess asks)."""
+    if args.demo or not (args.data or args.calib):
+        return None
+    what, path = ("--data", args.data) if args.data else ("--calib", args.calib)
+    prep = cli_preprocess(args, arch, channels)
+    images = _open(path, what, prep, labelled=what == "--data", limit=1)
+    return _first_shape(images, what), what
+
+
+def _first_shape(images, what: str) -> tuple[int, ...]:
     try:
-        got = tuple(images[0][0].shape)
+        return tuple(images[0][0].shape)
     except (ValueError, OSError) as e:  # the first image cannot be read
         raise InputError(f"{what}: {str(e).strip().splitlines()[0]}") from None
+
+
+def _check_image_shape(images, shape: tuple[int, ...], what: str) -> None:
+    got = _first_shape(images, what)
     if got != tuple(shape):
         raise InputError(
             f"{what} images come out of preprocessing as {got}, but the model takes "
@@ -164,8 +182,24 @@ def _check_image_shape(images, shape: tuple[int, ...], what: str) -> None:
         )
 
 
-def check_single_tensor_output(model: torch.nn.Module, shape: tuple[int, ...]) -> None:
-    """Run ``model`` once on zeros: it must accept ``shape`` and return one tensor."""
+def classifier_flags(args: argparse.Namespace) -> list[str]:
+    """The flags given that judge the model by its top-1 class, so need class logits."""
+    wanted = (
+        ("--data", getattr(args, "data", None)),
+        ("--max-change", getattr(args, "max_change", None)),
+    )
+    return [flag for flag, value in wanted if value is not None]
+
+
+def check_model_runs(
+    model: torch.nn.Module, shape: tuple[int, ...], classifier_for: list[str] = ()
+) -> None:
+    """Run ``model`` once on zeros: it must accept ``shape`` and return at least one tensor, in
+    any structure (a tuple, a dict of segmentation maps, a detector's list of dicts). When
+    ``classifier_for`` names flags (``--data``: accuracy; ``--max-change``: top-1 agreement), the
+    output must be class logits, one (batch, classes) tensor: refused now, not after the work."""
+    from ..nn.outputs import class_logits, describe_output, flatten_output
+
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.get_default_dtype()
     try:
@@ -176,8 +210,15 @@ def check_single_tensor_output(model: torch.nn.Module, shape: tuple[int, ...]) -
         raise InputError(
             f"the model does not run on input shape {shape} ({msg}); pass --input-shape"
         ) from None
-    if not isinstance(out, torch.Tensor):
+    try:
+        found = bool(flatten_output(out))
+        what = describe_output(out)
+    except ValueError as e:  # nested past any real output
+        raise InputError(str(e)) from None
+    if not found:
+        raise InputError(f"the model returns {what}: there is no output to compare")
+    if classifier_for and class_logits(out) is None:
         raise InputError(
-            f"the model returns a {type(out).__name__}, not a single tensor; "
-            "decouple compares the outputs of single-output models"
+            f"{' and '.join(classifier_for)} need{'s' * (len(classifier_for) == 1)} a classifier, "
+            f"whose output is class logits (batch, classes); the model returns {what}"
         )

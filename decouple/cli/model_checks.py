@@ -15,25 +15,28 @@ from torch import nn
 from ..io.checkpoint import read_checkpoint, split_checkpoint
 from ..io.errors import InputError
 from ..io.outputs import recipe_path_for
+from ..io.torchvision_archs import torchvision_family, torchvision_input_shape
 from ..models import get_model_info, list_models
-from ..nn.discover import is_plain_conv2d
+from ..nn.discover import is_plain_conv2d, is_plain_layer
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import is_factored
 from ..surgery.rewrite import decouplable_convs
 
 TORCHVISION_SIZE = 224  # torchvision's classification weights take 224x224 crops
 CIFAR_SIZE = 32
+KNOWN_FAMILIES = ("torchvision.models", "decouple.models")  # where infer_input_shape knows sizes
 # The parts of a factored layer in a state_dict: DecoupledConv2d, then CPConv2d/TuckerConv2d.
 FACTORED_PARTS = (("depthwise", "pointwise"), ("pointwise_in", "pointwise_out"))
 
 
 def conv_names(model: nn.Module) -> list[str]:
-    """The plain convs a pattern may name, in module order (not the parts of factored layers)."""
+    """The plain convs and linear layers a pattern may name, in module order (not the parts of
+    factored layers)."""
     factored = [n for n, m in model.named_modules() if is_factored(m)]
     return [
         n
         for n, m in model.named_modules()
-        if is_plain_conv2d(m) and not any(n.startswith(f + ".") for f in factored)
+        if is_plain_layer(m) and not any(n.startswith(f + ".") for f in factored)
     ]
 
 
@@ -47,7 +50,7 @@ def _nearest(pattern: str, names: list[str]) -> str:
     if close:
         return f"nearest: {', '.join(close)}"
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    return f"its convs: {shown}" if names else "it has no plain Conv2d"
+    return f"its layers: {shown}" if names else "it has no plain Conv2d or Linear"
 
 
 def check_patterns(
@@ -61,7 +64,7 @@ def check_patterns(
             continue
         where = "--skip" if pattern in skips else f"--config {config_path}: override"
         raise InputError(
-            f"{where} '{pattern}' matches no conv layer of the model ({_nearest(pattern, names)})"
+            f"{where} '{pattern}' matches no conv or linear layer of the model ({_nearest(pattern, names)})"
         )
 
 
@@ -85,6 +88,11 @@ def infer_input_shape(model: nn.Module) -> tuple[tuple[int, int, int], str] | No
     c = first.in_channels
     note = f"the first conv's {c} input channel{'s' * (c != 1)} and {size}x{size}{family}"
     return (first.in_channels, size, size), note
+
+
+def is_of_known_family(model: nn.Module) -> bool:
+    """Whether :func:`infer_input_shape` knows the size of ``model``'s family (else it guesses)."""
+    return type(model).__module__.startswith(KNOWN_FAMILIES)
 
 
 def check_not_decoupled_module(model: nn.Module, config: DecoupleConfig, path: Path) -> None:
@@ -125,15 +133,20 @@ def load_checked_model(args, config: DecoupleConfig, model_path: Path, arch: str
     """The model, its input shape, its kind and a note when the shape was inferred (else None);
     every check that needs the model but not its images done.
 
+    The shape is ``--input-shape``, else the architecture's (a torchvision name's family, said in
+    the note), else inferred by :func:`infer_input_shape`. Where that is only a guess (a model of
+    no known family), the first ``--data``/``--calib`` image's shape after preprocessing wins.
+
     Raises
     ------
     InputError
-        The file does not load or is decouple's own output, a pattern matches no conv, or the
-        model does not run on the shape.
+        The file does not load or is decouple's own output, a torchvision family decouple cannot
+        run (video, optical flow), a pattern matches no conv, or the model does not run on the
+        shape.
     """
     from ..io.checkpoint import check_finite, load_model
     from .flags import parse_shape, skip_patterns
-    from .inputs import check_single_tensor_output
+    from .inputs import check_model_runs, classifier_flags, first_image_shape
 
     try:
         model, shape, kind = load_model(model_path, arch, args.trust_pickle)
@@ -144,6 +157,12 @@ def load_checked_model(args, config: DecoupleConfig, model_path: Path, arch: str
                 already_decoupled(model_path, n, "reload this one with decouple.load_decoupled")
             ) from None
         raise
+    # A state_dict was loaded into --arch: a torchvision name's family says where its shape is from.
+    tv = None
+    if kind == "state_dict" and torchvision_family(arch):
+        tv = torchvision_input_shape(arch, model)
+    if tv is not None and tv[0] is None:
+        raise InputError(f"--arch {arch} is {tv[1]}")
     check_finite(model)
     if kind == "module":
         check_not_decoupled_module(model, config, model_path)
@@ -151,10 +170,19 @@ def load_checked_model(args, config: DecoupleConfig, model_path: Path, arch: str
     note = None
     if args.input_shape:
         shape = parse_shape(args.input_shape)
+    elif tv is not None:
+        note = tv[1]
     elif shape is None:
         inferred = infer_input_shape(model)
         if inferred is None:
             raise InputError("cannot tell what input this model takes; pass --input-shape C,H,W")
         shape, note = inferred
-    check_single_tensor_output(model, shape)
+        seen = None if is_of_known_family(model) else first_image_shape(args, arch, shape[0])
+        if seen is not None and seen[0][0] == shape[0]:  # the images say better than a guess
+            shape = seen[0]
+            note = (
+                f"the first {seen[1]} image as preprocessing makes it "
+                f"({type(model).__name__} is of no known family)"
+            )
+    check_model_runs(model, shape, classifier_flags(args))
     return model, shape, kind, note

@@ -13,7 +13,7 @@ ORDERS = ("dw-pw", "pw-dw")  # decouple.factor.nd
 CRITERIA = ("energy", "data", "output")  # decouple.plan.losses
 RUNTIMES = ("eager", "channels-last", "onnxruntime")  # decouple.runtime.latency
 AUTO = "auto"  # decouple.surgery.checks
-METHODS = ("nd", "cp", "tucker")  # decouple.surgery.methods
+METHODS = ("nd", "cp", "tucker", "svd")  # decouple.surgery.methods
 VERSION = "0.1.0"  # decouple.__version__
 
 EPILOG = """examples:
@@ -208,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=(*METHODS, AUTO),
         help="nd: network decoupling; cp: CP, 1x1 -> kx1 -> 1xk -> 1x1; tucker: Tucker-2, "
-        "1x1 -> kxk -> 1x1; auto: every method priced per layer, a budget chooses. Default: "
-        "auto with a budget (--target-*, --max-change), else nd",
+        "1x1 -> kxk -> 1x1; svd: low rank, C -> R -> N (the one method for 1x1 convs and linear "
+        "layers, which budgets always price); auto: every method priced per layer, a budget "
+        "chooses. Default: auto with a budget (--target-*, --max-change), else nd",
     )
     p.add_argument(
         "--order",

@@ -12,7 +12,9 @@ import importlib
 import json
 import os
 import pickle
+import sys
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,8 +27,10 @@ from ..surgery.recipe import apply_recipe_
 from .errors import InputError
 from .manifest import MANIFEST_KEY, check_output_set
 from .outputs import recipe_path_for
+from .torchvision_archs import build_torchvision, torchvision_input_shape
 
-TORCHVISION_INPUT_SHAPE = (3, 224, 224)
+# Top-level modules that --arch imported from a folder: another folder's may replace them.
+_ARCH_MODULES: set[str] = set()
 
 
 def _first_line(e: BaseException) -> str:
@@ -108,11 +112,58 @@ def split_checkpoint(obj: object, path: str | os.PathLike = "the file") -> nn.Mo
     return sd
 
 
+@contextmanager
+def _cwd_on_path():
+    saved = list(sys.path)
+    sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+def _own_file(module: object) -> Path | None:
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve() if file else None
+
+
+def import_from_cwd(name: str) -> object:
+    """Import module ``name`` as ``python -m`` would: from the current folder first.
+
+    The ``decouple`` console script puts its own folder first on ``sys.path``, not the current
+    one; the current folder is put first for this import only. A module of the same top-level
+    name imported before, from another file, is never silently reused when the current folder
+    holds one (``NAME.py`` or ``NAME/__init__.py``): one that an earlier ``--arch`` imported
+    (another folder, in this process) is imported afresh; any other (a ``json.py`` here, while
+    the standard library's is in use) raises ImportError naming both.
+    """
+    top = name.partition(".")[0]
+    here = Path.cwd()
+    local = next((p for p in (here / f"{top}.py", here / top / "__init__.py") if p.is_file()), None)
+    loaded = sys.modules.get(top)
+    if local is not None and loaded is not None and _own_file(loaded) != local.resolve():
+        if top not in _ARCH_MODULES:
+            raise ImportError(
+                f"the current folder's {local.relative_to(here)} is shadowed by the module {top!r} "
+                f"already in use (from {_own_file(loaded) or 'a built-in'}); rename yours"
+            )
+        for k in [k for k in sys.modules if k == top or k.startswith(top + ".")]:
+            del sys.modules[k]
+    importlib.invalidate_caches()  # a file written since the folder was last listed
+    with _cwd_on_path():
+        module = importlib.import_module(name)
+    if local is not None:
+        _ARCH_MODULES.add(top)
+    return module
+
+
 def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     """Build ``arch`` with fresh weights; also return its input shape when known.
 
-    ``arch`` is a name registered in :mod:`decouple.models`, a torchvision model name
-    (built with ``weights=None``), or ``package.module:callable``.
+    ``arch`` is a name registered in :mod:`decouple.models`, a torchvision model name (built
+    with ``weights=None`` and no pretrained backbone: nothing is downloaded), or
+    ``package.module:callable``, imported from the current folder first (as ``python -m``
+    would; see :func:`import_from_cwd`).
     """
     try:
         info = get_model_info(arch)
@@ -122,22 +173,24 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
     if ":" in arch:
         mod_name, _, attr = arch.partition(":")
         # User code: SystemExit (``sys:exit``) and other BaseExceptions become one line too.
-        try:
-            fn = getattr(importlib.import_module(mod_name), attr)
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # noqa: BLE001
-            raise InputError(f"cannot import --arch {arch}: {_describe(e)}") from None
-        if not callable(fn):
-            raise InputError(f"--arch {arch} is a {type(fn).__name__}, not a callable")
-        try:
-            model = fn()
-        except KeyboardInterrupt:
-            raise
-        except BaseException as e:  # noqa: BLE001
-            raise InputError(
-                f"--arch {arch} failed when called with no arguments: {_describe(e)}"
-            ) from None
+        # The builder runs with the current folder on sys.path too: it may import lazily.
+        with _cwd_on_path():
+            try:
+                fn = getattr(import_from_cwd(mod_name), attr)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001
+                raise InputError(f"cannot import --arch {arch}: {_describe(e)}") from None
+            if not callable(fn):
+                raise InputError(f"--arch {arch} is a {type(fn).__name__}, not a callable")
+            try:
+                model = fn()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # noqa: BLE001
+                raise InputError(
+                    f"--arch {arch} failed when called with no arguments: {_describe(e)}"
+                ) from None
         if not isinstance(model, nn.Module):
             raise InputError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
         return model, None
@@ -156,12 +209,8 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
             f"unknown arch {arch!r}{_did_you_mean(arch, known)}: not one of decouple's ({ours}), "
             "not a torchvision model, and not package.module:callable"
         )
-    shape = (
-        TORCHVISION_INPUT_SHAPE
-        if arch in torchvision.models.list_models(torchvision.models)
-        else None
-    )
-    return torchvision.models.get_model(arch, weights=None), shape
+    model = build_torchvision(arch)
+    return model, torchvision_input_shape(arch, model)[0]
 
 
 def check_keys(model: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str) -> None:

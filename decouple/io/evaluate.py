@@ -1,4 +1,7 @@
-"""Accuracy of a classifier on a labelled set of images: top-1, top-5 and mean cross-entropy."""
+"""Accuracy of a classifier on a labelled set of images: top-1, top-5 and mean cross-entropy.
+
+Only class logits have an accuracy: any other output is refused with one line.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..nn.outputs import class_logits, describe_output
 from ..nn.progress import progress_bar
 
 
@@ -25,6 +29,12 @@ def evaluate_batches(
     -------
     dict
         ``top1`` and ``top5`` as fractions, ``loss`` (mean cross-entropy) and ``n``.
+
+    Raises
+    ------
+    ValueError
+        The model's output is not class logits (:func:`decouple.nn.outputs.class_logits`: one
+        (batch, classes) tensor, wherever it is nested), e.g. a segmentation or a detector.
     """
     model.eval()
     correct1 = correct5 = n = 0
@@ -33,7 +43,14 @@ def evaluate_batches(
         x, y = x.to(device), torch.as_tensor(y).to(device)
         if len(x) != len(y):
             raise ValueError(f"need as many labels as images; got {len(x)} and {len(y)}")
-        logits = model(x).float()
+        out = model(x)
+        logits = class_logits(out)
+        if logits is None:
+            raise ValueError(
+                "accuracy needs a classifier, whose output is class logits (batch, classes); "
+                f"the model returns {describe_output(out)}"
+            )
+        logits = logits.float()
         loss += float(F.cross_entropy(logits, y, reduction="sum"))
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += int((top[:, 0] == y).sum())

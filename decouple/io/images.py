@@ -305,7 +305,7 @@ def shared_assets_dir() -> Path | None:
     beside the current folder or the repository. ``None`` when absent."""
     env = os.environ.get("DECOUPLE_ASSETS")
     candidates = [Path(env)] if env else []
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]  # decouple/io/images.py -> the repository
     candidates += [
         Path.cwd().parent / "shared/assets/cifar10",
         repo.parent / "shared/assets/cifar10",

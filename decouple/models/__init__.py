@@ -1,6 +1,6 @@
 """Architectures that ship with decouple, reachable by name through the registry."""
 
-from . import cifar_resnet, digits  # noqa: F401  (register "cifar_resnet*" and "digits_cnn")
+from . import cifar_mbv2, cifar_resnet, digits  # noqa: F401  (register the zoo's names)
 from .registry import (
     ModelInfo,
     build_model,

@@ -5,7 +5,8 @@ A module is a *plain* 2-D convolution when it is an ``nn.Conv2d`` whose class co
 nor ``_conv_forward`` (a lazy conv, a parametrized conv, a subclass adding attributes). A subclass
 with its own forward (QAT convs, convs with masks or extra terms) may compute anything from its
 weight, so replacing it by a factorization of that weight would be wrong even at full rank; it
-is kept, and :func:`custom_forward_reason` says why.
+is kept, and :func:`custom_forward_reason` says why. The same rule makes a *plain* ``nn.Linear``
+(:func:`is_plain_linear`), which the low-rank method (``svd``) rewrites.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from torch.nn.modules.conv import _ConvNd
 
 def _own_forward(module: nn.Module) -> bool:
     cls = type(module)
-    return (
-        cls.forward is not nn.Conv2d.forward
-        or cls._conv_forward is not nn.Conv2d._conv_forward
-        or "forward" in module.__dict__  # an instance whose forward was patched
-    )
+    if "forward" in module.__dict__:  # an instance whose forward was patched
+        return True
+    if isinstance(module, nn.Linear):
+        return cls.forward is not nn.Linear.forward
+    return cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
 
 
 def is_plain_conv2d(module: nn.Module) -> bool:
@@ -30,9 +31,20 @@ def is_plain_conv2d(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and not _own_forward(module)
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` that computes exactly what ``nn.Linear`` does."""
+    return isinstance(module, nn.Linear) and not _own_forward(module)
+
+
+def is_plain_layer(module: nn.Module) -> bool:
+    """A layer decouple may rewrite: a plain ``nn.Conv2d`` or a plain ``nn.Linear``."""
+    return is_plain_conv2d(module) or is_plain_linear(module)
+
+
 def custom_forward_reason(module: nn.Module) -> str | None:
-    """Why an ``nn.Conv2d`` subclass is kept (``"kept: custom forward (MyConv)"``), else None."""
-    if isinstance(module, nn.Conv2d) and _own_forward(module):
+    """Why an ``nn.Conv2d`` or ``nn.Linear`` subclass is kept (``"kept: custom forward
+    (MyConv)"``), else None."""
+    if isinstance(module, (nn.Conv2d, nn.Linear)) and _own_forward(module):
         return f"kept: custom forward ({type(module).__name__})"
     return None
 

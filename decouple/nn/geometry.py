@@ -7,6 +7,9 @@ calibration and the recipes read them), are rebuilt empty from a conv, and show 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
@@ -65,3 +68,59 @@ class ConvGeometry(nn.Module):
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
         return s
+
+
+@dataclass(frozen=True)
+class LinearGeometry:
+    """An ``nn.Linear`` read as a 1×1 conv over its input's positions (every axis but the last).
+
+    FLOPs, the report and calibration's moments read a layer's ``in_channels``,
+    ``kernel_size``, ``groups``, … ; a linear layer has them as this view.
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"
+    is_linear: bool = True
+
+
+def is_linear(module) -> bool:
+    """Whether ``module`` works on the last axis (``nn.Linear``, ``LowRankLinear``, the view)."""
+    return isinstance(module, nn.Linear) or getattr(module, "is_linear", False)
+
+
+def geometry_of(module: nn.Module):
+    """The conv geometry of a layer: a conv (or factored conv) itself; a linear layer's view."""
+    if isinstance(module, nn.Linear):
+        return LinearGeometry(module.in_features, module.out_features)
+    return module
+
+
+def kernel_of(module: nn.Module) -> torch.Tensor:
+    """A layer's weight as a conv kernel ``(N, C/g, kh, kw)``: a linear's ``(N, C)`` as ``1×1``."""
+    w = module.weight
+    return w[:, :, None, None] if isinstance(module, nn.Linear) else w
+
+
+def positions(x: torch.Tensor, module) -> tuple[int, int]:
+    """Positions per sample a layer reads in ``x``: a conv's ``(H, W)``; for a linear layer the
+    product of every axis between the batch and the features, as ``(P, 1)``."""
+    if is_linear(module):
+        p = 1
+        for d in x.shape[1:-1]:
+            p *= int(d)
+        return (p, 1)
+    return tuple(x.shape[2:])
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``"linear"``, ``"1x1"`` (a pointwise conv) or ``"kxk"``: which methods apply to it."""
+    if is_linear(module):
+        return "linear"
+    kh, kw = module.kernel_size
+    return "1x1" if kh * kw == 1 else "kxk"

@@ -17,7 +17,7 @@ MIN_SAVING = 0.1  # a rank must save at least this fraction of a layer's FLOPs t
 @dataclass
 class Option:
     """One choice for a layer: ``rank`` 0 keeps the original conv; else ``method`` (``nd``,
-    ``cp``, ``tucker``) at ``rank``, in ``order`` (network decoupling only)."""
+    ``cp``, ``tucker``, ``svd``) at ``rank``, in ``order`` (network decoupling only)."""
 
     rank: int
     cost: int  # FLOPs, or nanoseconds for a latency budget
@@ -27,12 +27,13 @@ class Option:
 
     @property
     def label(self) -> str:
-        """How tables show the option: ``keep``, ``nd dw-pw T=3``, ``cp R=40``, ``tucker r=8``."""
+        """How tables show the option: ``keep``, ``nd dw-pw T=3``, ``cp R=40``, ``tucker r=8``,
+        ``svd R=64``."""
         if self.rank == 0:
             return "keep"
         if self.method == "nd":
             return f"nd {self.order} T={self.rank}"
-        return f"{self.method} {'R' if self.method == 'cp' else 'r'}={self.rank}"
+        return f"{self.method} {'r' if self.method == 'tucker' else 'R'}={self.rank}"
 
 
 @dataclass
@@ -112,7 +113,8 @@ def allocate(
             what = "budget" if unit == "FLOPs" else "latency budget"
             kinds = {(x.method, x.order) for x in options[n] if x.rank}
             if len(kinds) == 1:
-                reasons[n] = f"T={o.rank} by {what} (loss {o.loss:.3g})"
+                rank = f"T={o.rank}" if o.method == "nd" else o.label
+                reasons[n] = f"{rank} by {what} (loss {o.loss:.3g})"
                 continue
             # Several methods on offer: say which lost, and by how much, at no more cost.
             rivals = [

@@ -18,9 +18,12 @@ from torch import nn
 
 from ..calibrate.layerwise import held_out
 from ..calibrate.moments import Moments
+from ..calibrate.reduced_rank import moments_fit
 from ..calibrate.refit import Factors, refit_last
 from ..calibrate.stream import batches
 from ..factor.nd import decouple_weight
+from ..nn.geometry import layer_kind, positions
+from ..nn.output_diff import squared_change
 
 CRITERIA = ("energy", "data", "output")
 SENSITIVITY_NOISE = 0.1  # relative RMS of the noise put on a layer's output to measure its effect
@@ -29,14 +32,16 @@ SENSITIVITY_IMAGES = 256  # images enough to rank layers; bounds the cost on lar
 
 @torch.no_grad()
 def probe_shapes(model: nn.Module, names: list[str], input_shape) -> dict[str, tuple]:
-    """Spatial size of each named conv's input and output, from one forward pass."""
+    """Spatial size of each named conv's input and output, from one forward pass (a linear
+    layer's: its positions, :func:`~decouple.nn.geometry.positions`). A layer the forward pass
+    never calls is left out."""
     shapes = {}
 
-    def record(name, inp, out) -> None:  # a forward hook that returns a value replaces the output
-        shapes.setdefault(name, (tuple(inp[0].shape[2:]), tuple(out.shape[2:])))
+    def record(name, mod, inp, out) -> None:  # a hook that returns a value replaces the output
+        shapes.setdefault(name, (positions(inp[0], mod), positions(out, mod)))
 
     hooks = [
-        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: record(n, i, o))
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: record(n, m, i, o))
         for n in names
     ]
     try:
@@ -59,8 +64,11 @@ def collect_moments(
     """Fit and held-out moments of every named conv, on ``model``'s own inputs and outputs.
 
     ``images`` is a tensor or a re-iterable source of batches (see
-    :func:`decouple.calibrate.stream.batches`); they go through once, a batch at a time.
+    :func:`decouple.calibrate.stream.batches`); they go through once, a batch at a time. A layer
+    whose moments would be too large (:func:`~decouple.calibrate.reduced_rank.moments_fit`) has
+    none: it is priced by its kernel energy.
     """
+    names = [n for n in names if moments_fit(model.get_submodule(n))]
     moments = {
         n: (Moments.zeros(model.get_submodule(n)), Moments.zeros(model.get_submodule(n)))
         for n in names
@@ -132,7 +140,13 @@ def output_sensitivity(
     whose errors later layers wash out (or a residual branch next to a large identity) weighs
     little, one feeding the classifier directly weighs much.
     """
-    gen = torch.Generator().manual_seed(seed)
+    # k×k convs draw from one stream, 1×1 convs and linear layers from another: a model's k×k
+    # layers get the same noise (and plans) as before the low-rank layers joined the planner.
+    streams = {
+        True: torch.Generator().manual_seed(seed),
+        False: torch.Generator().manual_seed(seed + 1),
+    }
+    kxk = {n: layer_kind(model.get_submodule(n)) == "kxk" for n in names}
     moved = dict.fromkeys(names, 0.0)
     norm = 0.0
     seen = 0
@@ -142,18 +156,18 @@ def output_sensitivity(
         if not len(x):
             break
         seen += len(x)
-        clean = model(x).float()
-        norm += float(clean.pow(2).sum())
+        clean = model(x)  # any structure: summed over the leaves comparable element by element
+        norm += squared_change(clean, clean)[1]
         for name in names:
 
-            def hook(mod, inp, out):
+            def hook(mod, inp, out, gen=streams[kxk[name]]):
                 rms = out.pow(2).flatten(1).mean(1).sqrt().view(-1, *([1] * (out.dim() - 1)))
                 z = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
                 return out + noise * rms * z
 
             h = model.get_submodule(name).register_forward_hook(hook)
             try:
-                moved[name] += float((model(x).float() - clean).pow(2).sum())
+                moved[name] += squared_change(clean, model(x))[0]
             finally:
                 h.remove()
         if seen >= max_images:

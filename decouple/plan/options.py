@@ -1,7 +1,8 @@
 """Every decouplable layer's options: keep it, or each candidate rank of its method, with cost and loss.
 
-Network decoupling offers every ``T = 1 … full``; CP and Tucker a grid of ranks
-(:func:`decouple.surgery.methods.candidate_ranks`). Costs are FLOPs from the closed forms, which
+Network decoupling offers every ``T = 1 … full``; CP, Tucker and svd a grid of ranks
+(:func:`decouple.surgery.methods.candidate_ranks`). A 1×1 conv or linear layer is priced in the
+one method that applies to it, ``svd``, whatever the method of the k×k convs. Costs are FLOPs from the closed forms, which
 match ``FlopCounterMode``. :func:`rank_options` is what both budgets start from: the FLOPs budget
 (:mod:`decouple.plan.flops_budget`) allocates over it directly, the latency budget
 (:mod:`decouple.plan.latency_budget`) re-prices it with measured times.
@@ -16,9 +17,12 @@ import torch
 from torch import nn
 
 from ..calibrate.moments import Moments
+from ..calibrate.reduced_rank import lowrank_losses
 from ..calibrate.refit import refit_factored
+from ..factor.lowrank import lowrank_weight
 from ..factor.nd import max_rank
 from ..nn.flops import conv_flops, count_flops, factored_flops
+from ..nn.geometry import geometry_of, kernel_of, layer_kind
 from ..nn.progress import progress_bar
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache, FactorOptions, candidate_ranks
@@ -93,16 +97,49 @@ def nd_options(
     return layer_options(losses, original, costs, min_saving, order)
 
 
-def layer_kinds(method: str, order: str) -> tuple[tuple[str, str], ...]:
-    """The (method, order) pairs a layer is priced in: all of :data:`AUTO_KINDS` for ``auto``."""
+def svd_options(
+    layer: nn.Module,
+    in_hw,
+    out_hw,
+    min_saving: float,
+    moments: tuple[Moments, Moments] | None = None,
+    ridge: float = 1e-4,
+) -> list[Option]:
+    """Options of a low-rank (svd) layer: the original and every candidate rank, priced from one
+    SVD (kernel energy) or one eigendecomposition (held-out output error of the reduced-rank
+    refit calibration will do, :func:`~decouple.calibrate.reduced_rank.lowrank_losses`)."""
+    original = conv_flops(layer, out_hw)
+    opts = [Option(0, original, 0.0)]
+    ranks = candidate_ranks(layer, "svd", "", in_hw, out_hw, (1 - min_saving) * original)
+    if not ranks:
+        return opts
+    kernel, groups = kernel_of(layer), geometry_of(layer).groups
+    if moments is None:
+        kept = lowrank_weight(kernel, 1, groups).layer_energy()
+        losses = [float(1 - kept[r - 1]) for r, _ in ranks]
+    else:
+        bias = None if layer.bias is None else layer.bias.detach().double().cpu()
+        losses = lowrank_losses(kernel, bias, groups, [r for r, _ in ranks], *moments, ridge)
+    opts += [Option(r, f, max(loss, 0.0), "svd", "") for (r, f), loss in zip(ranks, losses, strict=True)]
+    return opts
+
+
+def layer_kinds(method: str, order: str, layer: nn.Module | None = None):
+    """The (method, order) pairs a layer is priced in: all of :data:`AUTO_KINDS` for ``auto``;
+    only ``svd`` for a 1×1 conv or linear layer (nothing else applies to them)."""
+    if method == "svd" or (layer is not None and layer_kind(layer) != "kxk"):
+        return (("svd", ""),)
     return AUTO_KINDS if method == "auto" else ((method, order if method == "nd" else ""),)
 
 
-def method_and_order(config: DecoupleConfig, name: str) -> tuple[str, str]:
-    """The method and order layer ``name`` gets (its override's, else the config's)."""
+def method_and_order(config: DecoupleConfig, name: str, layer=None) -> tuple[str, str]:
+    """The method and order layer ``name`` gets (its override's, else the config's; ``svd`` for
+    a 1×1 conv or linear ``layer``)."""
     spec = config.spec_for(name)
     method = (spec.method if spec and spec.method else None) or config.method
     order = (spec.order if spec and spec.order else None) or config.order
+    if layer is not None and layer_kind(layer) != "kxk":
+        return "svd", ""
     return method, order
 
 
@@ -141,8 +178,10 @@ def rank_options(
         original = conv_flops(conv, out_hw)
         layers_flops += original
         opts = [Option(0, original, 0.0, "", "")]
-        for m, o in layer_kinds(method, order):
-            if m == "nd":
+        for m, o in layer_kinds(method, order, conv):
+            if m == "svd":
+                found = svd_options(conv, in_hw, out_hw, min_saving, moments.get(name), ridge)
+            elif m == "nd":
                 found = nd_options(conv, o, in_hw, out_hw, min_saving, moments.get(name), ridge)
             else:
                 found = factored_options(
@@ -166,6 +205,7 @@ def allocated_config(config: DecoupleConfig, choice: dict[str, Option | int]) ->
             rank, method, order = o.rank, o.method, o.order or config.order
         else:
             (method, order), rank = method_and_order(config, n), o
+            order = order or config.order
         chosen[n] = "skip" if rank == 0 else {"rank": rank, "method": method, "order": order}
     method = "nd" if config.method == "auto" else config.method
     return replace(config, rank=None, energy=None, method=method, overrides={**skips, **chosen})

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .export_util import compare_outputs, leaves, need, one_line, quiet
+from ..nn.outputs import flatten_output
+from .export_util import compare_outputs, need, one_line, quiet
 
 PROTOBUF_LIMIT = 2**31  # bytes in one serialized protobuf message, so in one ONNX file
 DEFAULT_OPSET = 17  # every op used here exists there, and ONNX Runtime runs all of it
@@ -198,17 +199,22 @@ def export_program(model: nn.Module, example: torch.Tensor, rtol: float = 1e-4) 
     Returns
     -------
     dict
-        ``{"ok", "max_abs_err", "rel_err"}`` (``ok``: ``rel_err < rtol``), or
+        ``{"ok", "max_abs_err", "rel_err", "leaves"}`` (``leaves``: each output leaf's relative
+        error by its path; ``ok``: every leaf's is below ``rtol``), or
         ``{"ok": False, "error": "<one line>"}`` when export or the exported program fails.
     """
     try:
         with quiet(), torch.no_grad():
             program = torch.export.export(model, (example,))
-            got = leaves(program.module()(example))
-            expected = leaves(model(example))
+            got = flatten_output(program.module()(example))
+            expected = flatten_output(model(example))
     except Exception as e:  # noqa: BLE001 - report why, on one line
         return {"ok": False, "error": one_line(e)}
-    err, rel, _ = compare_outputs(
-        [t.cpu().numpy() for t in got], [t.cpu().numpy() for t in expected], rtol, 0.0
+    err, rel, close, per_leaf = compare_outputs(
+        [t.detach().cpu().numpy() for t in got.values()],
+        [t.detach().cpu().numpy() for t in expected.values()],
+        rtol,
+        0.0,
+        list(expected),
     )
-    return {"ok": rel < rtol, "max_abs_err": err, "rel_err": rel}
+    return {"ok": close, "max_abs_err": err, "rel_err": rel, "leaves": per_leaf}

@@ -5,6 +5,9 @@
 * ``cp`` — CP (:mod:`decouple.factor.cp`, :class:`CPConv2d`); rank ``R`` terms per group.
 * ``tucker`` — Tucker-2 (:mod:`decouple.factor.tucker`, :class:`TuckerConv2d`); one rank ``r`` means
   ``(R_out, R_in) = (r, r)`` clipped to each mode's full size.
+* ``svd`` — low rank (:mod:`decouple.factor.lowrank`, :class:`LowRankConv2d`,
+  :class:`LowRankLinear`): the truncated SVD of the kernel as an ``N × C·kh·kw`` matrix; the one
+  method for 1×1 convs and ``nn.Linear`` layers; rank ``R`` channels per group.
 
 For each method this module knows how to build the layer, what it costs in FLOPs (closed forms
 that match ``FlopCounterMode``), and which ranks are worth offering to the budget allocator.
@@ -20,14 +23,18 @@ import torch
 from torch import nn
 
 from ..factor.cp import CP_MAX_ITER, CP_TOL, cp_max_rank, cp_weight, cp_weights_for_ranks
+from ..factor.lowrank import lowrank_max_rank, lowrank_weight
 from ..factor.nd import decouple_weight, max_rank, rank_for_energy
 from ..factor.tucker import tucker2_weight, tucker_max_ranks, tucker_ranks, tucker_ranks_for_energy
 from ..nn.decoupled import DecoupledConv2d
 from ..nn.factorized import CPConv2d, FactorizedConv2d, TuckerConv2d
 from ..nn.flops import factored_flops
+from ..nn.geometry import geometry_of, kernel_of
+from ..nn.lowrank import LowRankConv2d, LowRankLinear
 
-METHODS = ("nd", "cp", "tucker")
-FACTORED_LAYERS = (DecoupledConv2d, FactorizedConv2d)
+METHODS = ("nd", "cp", "tucker", "svd")
+FACTORED_LAYERS = (DecoupledConv2d, FactorizedConv2d, LowRankLinear)
+SVD_LEVELS = 16  # svd ranks offered to a budget: this many evenly spaced up to the cheapest cost
 
 
 def check_method(method: str) -> str:
@@ -37,7 +44,7 @@ def check_method(method: str) -> str:
 
 
 def layer_method(layer: nn.Module) -> str:
-    """``"nd"``, ``"cp"`` or ``"tucker"`` for a factored layer."""
+    """``"nd"``, ``"cp"``, ``"tucker"`` or ``"svd"`` for a factored layer."""
     return "nd" if isinstance(layer, DecoupledConv2d) else layer.method
 
 
@@ -76,6 +83,8 @@ def factor_conv(
     """Factor ``conv`` by ``method`` at a fixed ``rank`` or an ``energy`` threshold."""
     check_method(method)
     options = options or FactorOptions()
+    if method == "svd":
+        return _svd_factored(conv, rank, energy)
     if method == "nd":
         full = decouple_weight(conv.weight, None, order, conv.groups)
         if energy is not None:
@@ -115,6 +124,28 @@ def factor_conv(
     return _cp_factored(conv, rank, factors)
 
 
+def full_svd(layer: nn.Module):
+    """Every singular triplet of a conv or linear layer's kernel (:func:`lowrank_weight`)."""
+    return lowrank_weight(kernel_of(layer), None, geometry_of(layer).groups)
+
+
+def _svd_factored(layer: nn.Module, rank: int | None, energy: float | None, full=None) -> Factored:
+    """The truncated SVD of a conv or linear layer at ``rank`` or ``energy`` (from ``full``, its
+    whole SVD, when given)."""
+    full = full if full is not None else full_svd(layer)
+    if energy is not None:
+        r = rank_for_energy(full.singular_values, energy)
+        how = f"energy {energy:g} -> R={r}"
+    else:
+        r = min(rank, full.max_rank)
+        how = f"rank {rank}" + (f" clipped to full rank {r}" if rank > r else "")
+    kept = float(full.layer_energy()[r - 1])
+    cls = LowRankLinear if isinstance(layer, nn.Linear) else LowRankConv2d
+    new = cls.from_factors(layer, full.truncated(r))
+    text = f"{r}/{full.max_rank}"
+    return Factored(new, r, text, max(0.0, 1 - kept) ** 0.5, kept, how, max_rank=full.max_rank)
+
+
 def _cp_factored(conv: nn.Conv2d, rank: int, factors) -> Factored:
     """The CP layer of ``factors`` (asked for at ``rank``), with how far the kernel moved."""
     layer = CPConv2d.from_factors(conv, factors)
@@ -132,6 +163,9 @@ def empty_layer(conv: nn.Conv2d, method: str, rank, order: str = "dw-pw") -> nn.
     check_method(method)
     if method == "nd":
         return DecoupledConv2d.empty_like(conv, rank, order)
+    if method == "svd":
+        cls = LowRankLinear if isinstance(conv, nn.Linear) else LowRankConv2d
+        return cls.empty_like(conv, rank)
     if method == "cp":
         return CPConv2d.empty_like(conv, rank)
     return TuckerConv2d.empty_like(conv, rank)
@@ -145,8 +179,8 @@ def recipe_entry(layer: nn.Module) -> dict:
         if layer.realization != "grouped":  # same weights; the faster graph for its runtime
             entry["realization"] = layer.realization
         return entry
-    if method == "cp":
-        return {"method": "cp", "rank": layer.rank}
+    if method in ("cp", "svd"):
+        return {"method": method, "rank": layer.rank}
     return {"method": "tucker", "ranks": list(layer.ranks)}
 
 
@@ -154,8 +188,16 @@ def candidate_ranks(conv: nn.Conv2d, method: str, order: str, in_hw, out_hw, max
     """Ranks the allocator may choose for ``conv``: ``[(rank, flops), …]``, each ``<= max_cost``.
 
     nd offers every ``T``; Tucker every useful ``r`` on a grid of about 16 cost levels; CP (whose
-    ALS is the expensive part) ranks at 8 cost levels, 10 % to 90 % of ``max_cost``.
+    ALS is the expensive part) ranks at 8 cost levels, 10 % to 90 % of ``max_cost``; svd (one
+    SVD prices every rank) :data:`SVD_LEVELS` ranks evenly spaced up to ``max_cost``.
     """
+    geometry = geometry_of(conv)
+    if method == "svd":
+        unit = factored_flops(geometry, method, order, 1, in_hw, out_hw)
+        top = min(int(max_cost // unit), lowrank_max_rank(tuple(kernel_of(conv).shape),
+                                                          geometry.groups))  # fmt: skip
+        ranks = sorted({max(1, round(top * i / SVD_LEVELS)) for i in range(1, SVD_LEVELS + 1)})
+        return [(r, f) for r in ranks if top >= 1 and (f := r * unit) <= max_cost]
     if method == "nd":
         top = max_rank(tuple(conv.weight.shape), order, conv.groups)  # no SVD needed
         ranks = range(1, top + 1)
@@ -193,14 +235,16 @@ class FactorCache:
 
     def __init__(self) -> None:
         self._memo: dict = {}
+        self._svd: dict = {}  # one whole SVD per layer serves every rank
 
     @staticmethod
-    def _fingerprint(conv: nn.Conv2d) -> str:
+    def _fingerprint(conv: nn.Module) -> str:
         h = hashlib.sha1()
         for t in (conv.weight, conv.bias):
             if t is not None:
                 h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        geometry = (conv.stride, conv.padding, conv.dilation, conv.groups, conv.padding_mode)
+        g = geometry_of(conv)
+        geometry = (type(conv).__name__, g.stride, g.padding, g.dilation, g.groups, g.padding_mode)
         h.update(repr((tuple(conv.weight.shape), str(conv.weight.dtype), geometry)).encode())
         return h.hexdigest()
 
@@ -231,7 +275,11 @@ class FactorCache:
     def factor(self, conv, method, rank, energy, order="dw-pw", options=None) -> Factored:
         options = options or FactorOptions()
         key = self._key(conv, method, rank, energy, order, options)
-        if key not in self._memo:
+        if key not in self._memo and method == "svd":
+            if key[0] not in self._svd:
+                self._svd[key[0]] = full_svd(conv)
+            self._memo[key] = _svd_factored(conv, rank, energy, self._svd[key[0]])
+        elif key not in self._memo:
             self._memo[key] = factor_conv(conv, method, rank, energy, order, options)
         hit = self._memo[key]
         return replace(hit, layer=copy.deepcopy(hit.layer))

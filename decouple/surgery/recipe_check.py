@@ -16,10 +16,12 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..factor.cp import cp_max_rank
+from ..factor.lowrank import lowrank_max_rank
 from ..factor.nd import ORDERS, max_rank
 from ..factor.tucker import tucker_max_ranks
 from ..nn.decoupled import REALIZATIONS
-from ..nn.discover import custom_forward_reason, is_plain_conv2d
+from ..nn.discover import custom_forward_reason, is_plain_layer
+from ..nn.geometry import geometry_of, kernel_of
 from ..nn.guards import InputTypeError, type_error
 from .checks import check_int, check_keys, check_str, close_names, is_int
 from .config import DecoupleConfig
@@ -34,6 +36,7 @@ LAYER_KEYS = {
     "nd": ("method", "rank", "order", "realization"),
     "cp": ("method", "rank"),
     "tucker": ("method", "ranks"),
+    "svd": ("method", "rank"),
 }
 
 
@@ -61,7 +64,7 @@ class _Model:
 
     def __init__(self, model: nn.Module) -> None:
         sites = conv_sites(model, DecoupleConfig())
-        self.convs = {s.name: s.module for s in sites if is_plain_conv2d(s.module)}
+        self.convs = {s.name: s.module for s in sites if is_plain_layer(s.module)}
         self.factored = {s.name: s.module for s in sites if s.action == FACTORED}
         self.modules = dict(model.named_modules(remove_duplicate=False))
 
@@ -83,7 +86,9 @@ class _Model:
         owner = next((f for f in self.factored if name.startswith(f + ".")), None)
         if owner is not None:
             raise ValueError(f"{what} {name!r} is part of the factored layer {owner!r}; {hint}")
-        raise ValueError(f"{what} {name!r} is a {type(module).__name__}, not a Conv2d; {hint}")
+        raise ValueError(
+            f"{what} {name!r} is a {type(module).__name__}, not a Conv2d or Linear; {hint}"
+        )
 
 
 def _check_header(recipe: Any) -> None:
@@ -123,10 +128,10 @@ def _check_folded(folded: Any, names: _Model) -> dict[str, str]:
             raise ValueError(
                 f"recipe folded_bn[{conv_name!r}]: {bn_name!r} {what}; {close_names(bn_name, bns)}"
             )
-        if isinstance(bn, _BatchNorm) and bn.num_features != conv.out_channels:
+        if isinstance(bn, _BatchNorm) and bn.num_features != geometry_of(conv).out_channels:
             raise ValueError(
                 f"recipe folds BN {bn_name!r} ({bn.num_features} features) into {conv_name!r} "
-                f"({conv.out_channels} output channels)"
+                f"({geometry_of(conv).out_channels} output channels)"
             )
         if is_factored(conv) and conv.bias is None:
             raise ValueError(f"recipe folds a BN into {conv_name!r}, a factored layer without bias")
@@ -141,7 +146,12 @@ def _check_layer(name: str, conv: nn.Module, entry: Any) -> LayerPlan:
     check_keys(entry, LAYER_KEYS[method], f"{what} ({method})")
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
         raise ValueError(f"{what} is a lazy conv not initialised yet: run it once first")
-    shape, groups = tuple(conv.weight.shape), conv.groups
+    shape, groups = tuple(kernel_of(conv).shape), geometry_of(conv).groups
+    if method == "svd":
+        top = lowrank_max_rank(shape, groups)
+        return LayerPlan(name, method, check_int(entry.get("rank"), f"{what} rank", 1, top))
+    if isinstance(conv, nn.Linear):
+        raise ValueError(f"{what} is a linear layer: only method svd applies, not {method}")
     if method == "tucker":
         ranks = entry.get("ranks")
         if not (isinstance(ranks, (list, tuple)) and len(ranks) == 2):

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from ..nn.geometry import geometry_of, is_linear
 from ..nn.guards import check_module, type_error
 from ..nn.transaction import transaction
 from .bn_fold import fold_batchnorm_
@@ -49,8 +50,9 @@ class LayerRecord:
     """What happened to one convolution.
 
     ``action`` is ``"decoupled"`` or ``"kept"``; ``reason`` says why (or how ``T`` was chosen).
-    ``method`` is ``nd``, ``cp`` or ``tucker``; ``rank`` the number of terms (Tucker: the larger
-    of its two ranks; ``rank_text`` shows both). ``rel_error`` is the relative Frobenius error of
+    ``kind`` is ``conv`` or ``linear`` (a linear layer reads as a 1×1 conv). ``method`` is ``nd``,
+    ``cp``, ``tucker`` or ``svd``; ``rank`` the number of terms (Tucker: the larger of its two
+    ranks; ``rank_text`` shows both). ``rel_error`` is the relative Frobenius error of
     the kernel, ``energy`` the fraction of its squared norm reproduced. ``converged`` and
     ``iterations`` report CP-ALS. FLOPs are filled in by :func:`decouple.report.build_report`.
     """
@@ -81,6 +83,7 @@ class LayerRecord:
     realization: str | None = None  # set when realizations were timed (decouple.runtime.realize)
     latency_before_ms: float | None = None  # the layer alone, on its real input
     latency_after_ms: float | None = None
+    kind: str = "conv"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,17 +98,19 @@ def _n_params(module: nn.Module) -> int:
 
 
 def _base_record(name: str, conv: nn.Module, action: str, reason: str) -> LayerRecord:
+    g = geometry_of(conv)
     return LayerRecord(
         name=name,
         action=action,
         reason=reason,
-        in_channels=conv.in_channels,
-        out_channels=conv.out_channels,
-        kernel_size=tuple(conv.kernel_size),
-        stride=tuple(conv.stride),
-        groups=conv.groups,
+        in_channels=g.in_channels,
+        out_channels=g.out_channels,
+        kernel_size=tuple(g.kernel_size),
+        stride=tuple(g.stride),
+        groups=g.groups,
         params_before=_n_params(conv),
         params_after=_n_params(conv),
+        kind="linear" if is_linear(conv) else "conv",
     )
 
 
@@ -116,6 +121,10 @@ def _decouple_conv(
         raise ValueError(f"layer {name!r} has NaN or Inf weights")
     args = (conv, spec.method, spec.rank, spec.energy, spec.order, config.factor_options())
     done = cache.factor(*args) if cache is not None else factor_conv(*args)
+    if spec.method == "svd" and _n_params(done.layer) >= _n_params(conv):
+        # Both layers run at the original's output positions: no fewer weights, no fewer FLOPs.
+        why = f"kept: svd rank {done.rank} saves nothing ({_n_params(done.layer):,} params)"
+        return conv, _base_record(name, conv, "kept", why)
     layer = done.layer
     layer.train(conv.training)
     rec = _base_record(name, conv, "decoupled", done.how)

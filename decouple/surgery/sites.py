@@ -9,12 +9,13 @@ What counts as a conv is :func:`decouple.nn.discover.is_plain_conv2d`, here and 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from ..nn.discover import conv_census, custom_forward_reason
+from ..nn.geometry import layer_kind
 from .config import DecoupleConfig, LayerSpec
 from .methods import METHODS, is_factored
 
@@ -42,19 +43,27 @@ class Site:
     problem: str | None = None  # why its settings cannot run (raised by check_sites)
 
 
-def why_not_decouplable(conv: nn.Conv2d) -> str | None:
-    """Reason a conv is left as it is, or ``None`` if network decoupling applies to it."""
+def why_not_decouplable(conv: nn.Module) -> str | None:
+    """Reason a conv or linear layer is left as it is whatever the method, or ``None``.
+
+    A 1×1 conv or a linear layer is decouplable: the low-rank method (``svd``) applies to it,
+    the k×k methods do not (:func:`kind_reason`).
+    """
     custom = custom_forward_reason(conv)
     if custom is not None:
         return custom
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
-        return "lazy conv not initialised yet"
-    kh, kw = conv.kernel_size
-    if kh * kw == 1:
-        return "1x1 conv"
-    if conv.groups > 1 and conv.groups == conv.in_channels:
+        kind = "linear layer" if isinstance(conv, nn.Linear) else "conv"
+        return f"lazy {kind} not initialised yet"
+    if isinstance(conv, nn.Conv2d) and conv.groups > 1 and conv.groups == conv.in_channels:
         return "depthwise conv"
     return None
+
+
+def kind_reason(kind: str) -> str:
+    """Why a 1×1 conv or linear layer is kept under a k×k method's global rule."""
+    what = "1x1 conv" if kind == "1x1" else "linear layer"
+    return f"{what} (low-rank it with --method svd, an override or a budget)"
 
 
 def stem_reason(in_channels: int) -> str:
@@ -72,7 +81,9 @@ def _plan_conv(parent, attr, name, conv, config, filter_fn) -> Site:
     own = config.spec_for(name)
     if own is not None and own.skip:
         return Site(parent, attr, name, conv, KEPT, "skipped by override")
-    if config.keeps_stem(name, conv.in_channels):  # before NO_RULE: budgets skip stems too
+    kind = layer_kind(conv)
+    # before NO_RULE: budgets skip stems too
+    if kind != "linear" and config.keeps_stem(name, conv.in_channels):
         return Site(parent, attr, name, conv, KEPT, stem_reason(conv.in_channels))
     try:
         spec = config.resolve(name)
@@ -80,6 +91,13 @@ def _plan_conv(parent, attr, name, conv, config, filter_fn) -> Site:
         return Site(parent, attr, name, conv, DECOUPLE, problem=f"layer {name!r}: {e}")
     if spec.skip:
         return Site(parent, attr, name, conv, KEPT, NO_RULE)
+    if kind != "kxk" and spec.method != "svd":
+        # Only the low-rank method applies to a 1x1 conv or linear layer: an override naming the
+        # layer with a rank or energy (and no other method) means it; a k×k method's global
+        # rule does not (a T of 2 terms per channel says nothing about a channel rank).
+        if own is None or own.method not in (None, "svd") or not config.names_layer(name):
+            return Site(parent, attr, name, conv, KEPT, kind_reason(kind))
+        spec = replace(spec, method="svd")
     return Site(parent, attr, name, conv, DECOUPLE, spec=spec)
 
 
@@ -88,7 +106,8 @@ def conv_sites(
     config: DecoupleConfig,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
 ) -> list[Site]:
-    """Every ``nn.Conv2d`` and factored layer of ``model`` in definition order, with its plan.
+    """Every ``nn.Conv2d``, ``nn.Linear`` and factored layer of ``model`` in definition order,
+    with its plan.
 
     Walks ``_modules`` rather than ``named_children()`` (which hides a module's second
     occurrence), and never enters a conv or a factored layer: the convs inside a factored layer
@@ -104,7 +123,9 @@ def conv_sites(
             name = f"{prefix}.{attr}" if prefix else attr
             if is_factored(child):
                 sites.append(Site(parent, attr, name, child, FACTORED, "already decoupled"))
-            elif not isinstance(child, nn.Conv2d):
+            elif isinstance(child, nn.MultiheadAttention):
+                continue  # it reads its out_proj's weight directly, never calls it
+            elif not isinstance(child, (nn.Conv2d, nn.Linear)):
                 walk(child, name)
             elif id(child) in seen:
                 sites.append(Site(parent, attr, name, child, SHARED))
@@ -134,7 +155,7 @@ def check_sites(model: nn.Module, sites: list[Site], specs: bool = True) -> None
     """
     if not sites:
         raise ValueError(
-            f"nothing to decouple: no nn.Conv2d in the model (found {conv_census(model)})"
+            f"nothing to decouple: no nn.Conv2d or nn.Linear in the model (found {conv_census(model)})"
         )
     factored = [s for s in sites if s.action == FACTORED]
     if factored and not candidates(sites):

@@ -77,8 +77,10 @@ def default_outputs(model_path: Path) -> dict[str, Path]:
 
 
 def read_report(path: Path) -> tuple[dict, dict[str, dict]]:
+    """The report and its conv rows by name (the digits CNN's linear head, kept by the k×k
+    methods, is checked on its own where it matters)."""
     report = json.loads(path.read_text())
-    return report, {r["name"]: r for r in report["layers"]}
+    return report, {r["name"]: r for r in report["layers"] if r["kind"] == "conv"}
 
 
 def digits_model(seed: int = 0) -> nn.Module:
@@ -134,7 +136,8 @@ def test_state_dict_end_to_end(digits_sd: Path, tmp_path: Path, capsys) -> None:
     assert lines[0].split()[:2] == ["layer", "shape"] and "rel err" in lines[0]
     for name in CONVS:
         assert any(line.startswith(name + " ") for line in lines), name
-    assert "decoupled 4 of 4 convs" in out
+    assert "decoupled 4 of 5 layers" in out  # the 4 convs; the linear head fc is kept
+    assert any(line.startswith("fc ") and "64->10 linear" in line for line in lines)
     for what, path in paths.items():
         assert f"wrote {what:8s} {path}" in out
 
@@ -150,7 +153,7 @@ def test_state_dict_end_to_end(digits_sd: Path, tmp_path: Path, capsys) -> None:
         assert 0 < r["flops_after"] < r["flops_before"]
         assert r["bn_folded"] == f"bn{i}"
     totals = report["totals"]
-    assert totals["layers_decoupled"] == 4 and totals["layers_kept"] == 0
+    assert totals["layers_decoupled"] == 4 and totals["layers_kept"] == 1  # fc, linear
     assert totals["flops_ratio"] > 1 and totals["params_ratio"] > 1
     assert totals["flops_before"] > sum(r["flops_before"] for r in layers.values())
     assert report["input_shape"] == list(DIGITS_SHAPE)
@@ -254,6 +257,22 @@ def test_module_callable_arch_with_input_shape(tmp_path: Path, capsys) -> None:
     assert read_report(paths["report"])[0]["input_shape"] == [3, 6, 6]
 
 
+def test_a_model_returning_an_ordered_dict_is_compared_leaf_by_leaf(tmp_path, capsys) -> None:
+    import tiny_archs
+
+    torch.manual_seed(0)
+    path = tmp_path / "seg.pt"
+    torch.save(tiny_archs.dict_output().state_dict(), path)
+    argv = [path, "--arch", "tiny_archs:dict_output", "--rank", "2", "--input-shape", "3,8,8"]
+    code, out, err = cli(capsys, *argv)
+    assert code == 0, err
+    report, layers = read_report(default_outputs(path)["report"])
+    assert layers["head"]["action"] == "decoupled"
+    assert report["output"]["leaves"] == ["out", "aux"]
+    assert set(report["output"]["leaf_errors"]) == {"out", "aux"}
+    assert "output: relative error" in out and "over 2 leaves (out, aux) on 8 random" in out
+
+
 @pytest.mark.parametrize(
     "wrap",
     [
@@ -324,8 +343,8 @@ def test_skip(skip: list[str], kept: set[str], digits_sd: Path, capsys) -> None:
             assert r["rank"] is None and r["params_after"] == r["params_before"]
         else:
             assert r["action"] == "decoupled" and r["rank"] == 2
-    assert report["totals"]["layers_kept"] == len(kept)
-    assert f"decoupled {4 - len(kept)} of 4 convs" in out
+    assert report["totals"]["layers_kept"] == len(kept) + 1  # and the linear head
+    assert f"decoupled {4 - len(kept)} of 5 layers" in out
 
 
 def test_no_fold_bn(digits_sd: Path, capsys) -> None:
@@ -446,7 +465,7 @@ def test_demo(tmp_path: Path, capsys) -> None:
     acc = report["accuracy"]
     assert acc["before"]["top1"] >= 0.95 and 0.0 <= acc["after"]["top1"] <= 1.0
     assert acc["before"]["n"] == acc["after"]["n"] > 0
-    assert all(r["rank"] == 3 for r in report["layers"])
+    assert all(r["rank"] == 3 for r in report["layers"] if r["kind"] == "conv")
     assert out.is_file() and out.with_name("demo.recipe.json").is_file()
 
 
@@ -771,14 +790,29 @@ def _no_params(tmp, sd):
 
 
 @bad_case(
-    "model-returns-a-tuple",
-    "single tensor",
+    "model-returns-no-tensor",
+    "the model returns a dict, with no tensor: there is no output to compare",
 )
-def _tuple_output(tmp, sd):
+def _no_tensor_output(tmp, sd):
     import tiny_archs
 
-    path = save(tiny_archs.TwoOutputs(), tmp / "two.pt")
+    path = save(tiny_archs.NoTensorOutput(), tmp / "none.pt")
     return [path, "--trust-pickle", "--rank", "2", "--input-shape", "3,8,8"]
+
+
+@bad_case(
+    "data-on-a-model-without-class-logits",
+    "--data needs a classifier, whose output is class logits (batch, classes); the model "
+    "returns an OrderedDict of 2 tensors (out, aux)",
+)
+def _data_without_logits(tmp, sd):
+    images = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    data = save({"images": images, "labels": torch.arange(4)}, tmp / "data.pt")
+    import tiny_archs
+
+    model = save(tiny_archs.dict_output().state_dict(), tmp / "seg.pt")
+    return [model, "--arch", "tiny_archs:dict_output", "--rank", "2", "--input-shape", "3,8,8",
+            "--data", data]  # fmt: skip
 
 
 @bad_case(
@@ -876,7 +910,7 @@ def test_subprocess_good_run(digits_sd: Path, tmp_path: Path) -> None:
     proc = run_module(STEM, digits_sd.name, "--arch", "digits_cnn", "--rank", "2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    assert "decoupled 4 of 4 convs" in proc.stdout
+    assert "decoupled 4 of 5 layers" in proc.stdout
     assert all(p.is_file() for p in default_outputs(digits_sd).values())
 
 

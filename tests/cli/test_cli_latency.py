@@ -86,8 +86,10 @@ def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys
     reloaded = load_decoupled(build_model("digits_cnn"), out)
     for layer in report["layers"]:
         module = reloaded.get_submodule(layer["name"])
-        if layer["action"] == "kept":
-            assert type(module) is torch.nn.Conv2d
+        if layer["action"] == "kept":  # a conv, or the linear head a k×k rank never touches
+            assert type(module) is (
+                torch.nn.Linear if layer["kind"] == "linear" else torch.nn.Conv2d
+            )
         else:
             assert module.realization == layer["realization"]
 
@@ -108,6 +110,11 @@ def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys, fake_cl
     assert plan["reached"] and len(plan["steps"]) == 1
     assert plan["measured_ms"] == pytest.approx(plan["planned_ms"], abs=1e-5)
     assert 0.8 * plan["target_ms"] <= plan["measured_ms"] <= plan["target_ms"]
+    fc = plan["table_ms"].pop("fc")  # the linear head, priced in svd: two linears cost 1 ms
+    assert fc["original"] == pytest.approx(0.5) and all(
+        k.startswith("svd R=") for k in fc if k != "original"
+    )
+    assert plan["ranks"].pop("fc") == 0 and plan["reasons"]["fc"] == "kept: not faster"
     for name, table in plan["table_ms"].items():
         assert table["original"] == pytest.approx(1.0)
         for key, ms in table.items():
@@ -171,7 +178,7 @@ def test_onnx_output_and_onnxruntime_latency(tmp_path: Path, capsys) -> None:
     lat = report["latency"]  # timed for real: only what was recorded is checked
     assert lat["runtime"] == "onnxruntime" and lat["batch"] == 1
     assert lat["before"]["median_ms"] > 0 and lat["after"]["median_ms"] > 0
-    assert all(r["latency_before_ms"] > 0 for r in report["layers"])
+    assert all(r["latency_before_ms"] > 0 for r in report["layers"] if r["kind"] == "conv")
     # Nothing is overwritten without --force.
     code, _, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out)
     assert code == 2 and "--force" in err

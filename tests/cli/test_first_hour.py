@@ -81,7 +81,7 @@ def test_a_skip_that_matches_no_layer_names_the_nearest(digits_sd: Path, capsys)
     code, out, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2", "--skip", "cnv2")
     assert code == 2 and out == ""
     assert one_line(err).startswith(
-        "decouple: error: --skip 'cnv2' matches no conv layer of the model (nearest: conv2, "
+        "decouple: error: --skip 'cnv2' matches no conv or linear layer of the model (nearest: conv2, "
     )
     assert not list(Path.cwd().glob("digits.decoupled*"))
 
@@ -91,7 +91,7 @@ def test_a_config_override_that_matches_no_layer_is_an_error(digits_sd: Path, ca
     config.write_text(json.dumps({"overrides": {"conv2": 2, "layer4\\..*": "skip"}}))
     code, _, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--config", config)
     assert code == 2
-    assert "--config c.json: override 'layer4\\..*' matches no conv layer" in one_line(err)
+    assert "--config c.json: override 'layer4\\..*' matches no conv or linear layer" in one_line(err)
 
 
 # 3. --include-stem
@@ -234,7 +234,7 @@ def test_the_lazy_facade_keeps_its_names() -> None:
         (["m.pt", "--rnak", "2"], "unrecognized arguments: --rnak (did you mean --rank?)"),
         (
             ["m.pt", "--method", "tuker"],
-            "(choose from 'nd', 'cp', 'tucker', 'auto'); did you mean tucker?",
+            "(choose from 'nd', 'cp', 'tucker', 'svd', 'auto'); did you mean tucker?",
         ),  # fmt: skip
         (["m.pt", "--order", "pwdw"], "did you mean pw-dw?"),
     ],

@@ -90,10 +90,10 @@ def test_skip_overrides_hold_under_a_budget_and_shapes_probe():
     assert shapes == {"conv1": ((8, 8), (8, 8)), "conv3": ((8, 8), (4, 4))}
     config = DecoupleConfig(overrides={"conv2": "skip"}, include_stem=True)
     plan = plan_ranks(net, config, (3, 8, 8), 0.5, "energy")
-    assert set(plan.choice) == {"conv1", "conv3"}
+    assert set(plan.choice) == {"conv1", "conv3", "head"}  # a budget prices the linear head too
     # By default the stem (3 input channels) is kept out of the budget.
     plan = plan_ranks(net, DecoupleConfig(overrides={"conv2": "skip"}), (3, 8, 8), 0.5, "energy")
-    assert set(plan.choice) == {"conv3"}
+    assert set(plan.choice) == {"conv3", "head"}
     with pytest.raises(ValueError, match="target_flops"):
         plan_ranks(net, DecoupleConfig(), (3, 8, 8), 1.5, "energy")
     with pytest.raises(ValueError, match="calibration images"):

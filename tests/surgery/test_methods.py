@@ -31,7 +31,8 @@ def test_surgery_idempotent_and_recipe_round_trip(method):
     net, x = toy(), images(8)
     records = decouple_(net, DecoupleConfig(rank=3, method=method, include_stem=True))
     assert [type(m) for m in (net.conv1, net.conv2, net.conv3)] == [LAYER[method]] * 3
-    assert all(r.method == method and r.rel_error is not None for r in records)
+    convs = [r for r in records if r.kind == "conv"]  # the linear head is kept: not this method's
+    assert all(r.method == method and r.rel_error is not None for r in convs)
     before = copy.deepcopy(net.state_dict())
     with pytest.raises(ValueError, match=r"already decoupled \(3 factored layers, no Conv2d"):
         decouple_(net, DecoupleConfig(rank=2, method=method))  # the core conv is not re-cut
@@ -50,7 +51,8 @@ def test_per_layer_method_override_and_report():
         include_stem=True,
     )
     records = decouple_(net, config)
-    assert [r.method for r in records] == ["nd", "tucker", "cp"]
+    assert [r.method for r in records] == ["nd", "tucker", "cp", None]  # the linear head kept
+    assert records[-1].reason.startswith("linear layer (low-rank it with --method svd")
     assert isinstance(net.conv2, TuckerConv2d) and net.conv2.ranks == (4, 4)
     text = build_report(ref, net, records, (3, 8, 8)).to_text()
     assert "nd dw-pw" in text and "tucker" in text and "R=2" in text
@@ -61,8 +63,10 @@ def test_config_validates_and_round_trips():
         rank=3, method="tucker", seed=7, cp_max_iter=50, overrides={"a": {"method": "cp"}}
     )
     assert DecoupleConfig.from_json(c.to_json()) == c
-    with pytest.raises(ValueError, match="method must be one of nd, cp, tucker or auto; got 'svd'"):
-        DecoupleConfig(rank=2, method="svd")
+    with pytest.raises(
+        ValueError, match="method must be one of nd, cp, tucker, svd or auto; got 'lowrank'"
+    ):
+        DecoupleConfig(rank=2, method="lowrank")
     with pytest.raises(ValueError, match="'auto' chooses each layer's method"):
         DecoupleConfig(rank=2, method="auto")
     assert DecoupleConfig(method="auto").method == "auto"
@@ -138,7 +142,8 @@ def test_cli_method_flags(tmp_path, capsys, monkeypatch):
     for bad, message in (
         (["--method", "cp", "--energy", "0.9"], "CP takes a rank"),
         (["--method", "cp", "--rank", "2", "--order", "pw-dw"], "--order applies to --method nd"),
-        (["--method", "svd", "--rank", "2"], "invalid choice"),
+        (["--method", "lowrank", "--rank", "2"], "invalid choice"),
+        (["--method", "svd", "--rank", "2", "--order", "pw-dw"], "--order applies to --method nd"),
     ):
         assert main([str(model), *arch, "--out", str(tmp_path / "x.pt"), *bad]) == 2
         err = capsys.readouterr().err
