@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 # so ``python -m decouple --help``) stays free of torch and tensorly until a name is needed.
 _WHERE = {
     "cp_weight": ".factor.cp",
+    "lowrank_weight": ".factor.lowrank",
     "Decoupling": ".factor.nd",
     "decouple_weight": ".factor.nd",
     "max_rank": ".factor.nd",
@@ -38,6 +39,8 @@ _WHERE = {
     "DecoupledConv2d": ".nn.decoupled",
     "CPConv2d": ".nn.factorized",
     "TuckerConv2d": ".nn.factorized",
+    "LowRankConv2d": ".nn.lowrank",
+    "LowRankLinear": ".nn.lowrank",
     "count_flops": ".nn.flops",
     "CompressResult": ".pipeline",
     "compress_": ".pipeline",
@@ -80,6 +83,8 @@ __all__ = [
     "LatencyConfig",
     "LayerRecord",
     "LayerSpec",
+    "LowRankConv2d",
+    "LowRankLinear",
     "Report",
     "STEM_MAX_CHANNELS",
     "TuckerConv2d",
@@ -91,6 +96,7 @@ __all__ = [
     "count_flops",
     "cp_weight",
     "decouple_",
+    "lowrank_weight",
     "decouple_weight",
     "load_decoupled",
     "make_recipe",

@@ -162,7 +162,7 @@ class Report:
                 f"latency budget: {lalloc['target_ms']:.2f} ms of {lalloc['model_ms']:.2f} ms "
                 f"({state}): measured {lalloc['measured_ms']:.2f} ms, planned "
                 f"{lalloc['planned_ms']:.2f} ms from per-layer timings ({tries} plan(s) timed "
-                f"whole); T chosen by {lalloc['criterion']}"
+                f"whole); ranks chosen by {lalloc['criterion']}"
             )
         reals = self.extra.get("realizations")
         if reals:
@@ -186,7 +186,7 @@ class Report:
             state = "reached" if alloc["reached"] else "NOT reachable; cheapest ranks used"
             lines.append(
                 f"budget: {alloc['target_flops']:,} FLOPs ({state}); "
-                f"planned {alloc['planned_flops']:,} with per-layer T chosen by {alloc['criterion']}"
+                f"planned {alloc['planned_flops']:,} with per-layer ranks chosen by {alloc['criterion']}"
             )
         chosen = (alloc or lalloc or {}).get("methods") or {}
         counts: dict[str, int] = {}

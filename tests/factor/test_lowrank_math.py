@@ -6,6 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from decouple.factor import lowrank
 from decouple.factor.lowrank import (
     lowrank_max_rank,
     lowrank_params,
@@ -105,3 +106,19 @@ def test_truncation_and_the_cost_rule():
     assert lowrank_params((12, 8, 1, 1), 1, 4) == 80 and saves((12, 8, 1, 1), 1, 4)
     assert not saves((12, 8, 1, 1), 1, 5)  # 100 >= 96: nothing saved
     assert lowrank_params((12, 4, 3, 3), 2, 2) == 2 * (2 * 36 + 12)
+
+
+@pytest.mark.parametrize("shape", [(12, 40, 1, 1), (40, 4, 3, 3)])
+def test_the_gram_route_of_large_matrices_agrees_with_lapack(monkeypatch, shape):
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    w[1] = w[0]  # a repeated row: one singular value is zero
+    direct = lowrank_weight(w, 5)
+    monkeypatch.setattr(lowrank, "GRAM_ELEMENTS", 16)  # every matrix takes the Gram route
+    gram = lowrank_weight(w, 5)
+    torch.testing.assert_close(gram.singular_values, direct.singular_values, atol=1e-10, rtol=0)
+    torch.testing.assert_close(gram.reconstruct(), direct.reconstruct(), atol=1e-10, rtol=0)
+    full = lowrank_weight(w)
+    assert full.relative_error(w) < 1e-10  # exact at full rank, the zero direction included
+    rows = gram.inp[0]
+    torch.testing.assert_close(rows @ rows.T, torch.eye(5, dtype=torch.float64))
