@@ -24,6 +24,7 @@ from .nn.transaction import transaction
 from .plan.allocate import MIN_SAVING, Allocation
 from .plan.flops_budget import plan_ranks
 from .plan.latency_budget import LatencyPlan, plan_latency
+from .plan.losses import probe_shapes
 from .plan.options import allocated_config
 from .runtime.latency import LatencyConfig
 from .runtime.realize import ORIGINAL, RealizationChoice, choose_realizations_, confirm_on_model_
@@ -31,7 +32,9 @@ from .surgery.bn_fold import fold_batchnorm_
 from .surgery.config import DecoupleConfig
 from .surgery.methods import FactorCache, is_factored, recipe_entry
 from .surgery.rewrite import LayerRecord, decouplable_convs, decouple_with_fold_info
-from .surgery.sites import check_sites, conv_sites
+from .surgery.sites import NO_RULE, check_sites, conv_sites
+
+NOT_CALLED = "kept: never called by the forward pass (an auxiliary head in eval mode, or a layer whose parent reads its weights)"
 
 
 @dataclass
@@ -185,8 +188,15 @@ def _compress(
             model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge,
             cache, progress,
         )  # fmt: skip
+    uncalled: set[str] = set()
     if allocation is not None:
         plain = allocated_config(plain, allocation.choice)
+    else:  # a fixed rule: a layer its parent reads the weights of (never calls) must stay as it is
+        names = decouplable_convs(model, plain)
+        uncalled = set(names) - set(probe_shapes(model, names, input_shape))
+        plain = replace(
+            plain, overrides={**dict(plain.overrides), **dict.fromkeys(uncalled, "skip")}
+        )
     # The convs about to be replaced, kept by reference (surgery swaps them out, never edits them)
     # so that a layer no realization speeds up can have its exact conv back.
     originals = {n: model.get_submodule(n) for n in decouplable_convs(model, plain)}
@@ -195,6 +205,8 @@ def _compress(
         r.bn_folded = folded.get(r.name)
         if allocation is not None and r.name in allocation.reasons:
             r.reason = allocation.reasons[r.name]
+        elif r.name in uncalled or (allocation is not None and r.reason == NO_RULE):
+            r.reason = NOT_CALLED  # the budget never saw it run, or the probe above
     calibration, seconds = [], None
     if calib_images is not None and refit != "none":
         start = time.perf_counter()

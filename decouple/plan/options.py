@@ -171,6 +171,7 @@ def rank_options(
     p = next(model.parameters())
     total, _ = count_flops(model, torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
     shapes = probe_shapes(model, names, input_shape)
+    names = [n for n in names if n in shapes]  # never called (an aux head in eval mode): kept
     moments = collect_moments(model, names, calib_images) if criterion != "energy" else {}
     weights = output_sensitivity(model, names, calib_images) if criterion == "output" else {}
     options, layers_flops = {}, 0

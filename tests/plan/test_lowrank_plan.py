@@ -81,3 +81,42 @@ def test_calibrated_plans_use_the_data_loss_and_refit_every_low_rank_layer():
     with torch.no_grad():
         err_free = float((data_free(calib) - ref(calib)).norm() / ref(calib).norm())
     assert err < err_free
+
+
+class WithAuxHead(MobileBlock):
+    """An auxiliary head that eval-mode forward never calls (GoogLeNet's, Inception's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aux = nn.Linear(48, 10)
+
+
+def test_a_layer_the_forward_pass_never_calls_is_kept_and_said_so():
+    torch.manual_seed(0)
+    model = WithAuxHead().double().eval()
+    result = compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), target_flops=0.5)
+    aux = next(r for r in result.records if r.name == "aux")
+    assert aux.action == "kept" and "never called" in aux.reason
+    assert "aux" not in result.allocation.choice and type(model.aux) is nn.Linear
+
+
+class ReadsItsWeight(nn.Module):
+    """A parent that reads its child's weight (torchvision's Swin attention does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        return nn.functional.linear(self.conv(x).mean((2, 3)), self.qkv.weight, self.qkv.bias)
+
+
+def test_a_fixed_rule_never_replaces_a_layer_whose_parent_reads_its_weights():
+    torch.manual_seed(0)
+    model = ReadsItsWeight().eval()
+    result = compress_(model, DecoupleConfig(method="svd", rank=4, include_stem=True), (3, 8, 8))
+    by_name = {r.name: r for r in result.records}
+    assert by_name["qkv"].action == "kept" and "never called" in by_name["qkv"].reason
+    assert type(model.qkv) is nn.Linear and by_name["conv"].action == "decoupled"
+    assert model(images(2).float()).shape == (2, 48)
