@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input-shape",
         metavar="C,H,W",
-        help="one input's shape, for FLOPs and the output check (default: from the arch; for a "
-        "whole module, channels from its first conv and 224x224, or 32x32 for the CIFAR zoo)",
+        help="one input's shape, for FLOPs and the output check (default: from the arch, e.g. a "
+        "torchvision model's weights' crop; for a model of no known family, the first image of "
+        "--data/--calib after preprocessing, else its first conv's channels and 224x224)",
     )
     timing = p.add_argument_group("latency (measured with torch.utils.benchmark)")
     timing.add_argument(

@@ -172,8 +172,8 @@ def _decouple_into(
     records = result.records
     timed_out = any(r.reason.startswith("kept: not faster") for r in records)
     if not timed_out and not any(r.action == "decoupled" for r in records):
-        seen = ", ".join(sorted({r.reason for r in records})) or "no Conv2d at all"
-        raise InputError(f"nothing to decouple in {model_path}: every conv was kept ({seen})")
+        seen = ", ".join(sorted({r.reason for r in records})) or "no Conv2d or Linear at all"
+        raise InputError(f"nothing to decouple in {model_path}: every layer was kept ({seen})")
 
     extra = {"model": str(model_path), "arch": arch, "config": config.to_dict(), **result.extra()}
     if search is not None:

@@ -83,12 +83,8 @@ class LowRankConv2d(FactorizedConv2d):
         """The truncated SVD of ``conv`` at ``rank`` (``None``: full rank, exact)."""
         return cls.from_factors(conv, lowrank_weight(conv.weight, rank, conv.groups))
 
-    @torch.no_grad()
     def load_factors(self, f: LowRankFactors) -> None:
-        if f.rank != self.rank:
-            raise ValueError(f"factors have rank {f.rank}; layer wants {self.rank}")
-        self.pointwise_in.weight.copy_(f.inp.reshape(self.pointwise_in.weight.shape))
-        self.pointwise_out.weight.copy_(f.out.reshape(self.pointwise_out.weight.shape))
+        _load(self, f)
 
     def factors(self) -> LowRankFactors:
         """The layer's current weights as factors (``singular_values``: recomputed)."""
@@ -100,6 +96,15 @@ class LowRankConv2d(FactorizedConv2d):
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"method='svd', rank={self.rank}" + self._geometry_repr()
         )
+
+
+@torch.no_grad()
+def _load(layer: nn.Module, f: LowRankFactors) -> None:
+    """Copy ``f`` into either low-rank layer: ``inp`` to the first part, ``out`` to the second."""
+    if f.rank != layer.rank:
+        raise ValueError(f"factors have rank {f.rank}; layer wants {layer.rank}")
+    layer.pointwise_in.weight.copy_(f.inp.reshape(layer.pointwise_in.weight.shape))
+    layer.pointwise_out.weight.copy_(f.out.reshape(layer.pointwise_out.weight.shape))
 
 
 def _factors(layer: nn.Module, shape: tuple[int, ...], groups: int) -> LowRankFactors:
@@ -178,12 +183,8 @@ class LowRankLinear(nn.Module):
         """The truncated SVD of ``linear`` at ``rank`` (``None``: full rank, exact)."""
         return cls.from_factors(linear, lowrank_weight(linear.weight, rank))
 
-    @torch.no_grad()
     def load_factors(self, f: LowRankFactors) -> None:
-        if f.rank != self.rank:
-            raise ValueError(f"factors have rank {f.rank}; layer wants {self.rank}")
-        self.pointwise_in.weight.copy_(f.inp.reshape(self.pointwise_in.weight.shape))
-        self.pointwise_out.weight.copy_(f.out.reshape(self.pointwise_out.weight.shape))
+        _load(self, f)
 
     def factors(self) -> LowRankFactors:
         return _factors(self, (self.out_features, self.in_features, 1, 1), 1)
