@@ -87,12 +87,7 @@ def factor_conv(
         return _svd_factored(conv, rank, energy)
     if method == "nd":
         full = decouple_weight(conv.weight, None, order, conv.groups)
-        if energy is not None:
-            t = rank_for_energy(full.singular_values, energy)
-            how = f"energy {energy:g} -> T={t}"
-        else:
-            t = min(rank, full.max_rank)
-            how = f"rank {rank}" + (f" clipped to full rank {t}" if rank > t else "")
+        t, how = _spectral_rank(full.singular_values, full.max_rank, rank, energy, "T")
         dec = full.truncated(t)
         layer = DecoupledConv2d.from_decoupling(conv, dec)
         kept = float(full.layer_energy()[t - 1])
@@ -124,6 +119,15 @@ def factor_conv(
     return _cp_factored(conv, rank, factors)
 
 
+def _spectral_rank(spectra, top: int, rank, energy, letter: str) -> tuple[int, str]:
+    """The rank an SVD-based method (nd, svd) keeps for ``rank`` or ``energy``, and why."""
+    if energy is not None:
+        r = rank_for_energy(spectra, energy)
+        return r, f"energy {energy:g} -> {letter}={r}"
+    r = min(rank, top)
+    return r, f"rank {rank}" + (f" clipped to full rank {r}" if rank > r else "")
+
+
 def full_svd(layer: nn.Module):
     """Every singular triplet of a conv or linear layer's kernel (:func:`lowrank_weight`)."""
     return lowrank_weight(kernel_of(layer), None, geometry_of(layer).groups)
@@ -133,12 +137,7 @@ def _svd_factored(layer: nn.Module, rank: int | None, energy: float | None, full
     """The truncated SVD of a conv or linear layer at ``rank`` or ``energy`` (from ``full``, its
     whole SVD, when given)."""
     full = full if full is not None else full_svd(layer)
-    if energy is not None:
-        r = rank_for_energy(full.singular_values, energy)
-        how = f"energy {energy:g} -> R={r}"
-    else:
-        r = min(rank, full.max_rank)
-        how = f"rank {rank}" + (f" clipped to full rank {r}" if rank > r else "")
+    r, how = _spectral_rank(full.singular_values, full.max_rank, rank, energy, "R")
     kept = float(full.layer_energy()[r - 1])
     cls = LowRankLinear if isinstance(layer, nn.Linear) else LowRankConv2d
     new = cls.from_factors(layer, full.truncated(r))
