@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 from .calibrate.layerwise import REFIT_MODES, CalibrationRecord, calibrate_
 from .nn.decoupled import DecoupledConv2d
 from .nn.guards import check_module, type_error
+from .nn.stopwatch import stage
 from .nn.transaction import transaction
 from .plan.allocate import MIN_SAVING, Allocation
 from .plan.flops_budget import plan_ranks
@@ -168,7 +170,8 @@ def _compress(
     fold_error = None
     folded: dict[str, str] = {}
     if config.fold_bn:
-        result = fold_batchnorm_(model)
+        with stage("BN folding"):
+            result = fold_batchnorm_(model)
         folded, fold_error = result.folded, result.error
     plain = replace(config, fold_bn=False)
     reference = copy.deepcopy(model) if calib_images is not None else None
@@ -193,14 +196,16 @@ def _compress(
         plain = allocated_config(plain, allocation.choice)
     else:  # a fixed rule: a layer its parent reads the weights of (never calls) must stay as it is
         names = decouplable_convs(model, plain)
-        uncalled = set(names) - set(probe_shapes(model, names, input_shape))
+        with stage("probing layers"):
+            uncalled = set(names) - set(probe_shapes(model, names, input_shape))
         plain = replace(
             plain, overrides={**dict(plain.overrides), **dict.fromkeys(uncalled, "skip")}
         )
     # The convs about to be replaced, kept by reference (surgery swaps them out, never edits them)
     # so that a layer no realization speeds up can have its exact conv back.
     originals = {n: model.get_submodule(n) for n in decouplable_convs(model, plain)}
-    records, _ = decouple_with_fold_info(model, plain, cache=cache)
+    with stage("decoupling"):
+        records, _ = decouple_with_fold_info(model, plain, cache=cache)
     for r in records:
         r.bn_folded = folded.get(r.name)
         if allocation is not None and r.name in allocation.reasons:
@@ -210,49 +215,59 @@ def _compress(
     calibration, seconds = [], None
     if calib_images is not None and refit != "none":
         start = time.perf_counter()
-        calibration = calibrate_(model, reference, calib_images, refit, ridge, progress=progress)
+        with stage("calibration"):
+            calibration = calibrate_(
+                model, reference, calib_images, refit, ridge, progress=progress
+            )
         seconds = time.perf_counter() - start
     by_name = {r.name: r for r in records}
     choices: dict[str, RealizationChoice] = {}
     whole: dict[str, float] = {}
-    if lplan is not None:
-        example = latency.example(input_shape, next(model.parameters()).dtype)
-        for name, real in lplan.realizations.items():
-            layer = model.get_submodule(name)
-            if isinstance(layer, DecoupledConv2d):
-                layer.set_realization(real)
-            prefix = f"{lplan.allocation.choice[name].label}: "
-            times = {k.removeprefix(prefix): v for k, v in lplan.table[name].items()
-                     if k == ORIGINAL or k.startswith(prefix)}  # fmt: skip
-            choices[name] = RealizationChoice(name, real, times, min_saving)
-        whole = confirm_on_model_(
-            model, choices, example, latency.runtime, 2, latency.min_run_time, latency.threads
-        )
-        for name, c in choices.items():
-            layer = model.get_submodule(name)
-            _note_latency(by_name[name], layer, c.original_ms, c.best_ms, c.chosen)
-        for name, o in lplan.allocation.choice.items():
-            if o.rank == 0:
-                by_name[name].latency_before_ms = lplan.table[name][ORIGINAL]
-                by_name[name].latency_after_ms = lplan.table[name][ORIGINAL]
-    elif realize:
-        example = latency.example(input_shape, next(model.parameters()).dtype)
-        args = (latency.runtime, latency.layer_rounds, latency.layer_min_run_time, latency.threads)
-        # Under a FLOPs budget the plan holds: a slow layer keeps its fastest realization.
-        choices = choose_realizations_(
-            model, originals, example, *args, progress=progress, min_gain=latency.min_gain,
-            restore=target_flops is None,
-        )  # fmt: skip
-        whole = confirm_on_model_(
-            model, choices, example, latency.runtime, 2, latency.min_run_time, latency.threads
-        )
-        for name, c in choices.items():
-            rec = by_name[name]
-            if c.chosen == ORIGINAL:
-                rec.action, rec.reason = "kept", c.reason()
-                rec.params_after, rec.structure = rec.params_before, None
-            layer = model.get_submodule(name)
-            _note_latency(rec, layer, c.original_ms, c.best_ms, c.chosen)
+    timed = stage("realization") if lplan is not None or realize else nullcontext()
+    with timed:
+        if lplan is not None:
+            example = latency.example(input_shape, next(model.parameters()).dtype)
+            for name, real in lplan.realizations.items():
+                layer = model.get_submodule(name)
+                if isinstance(layer, DecoupledConv2d):
+                    layer.set_realization(real)
+                prefix = f"{lplan.allocation.choice[name].label}: "
+                times = {k.removeprefix(prefix): v for k, v in lplan.table[name].items()
+                         if k == ORIGINAL or k.startswith(prefix)}  # fmt: skip
+                choices[name] = RealizationChoice(name, real, times, min_saving)
+            whole = confirm_on_model_(
+                model, choices, example, latency.runtime, 2, latency.min_run_time, latency.threads
+            )
+            for name, c in choices.items():
+                layer = model.get_submodule(name)
+                _note_latency(by_name[name], layer, c.original_ms, c.best_ms, c.chosen)
+            for name, o in lplan.allocation.choice.items():
+                if o.rank == 0:
+                    by_name[name].latency_before_ms = lplan.table[name][ORIGINAL]
+                    by_name[name].latency_after_ms = lplan.table[name][ORIGINAL]
+        elif realize:
+            example = latency.example(input_shape, next(model.parameters()).dtype)
+            args = (
+                latency.runtime,
+                latency.layer_rounds,
+                latency.layer_min_run_time,
+                latency.threads,
+            )
+            # Under a FLOPs budget the plan holds: a slow layer keeps its fastest realization.
+            choices = choose_realizations_(
+                model, originals, example, *args, progress=progress, min_gain=latency.min_gain,
+                restore=target_flops is None,
+            )  # fmt: skip
+            whole = confirm_on_model_(
+                model, choices, example, latency.runtime, 2, latency.min_run_time, latency.threads
+            )
+            for name, c in choices.items():
+                rec = by_name[name]
+                if c.chosen == ORIGINAL:
+                    rec.action, rec.reason = "kept", c.reason()
+                    rec.params_after, rec.structure = rec.params_before, None
+                layer = model.get_submodule(name)
+                _note_latency(rec, layer, c.original_ms, c.best_ms, c.chosen)
     return CompressResult(
         records, fold_error, allocation, calibration, lplan, choices, whole, seconds
     )

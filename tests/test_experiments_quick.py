@@ -25,6 +25,7 @@ SMALL_MODES = {
     "cp_speed": ["--quick"],
     "coverage": ["--quick"],
     "mbv2_accuracy": ["--quick"],
+    "default_path_cost": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 

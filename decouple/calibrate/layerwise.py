@@ -25,7 +25,7 @@ from ..nn.geometry import kernel_of
 from ..nn.progress import progress_bar
 from ..nn.transaction import in_place
 from ..surgery.methods import FACTORED_LAYERS, is_factored
-from .moments import Moments
+from .moments import Moments, positions_for
 from .reduced_rank import MAX_MOMENT_ELEMENTS, moments_fit, refit_lowrank, ridges
 from .refit import (
     MAX_SYSTEM,
@@ -35,7 +35,14 @@ from .refit import (
     refit_factored,
     refit_last,
 )
-from .stream import KEEP_BYTES, LayerStream, batches, forward_order, release_memory
+from .stream import (
+    KEEP_BYTES,
+    LayerStream,
+    batches,
+    count_images,
+    forward_order,
+    release_memory,
+)
 
 REFIT_MODES = ("none", "last", "alternating", "auto")
 
@@ -74,19 +81,23 @@ def layer_moments(
     ys: Iterator[tuple[int, torch.Tensor]],
     layer: nn.Module,
     holdout: float,
+    images: int | None = None,
 ) -> tuple[Moments, Moments]:
-    """Fit and held-out moments of ``layer`` from matching batches of its inputs and targets.
+    """Fit and held-out moments of ``layer`` from matching batches of its inputs and targets,
+    read at :func:`~decouple.calibrate.moments.positions_for` pixels per image of ``images``.
 
     With nothing held out (a set smaller than ``1/holdout``) the fit moments serve for both.
     """
     fit, val = Moments.zeros(layer), Moments.zeros(layer)
+    positions = positions_for(layer, images)
     for (start, x), (_, y) in zip(xs, ys, strict=True):
         held = held_out(start, len(x), holdout)
+        index = torch.arange(start, start + len(x))
         x, y = x.to("cpu"), y.to("cpu", torch.float32)  # targets as the in-memory version kept them
         if (~held).any():
-            fit.add(layer, x[~held], y[~held])
+            fit.add(layer, x[~held], y[~held], positions=positions, first=index[~held])
         if held.any():
-            val.add(layer, x[held], y[held])
+            val.add(layer, x[held], y[held], positions=positions, first=index[held])
     return fit, (val if val.count else fit)
 
 
@@ -142,6 +153,7 @@ def calibrate_(
     model.eval()
     reference.eval()
     source = batches(images, batch_size)
+    n = count_images(images)
     device = next(model.parameters()).device
     first = next(iter(source()))[1][:1].to(device)
     names = forward_order(model, list(layers), first)
@@ -162,7 +174,7 @@ def calibrate_(
                 records.append(_too_large(layer, name))
                 continue
             m_fit, m_val = layer_moments(
-                _ticking(xs.run(name, "input"), bar), ys.run(name, "output"), layer, holdout
+                _ticking(xs.run(name, "input"), bar), ys.run(name, "output"), layer, holdout, n
             )
             if getattr(layer, "method", "") == "svd":
                 anchor = kernel_of(reference.get_submodule(name))

@@ -47,6 +47,18 @@ def batches(images: torch.Tensor | Iterable, batch_size: int = 32) -> Source:
     return walk
 
 
+def count_images(images: torch.Tensor | Iterable) -> int | None:
+    """How many images a calibration source holds, where it says (a tensor, a ``DataLoader``
+    over a sized dataset, any sized collection of single images); else None."""
+    if isinstance(images, torch.Tensor):
+        return len(images)
+    dataset = getattr(images, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
 def release_memory() -> None:
     """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
 

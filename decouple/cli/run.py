@@ -22,6 +22,7 @@ from .parser import UsageError, build_parser
 
 if TYPE_CHECKING:
     from ..io.output_set import OutputSet
+    from ..nn.stopwatch import Timings
     from ..surgery.config import DecoupleConfig
 
 # torch, tensorly and the library load inside the functions, after parsing: --help, --version
@@ -102,8 +103,13 @@ def _decouple_file(
 
     # The outputs are checked and their folders made writable before any heavy work.
     inputs = [model_path, *(Path(p) for p in (args.config, args.data, args.calib) if p)]
-    with OutputSet.prepare(output_paths(args, model_path, out_dir), inputs, args.force) as outputs:
-        return _decouple_into(outputs, args, config, model_path, arch)
+    from ..nn.stopwatch import recording
+
+    with (
+        OutputSet.prepare(output_paths(args, model_path, out_dir), inputs, args.force) as outputs,
+        recording(progress=not args.quiet) as timings,
+    ):
+        return _decouple_into(outputs, args, config, model_path, arch, timings)
 
 
 def _decouple_into(
@@ -112,6 +118,7 @@ def _decouple_into(
     config: DecoupleConfig,
     model_path: Path,
     arch: str | None,
+    timings: Timings,
 ) -> int:
     import torch
 
@@ -121,6 +128,7 @@ def _decouple_into(
     from ..io.evaluate import evaluate_batches
     from ..io.manifest import name_manifest
     from ..io.outputs import torch_bytes
+    from ..nn.stopwatch import stage
     from ..pipeline import compress_
     from ..report import build_report
     from ..surgery.recipe import make_recipe
@@ -129,9 +137,10 @@ def _decouple_into(
     from .model_checks import load_checked_model
 
     paths = outputs.paths
-    model, shape, kind, shape_note = load_checked_model(args, config, model_path, arch)
-    data, calib = load_cli_images(args, arch, shape)
-    original = copy.deepcopy(model)
+    with stage("loading"):
+        model, shape, kind, shape_note = load_checked_model(args, config, model_path, arch)
+        data, calib = load_cli_images(args, arch, shape)
+        original = copy.deepcopy(model)
     latency = make_latency_config(args)
     device = torch.device(args.device)
     model = model.to(device)
@@ -185,18 +194,20 @@ def _decouple_into(
     inputs, extra["output_check_inputs"] = check_inputs(data, calib, args.demo)
     if data is not None:
         n = len(data.batches)
-        extra["accuracy"] = {
-            "data": data.name,
-            "before": evaluate_batches(
-                original.to(device), data.batches, device, common["progress"], n
-            ),
-            "after": evaluate_batches(
-                model.to(device), data.batches, device, common["progress"], n
-            ),
-        }
+        with stage("evaluation"):
+            extra["accuracy"] = {
+                "data": data.name,
+                "before": evaluate_batches(
+                    original.to(device), data.batches, device, common["progress"], n
+                ),
+                "after": evaluate_batches(
+                    model.to(device), data.batches, device, common["progress"], n
+                ),
+            }
         original, model = original.cpu(), model.cpu()
     if latency is not None:
-        extra["latency"] = _measure_latency(original, model, config, shape, latency)
+        with stage("latency"):
+            extra["latency"] = _measure_latency(original, model, config, shape, latency)
     payloads = {}
     if args.onnx:
         from ..runtime.export import onnx_files
@@ -205,11 +216,12 @@ def _decouple_into(
         # A random input: zeros would let a graph that ignores most of its weights through.
         gen = torch.Generator().manual_seed(0)
         example = torch.randn((1, *shape), generator=gen, dtype=next(model.parameters()).dtype)
-        try:
-            files = onnx_files(model, example, paths["onnx"].name)
-        except RuntimeError as e:  # an op of the user's model that no ONNX exporter covers
-            raise InputError(f"--onnx: {e}") from None
-        check = check_onnx(model, example, files)
+        with stage("ONNX export"):
+            try:
+                files = onnx_files(model, example, paths["onnx"].name)
+            except RuntimeError as e:  # an op of the user's model that no ONNX exporter covers
+                raise InputError(f"--onnx: {e}") from None
+            check = check_onnx(model, example, files)
         if not check["ok"]:
             raise InputError(
                 f"the ONNX export does not match PyTorch (max abs error {check['max_abs_err']:.3g})"
@@ -220,11 +232,14 @@ def _decouple_into(
                 outputs.add("onnx data", paths["onnx"].with_name(n))
         paths = outputs.paths
         payloads = {k: files[p.name] for k, p in paths.items() if k.startswith("onnx")}
-    report = build_report(original, model, records, shape, inputs=inputs, extra=extra)
-
-    recipe = name_manifest(make_recipe(records, config), paths["recipe"], paths["manifest"])
+    with stage("report"):  # with the output check: both models run on the check's inputs
+        report = build_report(original, model, records, shape, inputs=inputs, extra=extra)
+    with stage("serializing"):
+        recipe = name_manifest(make_recipe(records, config), paths["recipe"], paths["manifest"])
+        model_bytes = torch_bytes(model if kind == "module" else model.state_dict())
+    report.extra["timings"] = timings.to_dict()  # up to here: writing the files comes after
     payloads = {
-        "model": torch_bytes(model if kind == "module" else model.state_dict()),
+        "model": model_bytes,
         "recipe": (json.dumps(recipe, indent=2) + "\n").encode(),
         "report": (report.to_json() + "\n").encode(),
         "markdown": report.to_markdown().encode(),
@@ -235,7 +250,8 @@ def _decouple_into(
         if kind == "state_dict":
             load_decoupled(copy.deepcopy(original), staged["model"], staged["recipe"])
 
-    outputs.write(payloads, verify=reloads)
+    with stage("writing"):
+        outputs.write(payloads, verify=reloads)
 
     if shape_note is not None:
         print(f"input shape: {shape} inferred from {shape_note}; pass --input-shape to change it")

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..nn.stopwatch import stage
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache
 from .allocate import MIN_SAVING, Allocation, allocate
@@ -40,6 +41,7 @@ def plan_ranks(
     options, total, layers_flops = rank_options(
         model, config, input_shape, criterion, calib_images, min_saving, ridge, cache, progress
     )
-    plan = allocate(options, total - layers_flops, int(target_flops * total))
+    with stage("allocation"):
+        plan = allocate(options, total - layers_flops, int(target_flops * total))
     plan.criterion = criterion
     return plan

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..nn.decoupled import DecoupledConv2d
 from ..nn.progress import progress_bar
+from ..nn.stopwatch import stage
 from ..runtime.latency import LatencyConfig, capture_inputs, compare, measure
 from ..runtime.realize import ORIGINAL, realizations, time_candidates
 from ..surgery.config import DecoupleConfig
@@ -148,9 +149,10 @@ def plan_latency(
                 if real in keep.get((o.method, o.order), (real,)):
                     candidates[f"{o.label}: {real}"] = module
         modules[name] = candidates
-    table, passes = _stable_table(
-        modules, inputs, lat, flops_options, model_ms, target_latency, min_saving, progress
-    )
+    with stage("latency tables"):
+        table, passes = _stable_table(
+            modules, inputs, lat, flops_options, model_ms, target_latency, min_saving, progress
+        )
     options, best_real, layers_ns = {}, {}, 0
     for name, opts in flops_options.items():
         times = table[name]
@@ -172,7 +174,10 @@ def plan_latency(
         plan.criterion = criterion
         seen.add(_ranks_key(plan))
         chosen = {n: best_real[(n, o.label)] for n, o in plan.choice.items() if o.rank}
-        ms = _measure_plan(model, config, plan.choice, chosen, cache, example, latency, model_ms)
+        with stage("timing plans", announce=False):
+            ms = _measure_plan(
+                model, config, plan.choice, chosen, cache, example, latency, model_ms
+            )
         steps.append({"budget_ms": budget / 1e6, "planned_ms": plan.total_flops / 1e6,
                       "measured_ms": ms})  # fmt: skip
         points.append((budget, ms))

@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from ..calibrate.layerwise import held_out
-from ..calibrate.moments import Moments
+from ..calibrate.moments import Moments, positions_for
 from ..calibrate.reduced_rank import moments_fit
 from ..calibrate.refit import Factors, refit_last
-from ..calibrate.stream import batches
+from ..calibrate.stream import batches, count_images
 from ..factor.nd import decouple_weight
 from ..nn.geometry import layer_kind, positions
 from ..nn.output_diff import squared_change
+from ..nn.outputs import detection_sets, flatten_output, under
 
 CRITERIA = ("energy", "data", "output")
 SENSITIVITY_NOISE = 0.1  # relative RMS of the noise put on a layer's output to measure its effect
@@ -69,6 +70,8 @@ def collect_moments(
     none: it is priced by its kernel energy.
     """
     names = [n for n in names if moments_fit(model.get_submodule(n))]
+    count = count_images(images)
+    positions = {n: positions_for(model.get_submodule(n), count) for n in names}
     moments = {
         n: (Moments.zeros(model.get_submodule(n)), Moments.zeros(model.get_submodule(n)))
         for n in names
@@ -78,10 +81,11 @@ def collect_moments(
     def hook(mod, inp, out, name):
         fit, val = moments[name]
         mask = current["held"]
+        index, at = current["index"], positions[name]
         if (~mask).any():
-            fit.add(mod, inp[0].cpu()[~mask], out.cpu()[~mask])
+            fit.add(mod, inp[0].cpu()[~mask], out.cpu()[~mask], positions=at, first=index[~mask])
         if mask.any():
-            val.add(mod, inp[0].cpu()[mask], out.cpu()[mask])
+            val.add(mod, inp[0].cpu()[mask], out.cpu()[mask], positions=at, first=index[mask])
 
     hooks = [
         model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n))
@@ -92,6 +96,7 @@ def collect_moments(
     try:
         for start, x in batches(images, batch_size)():
             current["held"] = held_out(start, len(x), holdout)
+            current["index"] = torch.arange(start, start + len(x))
             any_held |= bool(current["held"].any())
             model(x.to(device))
     finally:
@@ -121,7 +126,6 @@ def data_losses(
     return losses
 
 
-@torch.no_grad()
 def output_sensitivity(
     model: nn.Module,
     names: list[str],
@@ -133,7 +137,111 @@ def output_sensitivity(
 ) -> dict[str, float]:
     """How much each named layer's output error moves the network's output.
 
-    Seeded Gaussian noise of relative RMS ``noise`` is added to one layer's output at a time (per
+    The factor that turns a layer's squared relative output error into the network's squared
+    relative output change, to first order: for white noise of relative RMS ``σ`` on layer
+    ``l``'s output (scaled to each image's RMS there), the output moves by
+    ``σ²·rms_l²·‖J_l‖²_F`` per image, with ``J_l`` the Jacobian of the output with respect to the
+    layer's. A layer whose errors later layers wash out (or a residual branch next to a large
+    identity) weighs little, one feeding the classifier directly weighs much.
+
+    ``‖J_l‖²_F = E‖J_lᵀ v‖²`` for Gaussian ``v`` in output space (Hutchinson), so one backward
+    pass of a random projection of the output gives every layer's term at once: the cost of about
+    three forward passes, where adding noise to one layer at a time costs one pass per layer. A
+    model that cannot be differentiated (an op without a gradient, a forward under ``no_grad``)
+    falls back to that (:func:`noise_sensitivity`, which ``noise`` and the seed also drive).
+    """
+    try:
+        return _jacobian_sensitivity(model, names, images, max_images, batch_size, seed)
+    except (RuntimeError, _NoGradient):
+        return noise_sensitivity(model, names, images, noise, max_images, batch_size, seed)
+
+
+class _NoGradient(Exception):
+    """The output does not depend differentiably on some layer's."""
+
+
+BACKWARD_ELEMENTS = 1 << 20  # input numbers per backward chunk: its activations stay in memory
+
+
+def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(seed)
+    moved = dict.fromkeys(names, 0.0)
+    norm, seen = 0.0, 0
+    device = next(model.parameters()).device
+    probes: dict[str, list[torch.Tensor]] = {}
+    scales: dict[str, list[torch.Tensor]] = {}
+
+    def hook(mod, inp, out, name):  # a zero added to the output: its gradient is J_lᵀ v
+        delta = torch.zeros_like(out, requires_grad=True)
+        probes.setdefault(name, []).append(delta)
+        scales.setdefault(name, []).append(out.detach().pow(2).flatten(1).mean(1))
+        return out + delta
+
+    hooks = [
+        model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n))
+        for n in names
+    ]
+    try:
+        for _, x in batches(images, batch_size)():
+            x = x[: max_images - seen]
+            if not len(x):
+                break
+            seen += len(x)
+            step = max(1, BACKWARD_ELEMENTS // max(1, x[0].numel()))
+            for i in range(0, len(x), step):
+                probes.clear()
+                scales.clear()
+                with torch.enable_grad():
+                    out = model(x[i : i + step].to(device))
+                    leaves = _comparable_leaves(out)
+                    norm += sum(float(t.detach().double().square().sum()) for t in leaves)
+                    dot = sum(
+                        (t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
+                        for t in leaves
+                    )
+                    wanted = [(n, k) for n in names for k in range(len(probes.get(n, [])))]
+                    if not wanted or not isinstance(dot, torch.Tensor) or not dot.requires_grad:
+                        raise _NoGradient
+                    grads = torch.autograd.grad(
+                        dot, [probes[n][k] for n, k in wanted], allow_unused=True
+                    )
+                for (n, k), g in zip(wanted, grads, strict=True):
+                    if g is not None:
+                        per_image = g.detach().double().square().flatten(1).sum(1)
+                        moved[n] += float((per_image * scales[n][k].double()).sum())
+            if seen >= max_images:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+        probes.clear()
+    if norm == 0:
+        return dict.fromkeys(names, 1.0)
+    return {n: m / norm for n, m in moved.items()}
+
+
+def _comparable_leaves(out) -> list[torch.Tensor]:
+    """The floating-point leaves of an output that compare element by element (detections,
+    whose set depends on the data, left out), as :func:`squared_change` compares them."""
+    leaves = flatten_output(out)
+    sets = detection_sets(out)
+    return [
+        t for p, t in leaves.items()
+        if t.is_floating_point() and not any(under(p, s) for s in sets)
+    ]  # fmt: skip
+
+
+@torch.no_grad()
+def noise_sensitivity(
+    model: nn.Module,
+    names: list[str],
+    images: torch.Tensor | Iterable,
+    noise: float = SENSITIVITY_NOISE,
+    max_images: int = SENSITIVITY_IMAGES,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`output_sensitivity` by perturbation: seeded Gaussian noise of relative RMS ``noise`` is added to one layer's output at a time (per
     image, scaled to that image's RMS), and the network's squared relative output change is
     measured on the first ``max_images`` images. Divided by ``noise²``, it is the factor that
     turns the layer's squared relative output error into the network's, to first order: a layer

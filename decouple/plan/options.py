@@ -10,6 +10,7 @@ match ``FlopCounterMode``. :func:`rank_options` is what both budgets start from:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -23,6 +24,7 @@ from ..factor.nd import max_rank
 from ..nn.flops import conv_flops, count_flops, factored_flops
 from ..nn.geometry import geometry_of, kernel_of, layer_kind
 from ..nn.progress import progress_bar
+from ..nn.stopwatch import current, stage
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache, FactorOptions, candidate_ranks
 from ..surgery.rewrite import decouplable_convs
@@ -169,11 +171,18 @@ def rank_options(
         raise ValueError(f"the {criterion} criterion needs calibration images")
     names = decouplable_convs(model, config)
     p = next(model.parameters())
-    total, _ = count_flops(model, torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device))
-    shapes = probe_shapes(model, names, input_shape)
+    with stage("counting FLOPs"):
+        example = torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)
+        total, _ = count_flops(model, example)
+        shapes = probe_shapes(model, names, input_shape)
     names = [n for n in names if n in shapes]  # never called (an aux head in eval mode): kept
-    moments = collect_moments(model, names, calib_images) if criterion != "energy" else {}
-    weights = output_sensitivity(model, names, calib_images) if criterion == "output" else {}
+    moments, weights = {}, {}
+    if criterion != "energy":
+        with stage("layer moments"):
+            moments = collect_moments(model, names, calib_images)
+    if criterion == "output":
+        with stage("sensitivity"):
+            weights = output_sensitivity(model, names, calib_images)
     options, layers_flops = {}, 0
     for name in progress_bar(names, desc="pricing ranks", enabled=progress, unit="layer"):
         conv = model.get_submodule(name)
@@ -183,21 +192,28 @@ def rank_options(
         layers_flops += original
         opts = [Option(0, original, 0.0, "", "")]
         for m, o in layer_kinds(method, order, conv):
-            if m == "svd":
-                found = svd_options(
-                    conv, in_hw, out_hw, min_saving, moments.get(name), ridge, cache
-                )
-            elif m == "nd":
-                found = nd_options(conv, o, in_hw, out_hw, min_saving, moments.get(name), ridge)
-            else:
-                found = factored_options(
-                    conv, m, in_hw, out_hw, min_saving, moments.get(name), ridge, cache,
-                    config.factor_options(),
-                )  # fmt: skip
-            opts += found[1:]
+            with stage(f"pricing {m}", announce=False):
+                opts += _priced(m, o, conv, in_hw, out_hw, min_saving, moments.get(name), ridge,
+                                cache, config)[1:]  # fmt: skip
         w = weights.get(name, 1.0)  # the layer's measured effect on the network's output
         options[name] = [replace(o, loss=o.loss * w) for o in opts]
+    timings = current()
+    priced = {k: v for k, v in (timings.seconds if timings else {}).items() if k[:8] == "pricing "}
+    if timings is not None and timings.progress and sum(priced.values()) >= timings.min_seconds:
+        print("pricing: " + ", ".join(f"{k[8:]} {v:.1f} s" for k, v in priced.items()),
+              file=sys.stderr, flush=True)  # fmt: skip
     return options, total, layers_flops
+
+
+def _priced(m, o, conv, in_hw, out_hw, min_saving, moments, ridge, cache, config) -> list[Option]:
+    """One layer's options in method ``m`` (order ``o``), the original first."""
+    if m == "svd":
+        return svd_options(conv, in_hw, out_hw, min_saving, moments, ridge, cache)
+    if m == "nd":
+        return nd_options(conv, o, in_hw, out_hw, min_saving, moments, ridge)
+    return factored_options(
+        conv, m, in_hw, out_hw, min_saving, moments, ridge, cache, config.factor_options()
+    )
 
 
 def allocated_config(config: DecoupleConfig, choice: dict[str, Option | int]) -> DecoupleConfig:

@@ -9,7 +9,7 @@ from toys import images, toy
 
 from decouple import DecoupleConfig, DecoupledConv2d, decouple_, decouple_weight
 from decouple.calibrate.layerwise import calibrate_
-from decouple.calibrate.moments import Moments, patches
+from decouple.calibrate.moments import Moments, patches, patches_at, positions_for
 from decouple.calibrate.refit import Factors, refit, refit_first, refit_last
 from decouple.surgery.bn_fold import fold_batchnorm_
 
@@ -184,14 +184,48 @@ def test_bad_mode():
         calibrate_(toy(), toy(), images(4), mode="best")
 
 
-def test_large_outputs_read_the_same_positions_of_every_image_whatever_the_batching():
+@pytest.mark.parametrize("cfg", GEOMETRIES)
+def test_patches_at_some_pixels_are_those_rows_of_every_patch(cfg):
+    conv = ref_conv(cfg)
+    x = inputs(n=3)
+    every = patches(x, conv)
+    h, w = conv(x).shape[2:]
+    gen = torch.Generator().manual_seed(0)
+    b = torch.randint(0, 3, (40,), generator=gen)
+    i, j = torch.randint(0, h, (40,), generator=gen), torch.randint(0, w, (40,), generator=gen)
+    torch.testing.assert_close(patches_at(x, conv, b, i, j), every[(b * h + i) * w + j])
+
+
+def test_float32_activations_give_the_float64_moments_to_float32_precision():
+    conv = ref_conv(dict(padding=1))
+    x = inputs(n=40)
+    y = conv(x)
+    exact, fast = Moments.zeros(conv), Moments.zeros(conv)
+    exact.add(conv, x, y)
+    fast.add(conv.float(), x.float(), y.float())
+    scale = exact.xx.abs().max()
+    assert (fast.xx - exact.xx).abs().max() < 1e-5 * scale
+    assert (fast.xy - exact.xy).abs().max() < 1e-5 * exact.xy.abs().max()
+    w = conv.weight.double() * 0.9
+    assert abs(fast.relative_error(w, None) - exact.relative_error(w, None)) < 1e-5
+
+
+def test_positions_per_image_fall_as_images_grow_and_stop_at_the_cap():
+    conv = ref_conv(dict(padding=1))  # 6·9 = 54 features: MIN_SAMPLES decides
+    few, many = positions_for(conv, 16), positions_for(conv, 4096)
+    assert few == 1024 and many == 8 and positions_for(conv, None) == 1024
+    big = nn.Conv2d(512, 8, 3)  # 4,608 features: 64 samples each
+    assert positions_for(big, 512) == -(-64 * 4609 // 512)
+
+
+def test_large_outputs_read_the_same_positions_of_an_image_whatever_the_batching():
     conv = ref_conv(dict(padding=1))
     x = inputs(n=6)  # 9×9 = 81 output pixels per image
     y = conv(x)
     whole, one_by_one, every = Moments.zeros(conv), Moments.zeros(conv), Moments.zeros(conv)
     whole.add(conv, x, y, positions=30)
     for i in range(len(x)):
-        one_by_one.add(conv, x[i : i + 1], y[i : i + 1], positions=30)
+        one_by_one.add(conv, x[i : i + 1], y[i : i + 1], positions=30, first=i)
     every.add(conv, x, y, positions=81)  # as many as there are: no selection
     assert whole.count == 6 * 30 and every.count == 6 * 81
     torch.testing.assert_close(whole.xx, one_by_one.xx, rtol=1e-12, atol=1e-12)

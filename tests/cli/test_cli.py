@@ -423,6 +423,15 @@ def test_custom_out_and_report(digits_sd: Path, tmp_path: Path, capsys) -> None:
     assert json.loads(report.read_text())["totals"]["layers_decoupled"] == 4
 
 
+def test_the_report_says_where_the_time_went(digits_sd: Path, capsys) -> None:
+    code, stdout, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2")
+    assert code == 0, err
+    timings = json.loads(default_outputs(digits_sd)["report"].read_text())["timings"]
+    assert {"loading", "BN folding", "decoupling", "report"} <= set(timings["stages"])
+    assert timings["total"] >= sum(timings["stages"].values()) - 0.01  # rounded to ms
+    assert "time: " in stdout and "until the files were written" in stdout
+
+
 def test_report_given_as_markdown(digits_sd: Path, tmp_path: Path, capsys) -> None:
     code, _, err = cli(
         capsys, digits_sd, "--arch", "digits_cnn", "--rank", "2", "--report", tmp_path / "r.md"

@@ -16,7 +16,7 @@ from decouple.nn.factorized import CPConv2d
 from decouple.pipeline import compress_
 from decouple.plan.allocate import Option, allocate
 from decouple.plan.flops_budget import plan_ranks
-from decouple.plan.losses import output_sensitivity
+from decouple.plan.losses import noise_sensitivity, output_sensitivity
 from decouple.plan.options import AUTO_KINDS, allocated_config, rank_options
 from decouple.surgery.methods import FactorCache, layer_method
 from decouple.surgery.rewrite import decouple_
@@ -216,3 +216,31 @@ def test_max_change_leaves_the_model_alone_when_no_plan_is_within_reach(monkeypa
         assert torch.equal(v, before[k])
     with pytest.raises(ValueError, match=r"percentage in \[0, 100\)"):
         agreement.compress_within_change_(model, DecoupleConfig(), (3, 8, 8), 100, calib)
+
+
+def test_jacobian_sensitivity_matches_perturbing_one_layer_at_a_time():
+    """The backward-pass estimate and the noise one measure the same first-order factor."""
+    torch.manual_seed(0)
+    model = toy().eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    calib = images(256)
+    fast = output_sensitivity(model, names, calib)
+    slow = noise_sensitivity(model, names, calib, noise=0.01)
+    for n in names:
+        assert fast[n] == pytest.approx(slow[n], rel=0.25), n
+    assert fast == output_sensitivity(model, names, calib)  # seeded
+
+
+def test_a_model_without_gradients_falls_back_to_perturbation():
+    class NoGrad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            with torch.no_grad():
+                return self.a(x).mean((2, 3))
+
+    model = NoGrad().double().eval()
+    calib = images(16)
+    assert output_sensitivity(model, ["a"], calib) == noise_sensitivity(model, ["a"], calib)
