@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .calibrate.stream import Split
+from .nn import shards
 from .nn.flops import count_flops
 from .nn.outputs import class_logits, describe_output
 from .nn.progress import progress_bar
@@ -83,7 +84,7 @@ def top1(model: nn.Module, images: Iterable[torch.Tensor]) -> torch.Tensor:
                 f"the model returns {describe_output(out)}"
             )
         got.append(logits.argmax(1).cpu())
-    return torch.cat(got)
+    return torch.cat(got) if got else torch.zeros(0, dtype=torch.long)  # a share can be empty
 
 
 def compress_within_change_(
@@ -132,10 +133,11 @@ def compress_within_change_(
         raise ValueError(f"lowest must be a fraction in (0, 1); got {lowest!r}")
     decide, measure = Split(calib_images, "decide"), Split(calib_images, "measure")
     original = copy.deepcopy(model)
-    reference = top1(original, measure)
-    if len(reference) == 0:
+    reference = top1(original, measure)  # under torchrun: this process's share
+    if shards.all_sum(len(reference))[0] == 0:
         raise ValueError("max_change needs at least 4 calibration images (every 4th measures)")
-    search = ChangeSearch(max_change, cost, decide.count(), len(reference))
+    measured = int(shards.all_sum(len(reference))[0])
+    search = ChangeSearch(max_change, cost, decide.count(), measured)
     p = next(model.parameters())
     example = torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)
     flops0, _ = count_flops(original, example)
@@ -148,7 +150,8 @@ def compress_within_change_(
         key = "target_flops" if cost == "flops" else "target_latency"
         result = compress_(twin, config, input_shape, calib_images=decide, **{key: budget},
                            progress=False, **kwargs)  # fmt: skip
-        changed = 100 * float((top1(twin, measure) != reference).float().mean())
+        differ = int((top1(twin, measure) != reference).sum())
+        changed = 100 * shards.all_sum(differ)[0] / measured
         if cost == "flops":
             ratio = count_flops(twin, example)[0] / flops0
         else:

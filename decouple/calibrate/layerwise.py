@@ -98,6 +98,8 @@ def layer_moments(
             fit.add(layer, x[~held], y[~held], positions=positions, first=index[~held])
         if held.any():
             val.add(layer, x[held], y[held], positions=positions, first=index[held])
+    fit.all_sum_()  # under torchrun: every process's share (a no-op otherwise)
+    val.all_sum_()
     return fit, (val if val.count else fit)
 
 
@@ -155,7 +157,7 @@ def calibrate_(
     source = batches(images, batch_size)
     n = count_images(images)
     device = next(model.parameters()).device
-    first = next(iter(source()))[1][:1].to(device)
+    first = next(iter(batches(images, batch_size, shard=False)()))[1][:1].to(device)
     names = forward_order(model, list(layers), first)
     candidates = ("last", "alternating") if mode == "auto" else (mode,)
     records: list[CalibrationRecord] = []

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..nn import shards
 from ..nn.geometry import geometry_of, is_linear
 
 POSITIONS = 1024  # output pixels per image the moments read at most
@@ -183,6 +184,14 @@ class Moments:
                 self.xy[j] += (pj.T @ tc[:, j * (n // g) : (j + 1) * (n // g)]).cpu().double()
             self.yy += tc.double().square().sum(0).cpu()
         self.count += p.shape[0]
+
+    def all_sum_(self) -> Moments:
+        """Add up every process's moments, in place (:mod:`decouple.nn.shards`); returns self."""
+        if shards.world()[1] > 1:
+            count = torch.tensor([float(self.count)], dtype=torch.float64)
+            shards.all_sum_(self.xx, self.xy, self.yy, count)
+            self.count = int(count.item())
+        return self
 
     def error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Summed squared error per output channel of kernel ``weight`` ``(N, C/g, kh, kw)``."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn import shards
 from .segments import split
 
 Source = Callable[[], Iterator[tuple[int, torch.Tensor]]]
@@ -28,20 +29,39 @@ Source = Callable[[], Iterator[tuple[int, torch.Tensor]]]
 KEEP_BYTES = 256 << 20
 
 
-def batches(images: torch.Tensor | Iterable, batch_size: int = 32) -> Source:
+def batches(images: torch.Tensor | Iterable, batch_size: int = 32, shard: bool = True) -> Source:
     """The calibration set as a re-iterable source of ``(index of the first image, batch)``.
 
     ``images`` is a tensor ``(n, C, H, W)`` or anything iterated afresh on each pass in the same
-    order (a ``DataLoader`` without shuffling); items may be ``(images, labels)`` pairs.
+    order (a ``DataLoader`` without shuffling); items may be ``(images, labels)`` pairs. Under
+    ``torchrun`` each process gets its own batches (:mod:`decouple.nn.shards`), indexed as in
+    the whole set; ``shard=False`` gives every process all of them.
     """
+    indexed = getattr(images, "indexed_batches", None)
+    if indexed is not None:  # a part of a set (Split): indexed within the part
+        return indexed(shard)
     if isinstance(images, torch.Tensor):
-        return lambda: ((i, images[i : i + batch_size]) for i in range(0, len(images), batch_size))
+        starts = range(0, len(images), batch_size)
+        return lambda: (
+            (i, images[i : i + batch_size])
+            for k, i in enumerate(starts)
+            if not shard or shards.mine(k)
+        )
+    if shard and shards.world()[1] > 1:
+        split = shards.my_loader(images)
+        if split is not None:  # a sequential DataLoader: only this process's batches are read
+            starts, loader = split
+            return lambda: (
+                (s, item[0] if isinstance(item, (tuple, list)) else item)
+                for s, item in zip(starts, loader, strict=True)
+            )
 
     def walk() -> Iterator[tuple[int, torch.Tensor]]:
         start = 0
-        for item in images:
+        for k, item in enumerate(images):
             x = item[0] if isinstance(item, (tuple, list)) else item
-            yield start, x
+            if not shard or shards.mine(k):
+                yield start, x
             start += len(x)
 
     return walk
@@ -243,12 +263,24 @@ class Split:
         measure = (torch.arange(start, start + count) % self.every) == self.every - 1
         return measure if self.part == "measure" else ~measure
 
+    def indexed_batches(self, shard: bool = True) -> Source:
+        """This part as a source of ``(index within the part of the first image, batch)``:
+        the part's images are numbered as if it were a set of its own."""
+
+        def walk() -> Iterator[tuple[int, torch.Tensor]]:
+            for start, x in batches(self.images, shard=shard)():
+                keep = self.mask(start, len(x))
+                if keep.any():
+                    measured = start // self.every  # images of the measuring part before start
+                    first = measured if self.part == "measure" else start - measured
+                    yield first, x[keep.to(x.device)]
+
+        return walk
+
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for start, x in batches(self.images)():
-            keep = self.mask(start, len(x))
-            if keep.any():
-                yield x[keep.to(x.device)]
+        for _, x in self.indexed_batches()():
+            yield x
 
     def count(self) -> int:
-        """Images in this part (one pass over the source)."""
-        return sum(len(x) for x in self)
+        """Images in this part (one pass over the source; over every process's share)."""
+        return int(shards.all_sum(sum(len(x) for x in self))[0])

@@ -100,20 +100,26 @@ def _decouple_file(
     out_dir: Path,
 ) -> int:
     from ..io.output_set import OutputSet
-
-    # The outputs are checked and their folders made writable before any heavy work.
-    inputs = [model_path, *(Path(p) for p in (args.config, args.data, args.calib) if p)]
+    from ..nn import shards
     from ..nn.stopwatch import recording
 
-    with (
-        OutputSet.prepare(output_paths(args, model_path, out_dir), inputs, args.force) as outputs,
-        recording(progress=not args.quiet) as timings,
-    ):
-        return _decouple_into(outputs, args, config, model_path, arch, timings)
+    with shards.process_group(args.device) as args.device:  # under torchrun: this process's share
+        if not shards.is_main():  # another process: its share of the images, nothing written
+            args.quiet = True
+            with recording(progress=False) as timings:
+                return _decouple_into(None, args, config, model_path, arch, timings)
+        # The outputs are checked and their folders made writable before any heavy work.
+        inputs = [model_path, *(Path(p) for p in (args.config, args.data, args.calib) if p)]
+        paths = output_paths(args, model_path, out_dir)
+        with (
+            OutputSet.prepare(paths, inputs, args.force) as outputs,
+            recording(progress=not args.quiet) as timings,
+        ):
+            return _decouple_into(outputs, args, config, model_path, arch, timings)
 
 
 def _decouple_into(
-    outputs: OutputSet,
+    outputs: OutputSet | None,
     args: argparse.Namespace,
     config: DecoupleConfig,
     model_path: Path,
@@ -123,20 +129,15 @@ def _decouple_into(
     import torch
 
     from ..agreement import compress_within_change_
-    from ..io.checkpoint import load_decoupled
     from ..io.errors import InputError
     from ..io.evaluate import evaluate_batches
-    from ..io.manifest import name_manifest
-    from ..io.outputs import torch_bytes
+    from ..nn import shards
     from ..nn.stopwatch import stage
     from ..pipeline import compress_
-    from ..report import build_report
-    from ..surgery.recipe import make_recipe
     from .flags import make_latency_config
     from .inputs import load_cli_images
     from .model_checks import load_checked_model
 
-    paths = outputs.paths
     with stage("loading"):
         model, shape, kind, shape_note = load_checked_model(args, config, model_path, arch)
         data, calib = load_cli_images(args, arch, shape)
@@ -191,7 +192,8 @@ def _decouple_into(
         extra["calibration_images"] = calib.count
     if shape_note is not None:
         extra["input_shape_note"] = shape_note
-    inputs, extra["output_check_inputs"] = check_inputs(data, calib, args.demo)
+    # process 0's output check reads its images first: an unreadable one stops the run here
+    checked = None if outputs is None else check_inputs(data, calib, args.demo)
     if data is not None:
         n = len(data.batches)
         with stage("evaluation"):
@@ -205,6 +207,32 @@ def _decouple_into(
                 ),
             }
         original, model = original.cpu(), model.cpu()
+    if outputs is None:  # another process of a torchrun: process 0 reports and writes
+        return 0
+    with shards.alone():  # from here on process 0 works on its own
+        return _report_and_write(
+            outputs, args, original, model, config, shape, latency, extra, records, kind,
+            checked, shape_note, timings,
+        )  # fmt: skip
+
+
+def _report_and_write(
+    outputs, args, original, model, config, shape, latency, extra, records, kind, checked,
+    shape_note, timings,
+) -> int:  # fmt: skip
+    """Measure latency, export, build the report and write every file (process 0 alone)."""
+    import torch
+
+    from ..io.checkpoint import load_decoupled
+    from ..io.errors import InputError
+    from ..io.manifest import name_manifest
+    from ..io.outputs import torch_bytes
+    from ..nn.stopwatch import stage
+    from ..report import build_report
+    from ..surgery.recipe import make_recipe
+
+    paths = outputs.paths
+    inputs, extra["output_check_inputs"] = checked
     if latency is not None:
         with stage("latency"):
             extra["latency"] = _measure_latency(original, model, config, shape, latency)

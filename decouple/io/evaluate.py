@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..nn import shards
 from ..nn.outputs import class_logits, describe_output
 from ..nn.progress import progress_bar
 
@@ -39,6 +40,8 @@ def evaluate_batches(
     model.eval()
     correct1 = correct5 = n = 0
     loss = 0.0
+    if shards.world()[1] > 1:  # under torchrun: this process's batches, counts summed below
+        batches, total = shards.my_items(batches), None
     for x, y in progress_bar(batches, desc="evaluate", total=total, enabled=progress, unit="batch"):
         x, y = x.to(device), torch.as_tensor(y).to(device)
         if len(x) != len(y):
@@ -56,6 +59,8 @@ def evaluate_batches(
         correct1 += int((top[:, 0] == y).sum())
         correct5 += int((top == y[:, None]).any(dim=1).sum())
         n += len(x)
+    correct1, correct5, loss, n = shards.all_sum(correct1, correct5, loss, n)
+    correct1, correct5, n = int(correct1), int(correct5), int(n)
     if n == 0:
         raise ValueError("no images to evaluate on")
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss / n, "n": n}

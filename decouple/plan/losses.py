@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 
 import torch
@@ -22,7 +23,8 @@ from ..calibrate.reduced_rank import moments_fit
 from ..calibrate.refit import Factors, refit_last
 from ..calibrate.stream import batches, count_images
 from ..factor.nd import decouple_weight
-from ..nn.geometry import layer_kind, positions
+from ..nn import shards
+from ..nn.geometry import positions
 from ..nn.output_diff import squared_change
 from ..nn.outputs import detection_sets, flatten_output, under
 
@@ -102,7 +104,10 @@ def collect_moments(
     finally:
         for h in hooks:
             h.remove()
-    if not any_held:  # nothing held out: judge on the fit itself
+    for fit, val in moments.values():  # under torchrun: every process's share
+        fit.all_sum_()
+        val.all_sum_()
+    if not shards.all_sum(any_held)[0]:  # nothing held out: judge on the fit itself
         moments = {n: (f, f) for n, (f, _) in moments.items()}
     return moments
 
@@ -164,9 +169,8 @@ BACKWARD_ELEMENTS = 1 << 20  # input numbers per backward chunk: its activations
 
 
 def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) -> dict[str, float]:
-    gen = torch.Generator().manual_seed(seed)
     moved = dict.fromkeys(names, 0.0)
-    norm, seen = 0.0, 0
+    norm = 0.0
     device = next(model.parameters()).device
     probes: dict[str, list[torch.Tensor]] = {}
     scales: dict[str, list[torch.Tensor]] = {}
@@ -182,11 +186,10 @@ def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) ->
         for n in names
     ]
     try:
-        for _, x in batches(images, batch_size)():
-            x = x[: max_images - seen]
+        for start, x in batches(images, batch_size)():
+            x = x[: max(0, max_images - start)]  # the first max_images of the whole set
             if not len(x):
                 break
-            seen += len(x)
             step = max(1, BACKWARD_ELEMENTS // max(1, x[0].numel()))
             for i in range(0, len(x), step):
                 probes.clear()
@@ -196,8 +199,7 @@ def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) ->
                     leaves = _comparable_leaves(out)
                     norm += sum(float(t.detach().double().square().sum()) for t in leaves)
                     dot = sum(
-                        (t * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)).sum()
-                        for t in leaves
+                        (t * _probe(t, start + i, k, seed)).sum() for k, t in enumerate(leaves)
                     )
                     wanted = [(n, k) for n in names for k in range(len(probes.get(n, [])))]
                     if not wanted or not isinstance(dot, torch.Tensor) or not dot.requires_grad:
@@ -209,15 +211,35 @@ def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) ->
                     if g is not None:
                         per_image = g.detach().double().square().flatten(1).sum(1)
                         moved[n] += float((per_image * scales[n][k].double()).sum())
-            if seen >= max_images:
-                break
     finally:
         for h in hooks:
             h.remove()
         probes.clear()
+    *totals, norm = shards.all_sum(*moved.values(), norm)  # under torchrun: every share's
     if norm == 0:
         return dict.fromkeys(names, 1.0)
-    return {n: m / norm for n, m in moved.items()}
+    return {n: m / norm for n, m in zip(moved, totals, strict=True)}
+
+
+def _seeded(seed: int, image: int, k: int) -> torch.Generator:
+    """The random stream of image number ``image`` (in the whole set) for draw ``k``: draws do
+    not depend on how the images are batched or shared between processes."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + image) * 1_009 + k)
+
+
+def _probe(t: torch.Tensor, first: int, k: int, seed: int) -> torch.Tensor:
+    """A Gaussian probe shaped like output leaf ``k``, ``t``, drawn per image where ``t`` has
+    one row per image of a batch whose first is image number ``first``."""
+    if t.dim() == 0:
+        rows = torch.randn((), generator=_seeded(seed, first, k), dtype=t.dtype)
+    else:
+        rows = torch.stack(
+            [
+                torch.randn(t.shape[1:], generator=_seeded(seed, first + b, k), dtype=t.dtype)
+                for b in range(t.shape[0])
+            ]
+        )
+    return rows.to(t.device)
 
 
 def _comparable_leaves(out) -> list[torch.Tensor]:
@@ -248,29 +270,22 @@ def noise_sensitivity(
     whose errors later layers wash out (or a residual branch next to a large identity) weighs
     little, one feeding the classifier directly weighs much.
     """
-    # k×k convs draw from one stream, 1×1 convs and linear layers from another: a model's k×k
-    # layers get the same noise (and plans) as before the low-rank layers joined the planner.
-    streams = {
-        True: torch.Generator().manual_seed(seed),
-        False: torch.Generator().manual_seed(seed + 1),
-    }
-    kxk = {n: layer_kind(model.get_submodule(n)) == "kxk" for n in names}
     moved = dict.fromkeys(names, 0.0)
     norm = 0.0
-    seen = 0
     device = next(model.parameters()).device
-    for _, x in batches(images, batch_size)():
-        x = x[: max_images - seen].to(device)
+    for start, x in batches(images, batch_size)():
+        x = x[: max(0, max_images - start)].to(device)  # the first max_images of the whole set
         if not len(x):
             break
-        seen += len(x)
         clean = model(x)  # any structure: summed over the leaves comparable element by element
         norm += squared_change(clean, clean)[1]
         for name in names:
+            # noise drawn per image and layer (by name: the same whichever layers are priced)
+            key = zlib.crc32(name.encode())
 
-            def hook(mod, inp, out, gen=streams[kxk[name]]):
+            def hook(mod, inp, out, k=key, first=start):
                 rms = out.pow(2).flatten(1).mean(1).sqrt().view(-1, *([1] * (out.dim() - 1)))
-                z = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device)
+                z = _probe(out, first, k, seed)
                 return out + noise * rms * z
 
             h = model.get_submodule(name).register_forward_hook(hook)
@@ -278,8 +293,7 @@ def noise_sensitivity(
                 moved[name] += squared_change(clean, model(x))[0]
             finally:
                 h.remove()
-        if seen >= max_images:
-            break
+    *totals, norm = shards.all_sum(*moved.values(), norm)  # under torchrun: every share's
     if norm == 0:
         return dict.fromkeys(names, 1.0)
-    return {n: m / norm / noise**2 for n, m in moved.items()}
+    return {n: m / norm / noise**2 for n, m in zip(moved, totals, strict=True)}

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..nn import shards
+
 RUNTIMES = ("eager", "channels-last", "onnxruntime")
 
 
@@ -154,6 +156,12 @@ def time_prepared(
         The blocks merged (one time per call for each block: median and IQR over blocks), and
         the number of calls timed.
     """
+    # under torchrun process 0 times alone and tells the others: a plan decided by timings must
+    # come out the same in every process
+    return shards.from_main(_time_prepared, prepared, min_run_time, warmup, threads, blocks)
+
+
+def _time_prepared(prepared: Prepared, min_run_time, warmup, threads, blocks):
     benchmark = _benchmark()
     for _ in range(warmup):
         prepared.fn(prepared.arg)
