@@ -21,7 +21,10 @@ Writes ``results/scale.csv`` after every run (a rerun skips the rows already the
 
     pip install -e '.[dev,vision]' && python experiments/scale_bench.py
 
-It takes about an hour on 2 CPU cores.
+It takes about an hour on 2 CPU cores. ``--planner`` runs the default planner's rows instead
+(``--target-flops 0.5`` and ``--target-latency 0.6 --runtime onnxruntime``, 512 calibration
+images; ``--budgets flops`` for one; ``--device cuda --tag _cuda`` on a GPU) into
+``results/scale_planner*.csv``; every run rewrites ``results/scale.md`` from all the csv files.
 """
 
 from __future__ import annotations
@@ -90,19 +93,21 @@ def run_child(cmd: list[str], log: Path) -> tuple[int, float, float]:
     return proc.returncode, time.perf_counter() - start, usage.ru_maxrss / 1e6  # KB -> GB
 
 
-def forward_seconds(name: str, calib: Path, n: int, batch: int) -> float:
+def forward_seconds(name: str, calib: Path, n: int, batch: int, device: str = "cpu") -> float:
     """One plain forward pass of the original over the first-``n`` sample, through the same
     pipeline as the CLI's ``--calib`` (decode, resize, crop, normalise), in a child process."""
     code = f"""
 import time, torch, torchvision
 from decouple.io.datasets import loader, open_images
 from decouple.io.preprocess import default_preprocess
-model = torchvision.models.get_model({name!r}, weights=None).eval()
+model = torchvision.models.get_model({name!r}, weights=None).eval().to({device!r})
 data = open_images({str(calib)!r}, default_preprocess({name!r}), labelled=False, limit={n})
 start = time.perf_counter()
 with torch.no_grad():
     for x, _ in loader(data, {batch}):
-        model(x)
+        model(x.to({device!r}))
+if {device!r} == "cuda":
+    torch.cuda.synchronize()
 print(time.perf_counter() - start)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
@@ -111,17 +116,17 @@ print(time.perf_counter() - start)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, fields=None) -> list[dict]:
     if not path.exists():
         return []
     with open(path) as f:
         return list(csv.DictReader(f))
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
+def write_rows(path: Path, rows: list[dict], fields=None) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv")
     with os.fdopen(fd, "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
+        w = csv.DictWriter(f, fields or FIELDS)
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
@@ -180,6 +185,102 @@ def bench(args) -> list[dict]:
             write_rows(path, rows)
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     return rows
+
+
+PLANNER_FIELDS = [
+    "model", "budget", "device", "calib_images", "peak_rss_gb", "wall_s", "calibration_s",
+    "forward_s", "calibration_per_forward", "flops_ratio", "stages",
+]  # fmt: skip
+PLANNER_RUNS = {  # the default planner (auto, output criterion) at ImageNet size
+    "flops": ["--target-flops", "0.5"],
+    "latency": ["--target-latency", "0.6", "--runtime", "onnxruntime"],
+}
+
+
+def bench_planner(args) -> list[dict]:
+    """The default path: ``--target-flops 0.5`` and ``--target-latency 0.6 --runtime
+    onnxruntime`` with ``--calib-size`` images, per model; wall time, peak RSS and every
+    stage's seconds (the report's ``timings``)."""
+    work = Path(args.work)
+    n = args.planner_calib
+    make_images(work, 0, n)
+    path = args.out / f"scale_planner{args.tag}.csv"
+    rows = read_rows(path, PLANNER_FIELDS)
+    done = {(r["model"], r["budget"], r["device"], r["calib_images"]) for r in rows}
+    import torch
+    import torchvision
+
+    for name in args.models:
+        ckpt = work / f"{name}.pt"
+        if not ckpt.exists():
+            torch.manual_seed(0)
+            torch.save(torchvision.models.get_model(name, weights=None).state_dict(), ckpt)
+        for budget in args.budgets:
+            if (name, budget, args.device, str(n)) in done:
+                continue
+            out = work / "out" / f"{name}-{budget}-{args.device}.pt"
+            out.parent.mkdir(exist_ok=True)
+            cmd = [
+                sys.executable, "-m", "decouple", str(ckpt), "--arch", name,
+                *PLANNER_RUNS[budget], "--calib", str(work / "calib"), "--calib-size", str(n),
+                "--batch-size", str(args.batch_size), "--device", args.device,
+                "--out", str(out), "--force",
+            ]  # fmt: skip
+            log = out.with_suffix(".log")
+            print(" ".join(cmd), flush=True)
+            status, wall, rss = run_child(cmd, log)
+            if status != 0:
+                tail = log.read_text().strip().splitlines()[-1:]
+                print(f"{name} {budget}: exit {status}: {tail}", flush=True)
+                continue
+            report = json.loads(out.with_name(out.stem + ".report.json").read_text())
+            calib_s = report["calibration_seconds"]
+            fwd = forward_seconds(name, work / "calib", n, args.batch_size, args.device)
+            totals = report["totals"]
+            row = {
+                "model": name, "budget": budget, "device": args.device, "calib_images": n,
+                "peak_rss_gb": round(rss, 3), "wall_s": round(wall, 1),
+                "calibration_s": round(calib_s, 1), "forward_s": round(fwd, 2),
+                "calibration_per_forward": round(calib_s / fwd, 2),
+                "flops_ratio": round(totals["flops_before"] / totals["flops_after"], 3),
+                "stages": json.dumps(report["timings"]["stages"]),
+            }  # fmt: skip
+            rows.append(row)
+            write_rows(path, rows, PLANNER_FIELDS)
+            print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def planner_lines(rows: list[dict]) -> list[str]:
+    """The planner table and each run's stages, for scale.md."""
+    lines = [
+        "## The default planner at ImageNet size",
+        "",
+        "Written by `python experiments/scale_bench.py --planner` (and `--device cuda --tag _cuda`",
+        "where a GPU was lent): `auto` with the output criterion, calibration images generated as",
+        "above, batch 32. Peak RSS is the CLI child's own; the stages come from the report's",
+        "`timings`; the forward pass is one plain pass of the original over the same images.",
+        "",
+        "| model | budget | device | calibration images | peak RSS (GB) | wall (s) | "
+        "calibration (s) | calibration / forward | FLOPs ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {' '.join(PLANNER_RUNS[r['budget']])} | {r['device']} | "
+            f"{r['calib_images']} | {r['peak_rss_gb']} | {r['wall_s']} | {r['calibration_s']} | "
+            f"{r['calibration_per_forward']} | {r['flops_ratio']} |"
+        )
+    lines.append("")
+    for r in rows:
+        stages = json.loads(r["stages"])
+        top = sorted(stages.items(), key=lambda kv: -kv[1])
+        lines.append(
+            f"- {r['model']} `{' '.join(PLANNER_RUNS[r['budget']])}` on {r['device']}: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in top if v >= 1)
+            + "."
+        )
+    return lines + [""]
 
 
 def linear_fit(xs, ys) -> tuple[float, float, float]:
@@ -258,6 +359,9 @@ def summarize(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "scale.png", dpi=120)
     lines += ["", "![memory and time against the number of images](scale.png)", ""]
+    planner = [r for f in sorted(out.glob("scale_planner*.csv")) for r in read_rows(f)]
+    if planner:
+        lines += planner_lines(planner)
     (out / "scale.md").write_text("\n".join(lines))
 
 
@@ -272,9 +376,17 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "decouple-scale"))
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--planner", action="store_true", help="the default planner's rows instead")
+    p.add_argument("--budgets", nargs="+", choices=list(PLANNER_RUNS), default=list(PLANNER_RUNS))
+    p.add_argument("--planner-calib", type=int, default=512, help="calibration images (planner)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--tag", default="", help="suffix of the planner's csv (e.g. _cuda)")
     args = p.parse_args()
-    rows = bench(args)
-    summarize(rows, args.out)
+    if args.planner:
+        bench_planner(args)
+    else:
+        bench(args)
+    summarize(read_rows(args.out / "scale.csv"), args.out)
     print(f"wrote {args.out / 'scale.md'}")
 
 

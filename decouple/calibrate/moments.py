@@ -20,10 +20,11 @@ from ..nn.geometry import geometry_of, is_linear
 
 POSITIONS = 1024  # output pixels per image the moments read at most
 # Samples (output pixels over all images) a layer's moments read: SAMPLES_PER_FEATURE per
-# feature of its patches, at least MIN_SAMPLES. On the CIFAR ResNets 64 per feature keeps the
-# calibrated top-1 of reading every pixel (experiments/moment_samples.py) at a fraction of the
-# cost, which grows as samples × features².
-SAMPLES_PER_FEATURE = 64
+# feature of its patches, at least MIN_SAMPLES. Their cost grows as samples × features², so as
+# features³; on the CIFAR nets with
+# the floor off, 16 per feature kept the top-1 of reading every pixel
+# (experiments/default_path_cost.py).
+SAMPLES_PER_FEATURE = 16
 MIN_SAMPLES = 1 << 15
 
 _PAD_MODES = {
@@ -117,6 +118,13 @@ class Moments:
             torch.zeros(g, f + 1, n // g, **z),
             torch.zeros(n, **z),
         )
+
+    @staticmethod
+    def zeros_bytes(conv: nn.Module) -> int:
+        """Bytes :meth:`zeros` takes for ``conv`` (float64 ``xx``, ``xy``, ``yy``)."""
+        g = geometry_of(conv)
+        f = g.in_channels // g.groups * g.kernel_size[0] * g.kernel_size[1]
+        return 8 * (g.groups * (f + 1) ** 2 + (f + 1) * g.out_channels + g.out_channels)
 
     @torch.no_grad()
     def add(

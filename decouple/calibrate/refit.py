@@ -120,59 +120,94 @@ def _solve_1x1(h, m: Moments, j: int, w0, b0, ridge: float):
     None: no bias) are the current weights, the ridge's anchor. Returns the new pair.
     """
     xx, xb, cnt, xy, yb = _split(m, j)
-    a, b = h @ xx @ h.T, h @ xy
+    return _solve_features(h @ xx @ h.T, h @ xy, h @ xb, cnt, yb, w0, b0, ridge)
+
+
+def _solve_features(a, b, col, cnt, yb, w0, b0, ridge: float):
+    """:func:`_solve_1x1` from the features' moments: ``a = Σ z zᵀ``, ``b = Σ z yᵀ``,
+    ``col = Σ z``; ``cnt``, ``yb``: pixels and target sums (the bias is one more feature)."""
     if b0 is not None:  # the bias is one more feature, constant 1
-        col = h @ xb
         a = torch.cat([torch.cat([a, col[:, None]], 1), torch.cat([col, cnt[None]])[None]], 0)
         b = torch.cat([b, yb[None]], 0)
         w0 = torch.cat([w0, b0[None]], 0)
     w = _ridge_solve(a, b, w0, ridge)
-    r = h.shape[0]
+    r = w.shape[0] - (b0 is not None)
     return w[:r], (w[-1] if b0 is not None else None)
+
+
+# Output channels whose pw-dw systems are built at once: bounds the (n, T, k, C, k) temporary.
+PW_DW_CHUNK = 32
 
 
 def refit_last(fac: Factors, m: Moments, ridge: float = 1e-4) -> Factors:
     """Refit the factor that runs last (and the bias), the first factor fixed."""
-    out = fac.copy()
+    t = fac.depthwise.shape[1]
+    return refit_last_ranks(fac, m, [t], ridge)[t]
+
+
+def refit_last_ranks(fac: Factors, m: Moments, ranks, ridge: float = 1e-4) -> dict[int, Factors]:
+    """:func:`refit_last` of ``fac`` truncated to each rank of ``ranks`` (its top terms).
+
+    The normal equations at a lower rank are a block of those at the full rank (the first
+    factor's terms are nested), so they are built once and each rank solves its block: pricing
+    every ``T`` costs one build, not one per ``T``.
+    """
     n, cg, kh, kw = fac.weight_shape
-    g, k, t = fac.groups, kh * kw, fac.depthwise.shape[1]
+    g, k, top = fac.groups, kh * kw, fac.depthwise.shape[1]
+    ranks = sorted({min(int(r), top) for r in ranks})
     ng = n // g
     has_bias = fac.bias is not None
+    outs = {}
+    for t in ranks:
+        o = fac.copy()
+        o.depthwise, o.pointwise = o.depthwise[:, :t].clone(), o.pointwise[:, :t].clone()
+        outs[t] = o
     for j in range(g):
         ns = slice(j * ng, (j + 1) * ng)
+        xx, xb, cnt, xy, yb = _split(m, j)
+        xx4 = xx.reshape(cg, k, cg, k)
+        b0 = fac.bias[ns] if has_bias else None
         if fac.order == "dw-pw":
             cs = slice(j * cg, (j + 1) * cg)
-            # features z_(c,t) = <d_ct, patch_c>: a block-diagonal map of the patch
-            phi = torch.einsum(
-                "ctk,cd->ctdk", fac.depthwise[cs], torch.eye(cg, dtype=torch.float64)
-            )
-            phi = phi.reshape(cg * t, cg * k)
-            w0 = fac.pointwise[cs].reshape(cg * t, ng)
-            w, b = _solve_1x1(phi, m, j, w0, fac.bias[ns] if has_bias else None, ridge)
-            out.pointwise[cs] = w.reshape(cg, t, ng)
+            # features z_(c,t) = <d_ct, patch_c>: each reads one channel's patch
+            d = fac.depthwise[cs]  # (Cg, T, K)
+            big_a = torch.einsum("ctdl,dsl->ctds", torch.einsum("ctk,ckdl->ctdl", d, xx4), d)
+            big_b = torch.einsum("ctk,ckn->ctn", d, xy.reshape(cg, k, ng))
+            big_col = torch.einsum("ctk,ck->ct", d, xb.reshape(cg, k))
+            for t in ranks:
+                w0 = fac.pointwise[cs, :t].reshape(cg * t, ng)
+                a = big_a[:, :t, :, :t].reshape(cg * t, cg * t)
+                b, col = big_b[:, :t].reshape(cg * t, ng), big_col[:, :t].reshape(cg * t)
+                w, bias = _solve_features(a, b, col, cnt, yb, w0, b0, ridge)
+                outs[t].pointwise[cs] = w.reshape(cg, t, ng)
+                if has_bias:
+                    outs[t].bias[ns] = bias
+            continue
+        p = fac.pointwise[ns]  # (Ng, T, Cg): each output channel has its own system
+        big_b = torch.einsum("ntc,ckn->ntk", p, xy.reshape(cg, k, ng))
+        big_col = torch.einsum("ntc,ck->ntk", p, xb.reshape(cg, k))
+        big_a = torch.empty(ng, top, k, top, k, dtype=xx.dtype)
+        for i in range(0, ng, PW_DW_CHUNK):
+            pc = p[i : i + PW_DW_CHUNK]
+            q = torch.einsum("ntc,ckdl->ntkdl", pc, xx4)
+            big_a[i : i + PW_DW_CHUNK] = torch.einsum("ntkdl,nsd->ntksl", q, pc)
+        for t in ranks:
+            a = big_a[:, :t, :, :t].reshape(ng, t * k, t * k)
+            b = big_b[:, :t].reshape(ng, t * k, 1)
+            w0 = fac.depthwise[ns, :t].reshape(ng, t * k, 1)
             if has_bias:
-                out.bias[ns] = b
-        else:
-            xx, xb, cnt, xy, yb = _split(m, j)
-            p = fac.pointwise[ns]  # (Ng, T, Cg)
-            xx4 = xx.reshape(cg, k, cg, k)
-            q = torch.einsum("ntc,ckdl->ntkdl", p, xx4)
-            a = torch.einsum("ntkdl,nsd->ntksl", q, p).reshape(ng, t * k, t * k)
-            b = torch.einsum("ntc,ckn->ntk", p, xy.reshape(cg, k, ng)).reshape(ng, t * k, 1)
-            w0 = fac.depthwise[ns].reshape(ng, t * k, 1)
-            if has_bias:
-                col = torch.einsum("ntc,ck->ntk", p, xb.reshape(cg, k)).reshape(ng, t * k, 1)
+                col = big_col[:, :t].reshape(ng, t * k, 1)
                 corner = cnt.expand(ng, 1, 1)
                 a = torch.cat(
                     [torch.cat([a, col], 2), torch.cat([col.transpose(1, 2), corner], 2)], 1
                 )
                 b = torch.cat([b, yb.reshape(ng, 1, 1)], 1)
-                w0 = torch.cat([w0, fac.bias[ns].reshape(ng, 1, 1)], 1)
+                w0 = torch.cat([w0, b0.reshape(ng, 1, 1)], 1)
             w = _ridge_solve(a, b, w0, ridge)
-            out.depthwise[ns] = w[:, : t * k, 0].reshape(ng, t, k)
+            outs[t].depthwise[ns] = w[:, : t * k, 0].reshape(ng, t, k)
             if has_bias:
-                out.bias[ns] = w[:, -1, 0]
-    return out
+                outs[t].bias[ns] = w[:, -1, 0]
+    return outs
 
 
 def refit_first(fac: Factors, m: Moments, ridge: float = 1e-4) -> Factors:

@@ -20,7 +20,7 @@ from torch import nn
 from ..calibrate.layerwise import held_out
 from ..calibrate.moments import Moments, positions_for
 from ..calibrate.reduced_rank import moments_fit
-from ..calibrate.refit import Factors, refit_last
+from ..calibrate.refit import Factors, refit_last_ranks
 from ..calibrate.stream import batches, count_images
 from ..factor.nd import decouple_weight
 from ..nn import shards
@@ -124,11 +124,9 @@ def data_losses(
     """Squared relative output error (held out) at ``T = 1 … full``, after a last-factor refit."""
     fit, val = moments
     full = decouple_weight(conv.weight, None, order, conv.groups)
-    losses = []
-    for t in range(1, full.max_rank + 1):
-        fac = refit_last(Factors.from_decoupling(full.truncated(t), conv.bias), fit, ridge)
-        losses.append(val.relative_error(fac.weight(), fac.bias) ** 2)
-    return losses
+    start = Factors.from_decoupling(full.truncated(full.max_rank), conv.bias)
+    fits = refit_last_ranks(start, fit, range(1, full.max_rank + 1), ridge)  # one build
+    return [val.relative_error(f.weight(), f.bias) ** 2 for _, f in sorted(fits.items())]
 
 
 def output_sensitivity(

@@ -177,14 +177,19 @@ def rank_options(
         shapes = probe_shapes(model, names, input_shape)
     names = [n for n in names if n in shapes]  # never called (an aux head in eval mode): kept
     moments, weights = {}, {}
-    if criterion != "energy":
-        with stage("layer moments"):
-            moments = collect_moments(model, names, calib_images)
     if criterion == "output":
         with stage("sensitivity"):
             weights = output_sensitivity(model, names, calib_images)
+    # Moments for a few layers at a time, priced and dropped: all of ResNet-50's hold 2.4 GB.
+    chunks = iter(moment_chunks(model, names) if criterion != "energy" else [])
+    chunk: list[str] = []
     options, layers_flops = {}, 0
     for name in progress_bar(names, desc="pricing ranks", enabled=progress, unit="layer"):
+        if criterion != "energy" and name not in chunk:
+            moments = {}  # the last chunk's go before the next chunk's come
+            chunk = next(chunks)
+            with stage("layer moments"):
+                moments = collect_moments(model, chunk, calib_images)
         conv = model.get_submodule(name)
         method, order = method_and_order(config, name)
         in_hw, out_hw = shapes[name]
@@ -203,6 +208,27 @@ def rank_options(
         print("pricing: " + ", ".join(f"{k[8:]} {v:.1f} s" for k, v in priced.items()),
               file=sys.stderr, flush=True)  # fmt: skip
     return options, total, layers_flops
+
+
+MOMENT_BYTES = 1 << 30  # the planner's moments held at once (one pass over the images each)
+
+
+def moment_chunks(
+    model: nn.Module, names: list[str], budget: int = MOMENT_BYTES
+) -> list[list[str]]:
+    """``names`` in order, cut into runs whose fit and held-out moments take at most ``budget``
+    bytes (a layer larger than that alone)."""
+    chunks: list[list[str]] = [[]]
+    used = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        size = 2 * Moments.zeros_bytes(layer)
+        if chunks[-1] and used + size > budget:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(name)
+        used += size
+    return [c for c in chunks if c]
 
 
 def _priced(m, o, conv, in_hw, out_hw, min_saving, moments, ridge, cache, config) -> list[Option]:

@@ -8,6 +8,7 @@ from torch import nn
 from toys import images, toy
 
 from decouple import DecoupleConfig, DecoupledConv2d, decouple_, decouple_weight
+from decouple.calibrate import moments
 from decouple.calibrate.layerwise import calibrate_
 from decouple.calibrate.moments import Moments, patches, patches_at, positions_for
 from decouple.calibrate.refit import Factors, refit, refit_first, refit_last
@@ -214,8 +215,8 @@ def test_positions_per_image_fall_as_images_grow_and_stop_at_the_cap():
     conv = ref_conv(dict(padding=1))  # 6·9 = 54 features: MIN_SAMPLES decides
     few, many = positions_for(conv, 16), positions_for(conv, 4096)
     assert few == 1024 and many == 8 and positions_for(conv, None) == 1024
-    big = nn.Conv2d(512, 8, 3)  # 4,608 features: 64 samples each
-    assert positions_for(big, 512) == -(-64 * 4609 // 512)
+    big = nn.Conv2d(512, 8, 3)  # 4,608 features: SAMPLES_PER_FEATURE samples each
+    assert positions_for(big, 512) == -(-moments.SAMPLES_PER_FEATURE * 4609 // 512)
 
 
 def test_large_outputs_read_the_same_positions_of_an_image_whatever_the_batching():
@@ -234,3 +235,28 @@ def test_large_outputs_read_the_same_positions_of_an_image_whatever_the_batching
     reference.add(conv, x, y, positions=None)
     torch.testing.assert_close(every.xx, reference.xx, rtol=1e-12, atol=1e-12)
     assert whole.relative_error(conv.weight, conv.bias) < 1e-6  # the conv itself: no error
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize(("groups", "bias"), [(1, True), (2, False)])
+def test_every_rank_from_one_build_is_each_rank_refit_alone(order, groups, bias):
+    """refit_last_ranks solves blocks of the full-rank system: the same as refitting each
+    truncation on its own."""
+    from decouple.calibrate.refit import refit_last_ranks
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1, groups=groups, bias=bias)
+    x = torch.randn(20, 8, 6, 6)
+    y = conv(x).detach() + 0.1 * torch.randn(20, 6, 6, 6)
+    m = Moments.zeros(conv)
+    m.add(conv, x, y)
+    full = decouple_weight(conv.weight, None, order, groups)
+    every = refit_last_ranks(
+        Factors.from_decoupling(full, conv.bias), m, range(1, full.max_rank + 1)
+    )
+    assert sorted(every) == list(range(1, full.max_rank + 1))
+    for t, got in every.items():
+        alone = refit_last(Factors.from_decoupling(full.truncated(t), conv.bias), m)
+        torch.testing.assert_close(got.weight(), alone.weight(), rtol=0, atol=1e-10)
+        if bias:
+            torch.testing.assert_close(got.bias, alone.bias, rtol=0, atol=1e-10)

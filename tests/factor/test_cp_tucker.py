@@ -195,3 +195,22 @@ def test_split_results_every_form():
         w, f, errors = split_cp_result(form)
         assert w.shape == (2,) and len(f) == 4
     assert split_cp_result((CPTensor((weights, cpf)), [0.3, 0.2]))[2] == [0.3, 0.2]
+
+
+@pytest.mark.parametrize(("shape", "ranks"), [((12, 10, 3, 3), (5, 7)), ((16, 6, 3, 1), (16, 4))])
+def test_tucker_hooi_matches_tensorly_partial_tucker(shape, ranks):
+    """Our HOOI (eigh of Gram matrices) reaches tensorly's fit: the same projections, so the
+    same kernel, whatever the rotation of each factor."""
+    from decouple.factor.tensorly_compat import run_partial_tucker
+    from decouple.factor.tucker import hooi2
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    core, out, inp = hooi2(w, *ranks)
+    ours = torch.einsum("abij,na,cb->ncij", core, out, inp)
+    c, (u0, u1) = run_partial_tucker(w.numpy(), ranks, 0)
+    theirs = torch.einsum(
+        "abij,na,cb->ncij", *(torch.as_tensor(np.asarray(t)) for t in (c, u0, u1))
+    )
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-9)
+    eye = torch.eye(ranks[0], dtype=torch.float64)
+    torch.testing.assert_close(out.T @ out, eye, rtol=0, atol=1e-10)

@@ -244,3 +244,23 @@ def test_a_model_without_gradients_falls_back_to_perturbation():
     model = NoGrad().double().eval()
     calib = images(16)
     assert output_sensitivity(model, ["a"], calib) == noise_sensitivity(model, ["a"], calib)
+
+
+def test_moments_priced_a_few_layers_at_a_time_give_the_same_options(monkeypatch):
+    """The planner holds the moments of a chunk of layers at once; however small the chunks,
+    the options (and so the plan) are those of holding them all."""
+    from decouple.plan import options as opts_module
+
+    x = images(32)
+    config = DecoupleConfig(method="auto")
+    whole, _, _ = rank_options(toy(), config, (3, 8, 8), "data", x)
+    assert len(opts_module.moment_chunks(toy(), list(whole), budget=1)) == len(whole)
+    monkeypatch.setattr(opts_module, "moment_chunks", lambda m, n, budget=1: [[name] for name in n])
+    alone, _, _ = rank_options(toy(), config, (3, 8, 8), "data", x)
+    assert whole.keys() == alone.keys()
+    for name in whole:
+        assert [(o.rank, o.method, o.order) for o in whole[name]] == [
+            (o.rank, o.method, o.order) for o in alone[name]
+        ]
+        for a, b in zip(whole[name], alone[name], strict=True):
+            assert a.loss == pytest.approx(b.loss, rel=1e-9, abs=1e-15)
