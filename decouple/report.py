@@ -257,7 +257,11 @@ def _timings_line(t: dict) -> str:
     parts = [f"{k} {v:.1f} s" for k, v in t["stages"].items() if v >= 0.01 * total]
     if t.get("other", 0) >= 0.01 * total:
         parts.append(f"other {t['other']:.1f} s")
-    return f"time: {total:.1f} s until the files were written ({', '.join(parts)})"
+    line = f"time: {total:.1f} s until the files were written ({', '.join(parts)})"
+    if t.get("peak_rss_gb"):  # the stage that set the peak last holds the highest figure
+        where, gb = max(t["peak_rss_gb"].items(), key=lambda kv: kv[1])
+        line += f"; peak memory {gb:.2f} GB, reached in {where}"
+    return line
 
 
 def _method_text(r: LayerRecord) -> str:

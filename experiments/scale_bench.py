@@ -189,7 +189,7 @@ def bench(args) -> list[dict]:
 
 PLANNER_FIELDS = [
     "model", "budget", "device", "calib_images", "peak_rss_gb", "wall_s", "calibration_s",
-    "forward_s", "calibration_per_forward", "flops_ratio", "stages",
+    "forward_s", "calibration_per_forward", "flops_ratio", "stages", "peak_stage",
 ]  # fmt: skip
 PLANNER_RUNS = {  # the default planner (auto, output criterion) at ImageNet size
     "flops": ["--target-flops", "0.5"],
@@ -244,6 +244,8 @@ def bench_planner(args) -> list[dict]:
                 "calibration_per_forward": round(calib_s / fwd, 2),
                 "flops_ratio": round(totals["flops_before"] / totals["flops_after"], 3),
                 "stages": json.dumps(report["timings"]["stages"]),
+                "peak_stage": max(peaks, key=peaks.get) if (peaks := report["timings"].get(
+                    "peak_rss_gb")) else "",
             }  # fmt: skip
             rows.append(row)
             write_rows(path, rows, PLANNER_FIELDS)
@@ -278,6 +280,7 @@ def planner_lines(rows: list[dict]) -> list[str]:
         lines.append(
             f"- {r['model']} `{' '.join(PLANNER_RUNS[r['budget']])}` on {r['device']}: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in top if v >= 1)
+            + (f"; peak memory reached in {r['peak_stage']}" if r.get("peak_stage") else "")
             + "."
         )
     return lines + [""]

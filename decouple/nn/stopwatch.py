@@ -1,4 +1,5 @@
-"""Where a run's time goes: seconds per stage, and a progress line as each stage ends.
+"""Where a run's time goes: seconds per stage, the stages that raised the peak memory, and a
+progress line as each stage ends.
 
 The CLI (or any caller) opens :func:`recording`; every stage of the pipeline, however deep, wraps
 its work in ``with stage("pricing cp"):``. Stages add up under their name (CP is priced layer by
@@ -27,6 +28,7 @@ class Timings:
     """Seconds per stage, in the order stages first ran."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    peaks: dict[str, float] = field(default_factory=dict)  # GB: the stages that raised the peak
     progress: bool = False
     min_seconds: float = ANNOUNCE_SECONDS
     started: float = field(default_factory=time.perf_counter)
@@ -47,6 +49,7 @@ class Timings:
             "stages": stages,
             "other": round(max(0.0, total - sum(self.seconds.values())), 3),
             "total": round(total, 3),
+            "peak_rss_gb": {k: round(v, 3) for k, v in self.peaks.items()},
         }
 
 
@@ -56,6 +59,16 @@ _CURRENT: ContextVar[Timings | None] = ContextVar("decouple_timings", default=No
 def current() -> Timings | None:
     """The timings being recorded, if any."""
     return _CURRENT.get()
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far, in GB (0 where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1e9 if sys.platform == "darwin" else 1e6)  # bytes on macOS, KiB elsewhere
 
 
 @contextmanager
@@ -81,12 +94,14 @@ def stage(name: str, announce: bool = True) -> Iterator[None]:
         yield
         return
     timings._depth += 1
-    start = time.perf_counter()
+    start, peak = time.perf_counter(), peak_rss_gb()
     try:
         yield
     finally:
         timings._depth -= 1
         took = time.perf_counter() - start
         timings.add(name, took)
+        if (now := peak_rss_gb()) > peak:  # this stage raised the process's peak memory
+            timings.peaks[name] = now
         if timings.progress and announce and took >= timings.min_seconds:
             print(f"[{timings.total():7.1f} s] {name}: {took:.1f} s", file=sys.stderr, flush=True)

@@ -35,3 +35,25 @@ def test_progress_prints_one_line_per_announced_stage(capsys):
             pass
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "loading:" in err[0]
+
+
+def test_the_stages_that_raise_the_peak_memory_are_named(monkeypatch):
+    from decouple.nn import stopwatch
+
+    readings = iter([1.0, 1.0, 1.0, 2.5, 2.5, 2.5])  # (enter, exit) of three stages
+    monkeypatch.setattr(stopwatch, "peak_rss_gb", lambda: next(readings))
+    with recording() as t:
+        with stage("loading"):
+            pass
+        with stage("pricing"):
+            pass
+        with stage("writing"):
+            pass
+    assert t.to_dict()["peak_rss_gb"] == {"pricing": 2.5}
+    assert stopwatch.peak_rss_gb is not None
+
+
+def test_peak_memory_is_read_from_the_os():
+    from decouple.nn.stopwatch import peak_rss_gb
+
+    assert 0.01 < peak_rss_gb() < 1000  # a Python process with torch loaded
