@@ -210,7 +210,9 @@ def rank_options(
     return options, total, layers_flops
 
 
-MOMENT_BYTES = 3 << 28  # 768 MiB: the planner's moments held at once (one pass over the images each)
+MOMENT_BYTES = (
+    3 << 28
+)  # 768 MiB: the planner's moments held at once (one pass over the images each)
 
 
 def moment_chunks(
