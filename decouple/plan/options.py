@@ -210,9 +210,8 @@ def rank_options(
     return options, total, layers_flops
 
 
-MOMENT_BYTES = (
-    3 << 28
-)  # 768 MiB: the planner's moments held at once (one pass over the images each)
+# The planner's moments held at once (768 MiB; one pass over the images for each chunk)
+MOMENT_BYTES = 3 << 28
 
 
 def moment_chunks(
