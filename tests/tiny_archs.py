@@ -116,3 +116,19 @@ class NoTensorOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict:
         return {"channels": int(self.conv(x).shape[1]), "note": None}
+
+
+def write_small_cnn_files(folder, n: int) -> None:
+    """A seeded small_cnn state_dict (``net.pt``, BN variances away from 1), ``n`` labelled
+    3×8×8 images (``data.pt``, 4 classes) and the same images reversed, unlabelled, to
+    calibrate on (``calib.pt``)."""
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    torch.save(model.state_dict(), folder / "net.pt")
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8)
+    torch.save({"images": images, "labels": torch.arange(n) % 4}, folder / "data.pt")
+    torch.save({"images": images.flip(0)}, folder / "calib.pt")

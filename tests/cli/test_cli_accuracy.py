@@ -15,16 +15,7 @@ def files(tmp_path):
     """A small_cnn state_dict, labelled images and unlabelled calibration images (3×8×8)."""
     import tiny_archs
 
-    torch.manual_seed(0)
-    model = tiny_archs.small_cnn().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
-    torch.save(model.state_dict(), tmp_path / "net.pt")
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (40, 3, 8, 8), generator=g, dtype=torch.uint8)
-    torch.save({"images": images, "labels": torch.arange(40) % 4}, tmp_path / "data.pt")
-    torch.save({"images": images.flip(0)}, tmp_path / "calib.pt")
+    tiny_archs.write_small_cnn_files(tmp_path, 40)
     return tmp_path
 
 

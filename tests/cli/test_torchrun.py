@@ -23,16 +23,7 @@ def files(tmp_path):
     number of batches of 16, so the two processes' shares differ in size."""
     import tiny_archs
 
-    torch.manual_seed(0)
-    model = tiny_archs.small_cnn().eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_var.uniform_(0.5, 2.0)
-    torch.save(model.state_dict(), tmp_path / "net.pt")
-    g = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (100, 3, 8, 8), generator=g, dtype=torch.uint8)
-    torch.save({"images": images, "labels": torch.arange(100) % 4}, tmp_path / "data.pt")
-    torch.save({"images": images.flip(0)}, tmp_path / "calib.pt")
+    tiny_archs.write_small_cnn_files(tmp_path, 100)
     return tmp_path
 
 
