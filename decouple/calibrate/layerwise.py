@@ -95,9 +95,9 @@ def layer_moments(
         index = torch.arange(start, start + len(x))
         x, y = x.to("cpu"), y.to("cpu", torch.float32)  # targets as the in-memory version kept them
         if (~held).any():
-            fit.add(layer, x[~held], y[~held], positions=positions, first=index[~held])
+            fit.add(layer, x[~held], y[~held], positions=positions, index=index[~held])
         if held.any():
-            val.add(layer, x[held], y[held], positions=positions, first=index[held])
+            val.add(layer, x[held], y[held], positions=positions, index=index[held])
     fit.all_sum_()  # under torchrun: every process's share (a no-op otherwise)
     val.all_sum_()
     return fit, (val if val.count else fit)

@@ -135,7 +135,7 @@ class Moments:
         chunk: int = 8192,
         max_elements: int = 1 << 25,
         positions: int | None = POSITIONS,
-        first: int | torch.Tensor = 0,
+        index: int | torch.Tensor = 0,
     ) -> None:
         """Accumulate the patches of ``x`` under ``conv``'s geometry against targets ``y``.
 
@@ -146,8 +146,8 @@ class Moments:
         accurate as the activations they read: checked against float64 in the tests), summed
         into float64. Where
         an output has more than ``positions`` pixels, each image contributes that many, drawn at
-        random per image and seeded by its index in the set (``first``: the batch's first, or every
-        image's as a tensor),
+        random per image and seeded by its index in the set (``index``: the batch's first image's,
+        or every image's as a tensor),
         so the moments do not depend on how the images are batched or sharded. A linear layer's
         inputs ``(..., C)`` are read as a 1×1 conv's, one position per row.
         """
@@ -160,7 +160,7 @@ class Moments:
         width = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
         step = max(1, max_elements // max(1, min(hw, keep or hw) * width))
         chunk = min(chunk, max(256, (1 << 24) // (width + 1)))  # a 4,609-wide patch: 3,640 rows
-        index = first if isinstance(first, torch.Tensor) else torch.arange(len(x)) + first
+        index = index if isinstance(index, torch.Tensor) else torch.arange(len(x)) + index
         for i in range(0, len(x), step):
             self._add(conv, x[i : i + step], y[i : i + step], chunk, keep, index[i : i + step])
 

@@ -85,9 +85,9 @@ def collect_moments(
         mask = current["held"]
         index, at = current["index"], positions[name]
         if (~mask).any():
-            fit.add(mod, inp[0].cpu()[~mask], out.cpu()[~mask], positions=at, first=index[~mask])
+            fit.add(mod, inp[0].cpu()[~mask], out.cpu()[~mask], positions=at, index=index[~mask])
         if mask.any():
-            val.add(mod, inp[0].cpu()[mask], out.cpu()[mask], positions=at, first=index[mask])
+            val.add(mod, inp[0].cpu()[mask], out.cpu()[mask], positions=at, index=index[mask])
 
     hooks = [
         model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n))

@@ -226,7 +226,7 @@ def test_large_outputs_read_the_same_positions_of_an_image_whatever_the_batching
     whole, one_by_one, every = Moments.zeros(conv), Moments.zeros(conv), Moments.zeros(conv)
     whole.add(conv, x, y, positions=30)
     for i in range(len(x)):
-        one_by_one.add(conv, x[i : i + 1], y[i : i + 1], positions=30, first=i)
+        one_by_one.add(conv, x[i : i + 1], y[i : i + 1], positions=30, index=i)
     every.add(conv, x, y, positions=81)  # as many as there are: no selection
     assert whole.count == 6 * 30 and every.count == 6 * 81
     torch.testing.assert_close(whole.xx, one_by_one.xx, rtol=1e-12, atol=1e-12)
