@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
-__all__ = ["Timings", "current", "recording", "stage"]
+__all__ = ["Timings", "announce_group", "current", "recording", "stage"]
 
 
 ANNOUNCE_SECONDS = 0.5  # a stage quicker than this gets no progress line: it was not waited for
@@ -59,6 +59,19 @@ _CURRENT: ContextVar[Timings | None] = ContextVar("decouple_timings", default=No
 def current() -> Timings | None:
     """The timings being recorded, if any."""
     return _CURRENT.get()
+
+
+def announce_group(prefix: str) -> None:
+    """One progress line for the stages named ``prefix …`` (``pricing: nd 1.2 s, cp 3.4 s``),
+    whose own lines were not announced, once they took :attr:`Timings.min_seconds` together."""
+    timings = _CURRENT.get()
+    if timings is None or not timings.progress:
+        return
+    group = {k[len(prefix) + 1 :]: v for k, v in timings.seconds.items()
+             if k.startswith(prefix + " ")}  # fmt: skip
+    if group and sum(group.values()) >= timings.min_seconds:
+        parts = ", ".join(f"{k} {v:.1f} s" for k, v in group.items())
+        print(f"{prefix}: {parts}", file=sys.stderr, flush=True)
 
 
 def peak_rss_gb() -> float:

@@ -10,7 +10,6 @@ match ``FlopCounterMode``. :func:`rank_options` is what both budgets start from:
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 from dataclasses import replace
 
@@ -24,7 +23,7 @@ from ..factor.nd import max_rank
 from ..nn.flops import conv_flops, count_flops, factored_flops
 from ..nn.geometry import geometry_of, kernel_of, layer_kind
 from ..nn.progress import progress_bar
-from ..nn.stopwatch import current, stage
+from ..nn.stopwatch import announce_group, stage
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache, FactorOptions, candidate_ranks
 from ..surgery.rewrite import decouplable_convs
@@ -202,11 +201,7 @@ def rank_options(
                                 cache, config)[1:]  # fmt: skip
         w = weights.get(name, 1.0)  # the layer's measured effect on the network's output
         options[name] = [replace(o, loss=o.loss * w) for o in opts]
-    timings = current()
-    priced = {k: v for k, v in (timings.seconds if timings else {}).items() if k[:8] == "pricing "}
-    if timings is not None and timings.progress and sum(priced.values()) >= timings.min_seconds:
-        print("pricing: " + ", ".join(f"{k[8:]} {v:.1f} s" for k, v in priced.items()),
-              file=sys.stderr, flush=True)  # fmt: skip
+    announce_group("pricing")  # one line for the per-method stages, entered layer by layer
     return options, total, layers_flops
 
 

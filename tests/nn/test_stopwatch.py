@@ -57,3 +57,17 @@ def test_peak_memory_is_read_from_the_os():
     from decouple.nn.stopwatch import peak_rss_gb
 
     assert 0.01 < peak_rss_gb() < 1000  # a Python process with torch loaded
+
+
+def test_a_group_of_silent_stages_gets_one_line(capsys):
+    from decouple.nn import stopwatch
+
+    with recording(progress=True, min_seconds=0.0) as t:
+        t.add("pricing nd", 1.25)
+        t.add("pricing cp", 2.5)
+        t.add("calibration", 9.0)
+        stopwatch.announce_group("pricing")
+        stopwatch.announce_group("writing")  # nothing of that name: no line
+    assert capsys.readouterr().err == "pricing: nd 1.2 s, cp 2.5 s\n"
+    stopwatch.announce_group("pricing")  # not recording: silent
+    assert capsys.readouterr().err == ""
