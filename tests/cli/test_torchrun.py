@@ -33,6 +33,7 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("WORLD_SIZE", None)
+    env["TMPDIR"] = str(cwd)  # torchrun's torchelastic_* folders go with the test's, not /tmp
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "decouple", *args]  # fmt: skip
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
