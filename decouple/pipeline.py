@@ -31,6 +31,7 @@ from .plan.options import allocated_config
 from .runtime.latency import LatencyConfig
 from .runtime.realize import ORIGINAL, RealizationChoice, choose_realizations_, confirm_on_model_
 from .surgery.bn_fold import fold_batchnorm_
+from .surgery.chains import prune_chain_
 from .surgery.config import DecoupleConfig
 from .surgery.methods import FactorCache, is_factored, recipe_entry
 from .surgery.rewrite import LayerRecord, decouplable_convs, decouple_with_fold_info
@@ -99,6 +100,7 @@ def compress_(
     target_latency: float | None = None,
     latency: LatencyConfig | None = None,
     realize: bool = False,
+    prune: bool = True,
 ) -> CompressResult:
     """Fold BN, optionally allocate ranks under a budget, decouple, optionally calibrate, optionally
     give every layer its fastest realization; in place.
@@ -136,6 +138,11 @@ def compress_(
         ``target_flops``, whose FLOPs plan holds
         (:func:`decouple.runtime.realize.choose_realizations_`); then check the choice on the whole
         model (:func:`decouple.runtime.realize.confirm_on_model_`). Implied by ``target_latency``.
+    prune : bool, default True
+        Under ``target_flops`` with ``calib_images`` and a refit, also offer channel pruning of
+        chains (a layer feeding a 1×1 conv or linear layer through channel-wise steps, not at the
+        end of a residual branch; :mod:`decouple.surgery.chains`), priced by the same planner;
+        the consumer is refit by calibration.
 
     Raises
     ------
@@ -156,13 +163,13 @@ def compress_(
     with transaction(model, "compress_", save_data=is_factored):
         return _compress(
             model, config, input_shape, target_flops, criterion, calib_images, refit, ridge,
-            min_saving, progress, cache, target_latency, latency, realize,
+            min_saving, progress, cache, target_latency, latency, realize, prune,
         )  # fmt: skip
 
 
 def _compress(
     model, config, input_shape, target_flops, criterion, calib_images, refit, ridge, min_saving,
-    progress, cache, target_latency, latency, realize,
+    progress, cache, target_latency, latency, realize, prune,
 ) -> CompressResult:  # fmt: skip
     """:func:`compress_` once its inputs are checked, inside its transaction."""
     latency = latency or LatencyConfig()
@@ -187,9 +194,10 @@ def _compress(
         # Energy by default: with calibration it kept as much accuracy as the data criterion on
         # the CIFAR ResNets (results/README.md), at a fraction of the cost.
         criterion = criterion or "energy"
+        # Pruning needs the refit that calibration does after it: offered only when one follows.
         allocation = plan_ranks(
             model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge,
-            cache, progress,
+            cache, progress, prune=prune and calib_images is not None and refit != "none",
         )  # fmt: skip
     uncalled: set[str] = set()
     if allocation is not None:
@@ -206,6 +214,9 @@ def _compress(
     originals = {n: model.get_submodule(n) for n in decouplable_convs(model, plain)}
     with stage("decoupling"):
         records, _ = decouple_with_fold_info(model, plain, cache=cache)
+    if allocation is not None and allocation.pruned:
+        with stage("pruning"):
+            _prune_(model, records, allocation.pruned)
     for r in records:
         r.bn_folded = folded.get(r.name)
         if allocation is not None and r.name in allocation.reasons:
@@ -271,6 +282,22 @@ def _compress(
     return CompressResult(
         records, fold_error, allocation, calibration, lplan, choices, whole, seconds
     )
+
+
+def _prune_(model: nn.Module, records: list[LayerRecord], pruned: dict) -> None:
+    """Prune each allocated chain (the consumer keeps its own columns until calibration refits
+    it) and say so in the producers' and consumers' records."""
+    by_name = {r.name: r for r in records}
+    for producer, (chain, keep) in pruned.items():
+        prune_chain_(model, chain, keep)
+        rec = by_name[producer]
+        rec.action, rec.method, rec.rank, rec.max_rank = "pruned", "prune", len(keep), chain.width
+        rec.rank_text = f"k={len(keep)}/{chain.width}"
+        rec.structure = chain.to_dict(len(keep))
+        for name in (producer, chain.consumer):
+            by_name[name].params_after = sum(
+                p.numel() for p in model.get_submodule(name).parameters()
+            )
 
 
 def _note_latency(rec: LayerRecord, layer, before_ms: float, after_ms: float, real: str) -> None:

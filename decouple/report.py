@@ -59,9 +59,11 @@ class Report:
         dec = self.decoupled
         conv_before = sum(r.flops_before or 0 for r in dec)
         conv_after = sum(r.flops_after or 0 for r in dec)
+        pruned = sum(r.action == "pruned" for r in self.layers)
         return {
             "layers_decoupled": len(dec),
-            "layers_kept": len(self.layers) - len(dec),
+            "layers_pruned": pruned,
+            "layers_kept": len(self.layers) - len(dec) - pruned,
             "params_before": self.params_before,
             "params_after": self.params_after,
             "params_ratio": _ratio(self.params_before, self.params_after),
@@ -97,7 +99,8 @@ class Report:
             )
             if r.groups > 1:
                 shape += f" g{r.groups}"
-            dec = r.action == "decoupled"
+            dec = r.action in ("decoupled", "pruned")
+            resized = dec or r.params_after != r.params_before  # a pruned chain's consumer
             note = r.reason + (f"; BN {r.bn_folded} folded" if r.bn_folded else "")
             if dec and r.realization and r.realization not in r.reason:
                 note += f"; runs as {r.realization}"
@@ -106,9 +109,9 @@ class Report:
                 shape,
                 _method_text(r) if dec else "-",
                 (r.rank_text or f"{r.rank}/{r.max_rank}") if dec else "-",
-                f"{r.rel_error:.4f}" if dec else "-",
-                f"{r.params_before:,} -> {r.params_after:,}" if dec else f"{r.params_before:,}",
-                _mflops(r.flops_before, r.flops_after) if dec else _mflops(r.flops_before),
+                f"{r.rel_error:.4f}" if dec and r.rel_error is not None else "-",
+                f"{r.params_before:,} -> {r.params_after:,}" if resized else f"{r.params_before:,}",
+                _mflops(r.flops_before, r.flops_after) if resized else _mflops(r.flops_before),
                 note,
             ]
             if timed:
@@ -120,8 +123,9 @@ class Report:
         t = self.totals()
         what = "layers" if any(r.kind == "linear" for r in self.layers) else "convs"
         lines = [
-            f"decoupled {t['layers_decoupled']} of {len(self.layers)} {what} "
-            f"(FLOPs at input {tuple(self.input_shape)}, batch 1)",
+            f"decoupled {t['layers_decoupled']} of {len(self.layers)} {what}"
+            + (f", pruned the channels of {t['layers_pruned']}" if t["layers_pruned"] else "")
+            + f" (FLOPs at input {tuple(self.input_shape)}, batch 1)",
             f"params: {t['params_before']:,} -> {t['params_after']:,} ({_fewer(t['params_ratio'])})",
             f"FLOPs:  {t['flops_before']:,} -> {t['flops_after']:,} ({_fewer(t['flops_ratio'])}"
             + (

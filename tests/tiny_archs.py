@@ -24,6 +24,20 @@ def small_cnn() -> nn.Module:
     )
 
 
+def pooled_head() -> nn.Module:
+    """A stem, a 3×3 conv of 16 channels, global pool, linear: the conv → linear chain can be
+    pruned."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    )
+
+
 def pointwise_only() -> nn.Module:
     """Only 1×1 convs: nothing that network decoupling applies to."""
     return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1))

@@ -24,8 +24,9 @@ from ..nn.factorized import FactorizedConv2d
 from ..nn.geometry import kernel_of
 from ..nn.progress import progress_bar
 from ..nn.transaction import in_place
-from ..surgery.methods import FACTORED_LAYERS, is_factored
+from ..surgery.methods import FACTORED_LAYERS
 from .moments import Moments, positions_for
+from .prune import refit_on
 from .reduced_rank import MAX_MOMENT_ELEMENTS, moments_fit, refit_lowrank, ridges
 from .refit import (
     MAX_SYSTEM,
@@ -103,7 +104,12 @@ def layer_moments(
     return fit, (val if val.count else fit)
 
 
-@in_place(save_data=is_factored)  # refits write into the factored layers: copies undo a failure
+def _refit_target(module: nn.Module) -> bool:
+    """A layer calibration refits: a factored layer, or the consumer of a pruned chain."""
+    return isinstance(module, FACTORED_LAYERS) or hasattr(module, "decouple_chain")
+
+
+@in_place(save_data=_refit_target)  # refits write into the layers: copies undo a failure
 @torch.no_grad()
 def calibrate_(
     model: nn.Module,
@@ -120,7 +126,9 @@ def calibrate_(
     """Refit every factored layer of ``model`` in place, in forward order.
 
     Network decoupling layers refit either factor (see :mod:`decouple.calibrate.refit`); CP and
-    Tucker layers refit their last 1×1 conv (``last``; ``alternating`` means the same for them).
+    Tucker layers refit their last 1×1 conv (``last``; ``alternating`` means the same for them);
+    the consumer of a pruned chain (:mod:`decouple.surgery.chains`) is refit whole on the channels
+    it still reads, whatever the mode.
     Images stream through both networks in mini-batches, so memory does not grow with their
     number (:mod:`decouple.calibrate.stream`).
 
@@ -149,7 +157,7 @@ def calibrate_(
     """
     if mode not in REFIT_MODES:
         raise ValueError(f"refit mode must be one of {', '.join(REFIT_MODES)}; got {mode!r}")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, FACTORED_LAYERS)}
+    layers = {n: m for n, m in model.named_modules() if _refit_target(m)}
     if mode == "none" or not layers:
         return []
     model.eval()
@@ -178,6 +186,9 @@ def calibrate_(
             m_fit, m_val = layer_moments(
                 _ticking(xs.run(name, "input"), bar), ys.run(name, "output"), layer, holdout, n
             )
+            if hasattr(layer, "decouple_chain"):
+                records.append(_refit_pruned(layer, name, m_fit, m_val, ridge))
+                continue
             if getattr(layer, "method", "") == "svd":
                 anchor = kernel_of(reference.get_submodule(name))
                 records.append(
@@ -241,6 +252,31 @@ def _refit_factorized(
         w.copy_(out.reshape(w.shape).to(w.device, w.dtype))
         if new_bias is not None:
             layer.bias.copy_(new_bias.to(layer.bias.device, layer.bias.dtype))
+    return CalibrationRecord(name, best, err["data-free"], err[best], err)
+
+
+@torch.no_grad()
+def _refit_pruned(
+    layer: nn.Module, name: str, m_fit: Moments, m_val: Moments, ridge: float
+) -> CalibrationRecord:
+    """The consumer of a pruned chain: least squares on the channels it still reads (``full``),
+    at the ridge best on held-out images; kept as it is (its own columns) if that measures
+    better."""
+    err = {"data-free": m_val.relative_error(layer.weight, layer.bias)}
+    every = torch.arange(layer.weight.shape[1])
+    best_w = None
+    for lam in ridges(ridge):
+        w, b = refit_on(m_fit, every, lam)
+        e = m_val.relative_error(w.reshape(layer.weight.shape), b)
+        if e < err.get("full", float("inf")):
+            err["full"], best_w = e, (w, b)
+    best = min(err, key=err.get)
+    if best == "full":
+        w, b = best_w
+        layer.weight.copy_(
+            w.reshape(layer.weight.shape).to(layer.weight.device, layer.weight.dtype)
+        )
+        layer.bias.copy_(b.to(layer.bias.device, layer.bias.dtype))
     return CalibrationRecord(name, best, err["data-free"], err[best], err)
 
 

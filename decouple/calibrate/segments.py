@@ -15,15 +15,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from ..surgery.methods import FACTORED_LAYERS
-
-
-class _Tracer(fx.Tracer):
-    # Every nn.Conv2d stays a leaf, plain or not (decouple.nn.discover): a leaf only means the
-    # segment calls the module object; tracing into a custom forward would gain nothing.
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (*FACTORED_LAYERS, nn.Conv2d)) or super().is_leaf_module(m, qualname)
-
+from ..surgery.chains import LeafTracer
 
 _INPLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "iand", "ior", "ixor"}
 
@@ -71,7 +63,7 @@ def split(model: nn.Module, names: list[str]) -> tuple[list[fx.GraphModule], dic
         exactly once.
     """
     try:
-        graph = _Tracer().trace(model)
+        graph = LeafTracer().trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "no segments"
         raise ValueError(f"cannot trace the model: {type(e).__name__}") from None
     calls = {n: [node for node in graph.nodes if node.op == "call_module" and node.target == n]

@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="calibration refit: last factor, alternating, the better per layer (auto), or none",
     )
+    p.add_argument(
+        "--no-prune",
+        action="store_true",
+        help="with --target-flops and --calib, never prune channels (by default the planner may "
+        "drop a layer's output channels where it feeds a 1x1 conv or linear layer, and refit it)",
+    )
     images = p.add_argument_group(
         "images (--data, --calib): streamed in mini-batches, prepared like the arch's weights"
     )

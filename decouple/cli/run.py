@@ -154,6 +154,7 @@ def _decouple_into(
         "progress": not args.quiet,  # on stderr: stdout holds only the report
         "latency": latency,
         "realize": latency is not None,
+        "prune": not args.no_prune,
     }
     search = None
     if args.max_change is not None:
@@ -181,7 +182,7 @@ def _decouple_into(
     model = model.cpu()
     records = result.records
     timed_out = any(r.reason.startswith("kept: not faster") for r in records)
-    if not timed_out and not any(r.action == "decoupled" for r in records):
+    if not timed_out and not any(r.action in ("decoupled", "pruned") for r in records):
         seen = ", ".join(sorted({r.reason for r in records})) or "no Conv2d or Linear at all"
         raise InputError(f"nothing to decouple in {model_path}: every layer was kept ({seen})")
 

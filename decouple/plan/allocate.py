@@ -9,7 +9,7 @@ less than ``min_saving`` of a layer's cost is never offered: such a layer is bet
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MIN_SAVING = 0.1  # a rank must save at least this fraction of a layer's FLOPs to be offered
 
@@ -31,6 +31,8 @@ class Option:
         ``svd R=64``."""
         if self.rank == 0:
             return "keep"
+        if self.method == "prune":
+            return f"prune k={self.rank}"
         if self.method == "nd":
             return f"nd {self.order} T={self.rank}"
         return f"{self.method} {'r' if self.method == 'tucker' else 'R'}={self.rank}"
@@ -46,6 +48,8 @@ class Allocation:
     target_flops: int
     criterion: str = ""
     unit: str = "FLOPs"  # or "ns": a latency budget, costs measured per layer
+    # producer -> (chain, channels kept): chains pruned (the producer's option is "prune")
+    pruned: dict = field(default_factory=dict)
 
     @property
     def total_flops(self) -> int:
@@ -75,19 +79,82 @@ def layer_options(
     return opts
 
 
+@dataclass(frozen=True)
+class _Joint:
+    """One choice for a chain unit: an option for each of its two layers."""
+
+    parts: tuple[tuple[str, Option], tuple[str, Option]]
+
+    @property
+    def cost(self) -> int:
+        return sum(o.cost for _, o in self.parts)
+
+    @property
+    def loss(self) -> float:
+        return sum(o.loss for _, o in self.parts)
+
+
+def _joint_options(options: dict[str, list[Option]], unit) -> list[_Joint]:
+    """Every pair of the producer's and consumer's options, and pruning (the consumer kept and
+    refit, its cost inside the pruning option's), less the pairs another beats on both counts."""
+    p, q = unit.chain.producer, unit.chain.consumer
+    pairs = [_Joint(((p, a), (q, b))) for a in options[p] for b in options[q]]
+    pairs += [_Joint(((p, o), (q, Option(0, 0, 0.0, "", "")))) for o in unit.options]
+    pareto, best = [], float("inf")
+    for j in sorted(pairs, key=lambda j: (j.cost, j.loss)):
+        if j.loss < best:
+            pareto.append(j)
+            best = j.loss
+    return pareto
+
+
 def allocate(
-    options: dict[str, list[Option]], fixed_flops: int, target_flops: int, unit: str = "FLOPs"
+    options: dict[str, list[Option]],
+    fixed_flops: int,
+    target_flops: int,
+    unit: str = "FLOPs",
+    units: list | None = None,
 ) -> Allocation:
     """Greedy multiple-choice knapsack: cheapest everywhere, then best loss saved per unit cost.
 
     Costs are FLOPs, or nanoseconds (``unit="ns"``) for a latency budget; ``fixed_flops`` is the
-    cost of everything not on offer.
+    cost of everything not on offer. ``units`` (:class:`~decouple.plan.prune_options.ChainUnit`)
+    join a producer and its consumer into one choice that may also prune the chain.
     """
-    choice = {n: min(opts, key=lambda o: (o.cost, o.loss)) for n, opts in options.items()}
+    units = units or []
+    by_producer = {u.chain.producer: u for u in units}
+    slots: dict = {n: opts for n, opts in options.items()}
+    for u in units:
+        slots.pop(u.chain.consumer)
+        slots[u.chain.producer] = _joint_options(options, u)
+    picked = _greedy(slots, fixed_flops, target_flops)
+    choice, pruned = {}, {}
+    for n, o in picked.items():
+        if not isinstance(o, _Joint):
+            choice[n] = o
+            continue
+        choice.update(dict(o.parts))
+        (_, po), _ = o.parts
+        if po.method == "prune":
+            u = by_producer[n]
+            pruned[n] = (u.chain, sorted(u.order[: po.rank]))
+    choice = {n: choice[n] for n in options}  # the layers' own order
+    plan = _explained(options, choice, fixed_flops, target_flops, unit)
+    for n, (chain, keep) in pruned.items():
+        plan.reasons[chain.consumer] = (
+            f"kept, refit on the {len(keep)} of {chain.width} channels {n} keeps"
+        )
+    plan.pruned = pruned
+    return plan
+
+
+def _greedy(slots: dict, fixed_flops: int, target_flops: int) -> dict:
+    """The greedy pass of :func:`allocate` over any options with a ``cost`` and a ``loss``."""
+    choice = {n: min(opts, key=lambda o: (o.cost, o.loss)) for n, opts in slots.items()}
     total = fixed_flops + sum(o.cost for o in choice.values())
     while True:
         best, best_ratio = None, 0.0
-        for n, opts in options.items():
+        for n, opts in slots.items():
             cur = choice[n]
             for o in opts:
                 d_flops, d_loss = o.cost - cur.cost, cur.loss - o.loss
@@ -100,6 +167,11 @@ def allocate(
         n, o = best
         total += o.cost - choice[n].cost
         choice[n] = o
+    return choice
+
+
+def _explained(options, choice, fixed_flops, target_flops, unit) -> Allocation:
+    """The allocation with a reason per layer: kept, or which option won and over what."""
     reasons = {}
     for n, o in choice.items():
         if o.rank == 0:

@@ -29,19 +29,30 @@ def plan_ranks(
     ridge: float = 1e-4,
     cache: FactorCache | None = None,
     progress: bool = False,
+    prune: bool = False,
 ) -> Allocation:
     """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
 
     ``target_flops`` is a fraction of the whole model's FLOPs as ``FlopCounterMode`` counts them
     for one input of ``input_shape``; layers not decoupled count at their full cost.
-    ``progress`` shows a bar over the layers being priced.
+    ``progress`` shows a bar over the layers being priced; ``prune`` also offers channel
+    pruning of chains (:mod:`decouple.plan.prune_options`; a refit must follow).
     """
     if not 0 < target_flops <= 1:
         raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
-    options, total, layers_flops = rank_options(
-        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache, progress
+    options, total, layers_flops, units = rank_options(
+        model,
+        config,
+        input_shape,
+        criterion,
+        calib_images,
+        min_saving,
+        ridge,
+        cache,
+        progress,
+        prune,
     )
     with stage("allocation"):
-        plan = allocate(options, total - layers_flops, int(target_flops * total))
+        plan = allocate(options, total - layers_flops, int(target_flops * total), units=units)
     plan.criterion = criterion
     return plan

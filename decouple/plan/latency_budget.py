@@ -125,7 +125,7 @@ def plan_latency(
         raise ValueError(f"target_latency must be a fraction in (0, 1]; got {target_latency!r}")
     latency = latency or LatencyConfig()
     cache = cache if cache is not None else FactorCache()
-    flops_options, _, _ = rank_options(
+    flops_options, _, _, _ = rank_options(
         model, config, input_shape, criterion, calib_images, min_saving, ridge, cache, progress
     )
     example = latency.example(input_shape, next(model.parameters()).dtype)

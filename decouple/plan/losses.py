@@ -172,11 +172,13 @@ def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) ->
     device = next(model.parameters()).device
     probes: dict[str, list[torch.Tensor]] = {}
     scales: dict[str, list[torch.Tensor]] = {}
+    shares: dict[str, list[torch.Tensor]] = {}
 
     def hook(mod, inp, out, name):  # a zero added to the output: its gradient is J_lᵀ v
         delta = torch.zeros_like(out, requires_grad=True)
         probes.setdefault(name, []).append(delta)
         scales.setdefault(name, []).append(out.detach().pow(2).flatten(1).mean(1))
+        shares.setdefault(name, []).append(_mean_share(inp[0].detach()))
         return out + delta
 
     hooks = [
@@ -192,6 +194,7 @@ def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) ->
             for i in range(0, len(x), step):
                 probes.clear()
                 scales.clear()
+                shares.clear()
                 with torch.enable_grad():
                     out = model(x[i : i + step].to(device))
                     leaves = _comparable_leaves(out)
@@ -207,7 +210,7 @@ def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) ->
                     )
                 for (n, k), g in zip(wanted, grads, strict=True):
                     if g is not None:
-                        per_image = g.detach().double().square().flatten(1).sum(1)
+                        per_image = _moved(g.detach().double(), shares[n][k])
                         moved[n] += float((per_image * scales[n][k].double()).sum())
     finally:
         for h in hooks:
@@ -217,6 +220,32 @@ def _jacobian_sensitivity(model, names, images, max_images, batch_size, seed) ->
     if norm == 0:
         return dict.fromkeys(names, 1.0)
     return {n: m / norm for n, m in zip(moved, totals, strict=True)}
+
+
+def _mean_share(x: torch.Tensor) -> torch.Tensor:
+    """Per image, the share of a conv input's energy that is constant over the image; 0 for
+    other inputs. Each image's own: it does not depend on how images are batched or shared.
+
+    A layer's approximation error is a fixed linear map of its input, so it is about as constant
+    over the image as the input is: after ReLUs much of it is. Such an error survives global
+    pooling whole, where white noise of the same size is averaged away.
+    """
+    if x.dim() != 4:
+        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    x = x.double()
+    total = x.square().sum((1, 2, 3)).clamp_min(1e-300)
+    return x.mean((2, 3)).square().sum(1) * x.shape[2] * x.shape[3] / total
+
+
+def _moved(g: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """Per image, ``‖J_lᵀ v‖²`` for an error whose ``share`` is constant over positions: the
+    white part moves the output by ``Σ g²``, the constant part by ``Σ_c (Σ_p g_cp)²``."""
+    white = g.square().flatten(1).sum(1)
+    if g.dim() != 4:
+        return white
+    constant = g.sum((2, 3)).square().sum(1)
+    share = share.to(g.device)
+    return (1 - share) * white + share * constant
 
 
 def _seeded(seed: int, image: int, k: int) -> torch.Generator:
@@ -284,6 +313,10 @@ def noise_sensitivity(
             def hook(mod, inp, out, k=key, first=start):
                 rms = out.pow(2).flatten(1).mean(1).sqrt().view(-1, *([1] * (out.dim() - 1)))
                 z = _probe(out, first, k, seed)
+                if out.dim() == 4:  # the share of the error constant over positions, as above
+                    share = _mean_share(inp[0]).to(out.dtype).view(-1, 1, 1, 1)
+                    flat = _probe(out[:, :, :1, :1], first, k + 1, seed)
+                    z = (1 - share).sqrt() * z + share.sqrt() * flat
                 return out + noise * rms * z
 
             h = model.get_submodule(name).register_forward_hook(hook)

@@ -24,6 +24,7 @@ from ..nn.flops import conv_flops, count_flops, factored_flops
 from ..nn.geometry import geometry_of, kernel_of, layer_kind
 from ..nn.progress import progress_bar
 from ..nn.stopwatch import announce_group, stage
+from ..surgery.chains import Chain, find_chains
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache, FactorOptions, candidate_ranks
 from ..surgery.rewrite import decouplable_convs
@@ -36,6 +37,7 @@ from .losses import (
     output_sensitivity,
     probe_shapes,
 )
+from .prune_options import ChainUnit, chain_flops, prune_unit, select_units
 
 # What ``method="auto"`` prices for every layer: both orders of network decoupling, CP, Tucker-2.
 AUTO_KINDS = (("nd", "dw-pw"), ("nd", "pw-dw"), ("cp", ""), ("tucker", ""))
@@ -157,12 +159,15 @@ def rank_options(
     ridge: float = 1e-4,
     cache: FactorCache | None = None,
     progress: bool = False,
-) -> tuple[dict[str, list[Option]], int, int]:
-    """Every decouplable layer's options priced in FLOPs, with the model's and those layers' FLOPs.
+    prune: bool = False,
+) -> tuple[dict[str, list[Option]], int, int, list[ChainUnit]]:
+    """Every decouplable layer's options priced in FLOPs, with the model's and those layers'
+    FLOPs, and the chains that may be pruned (:mod:`decouple.plan.prune_options`).
 
     Each layer is priced with its own method (``config.method`` or its override); ``cache`` keeps
     the CP and Tucker factorizations for the decoupling that follows. ``progress`` shows a bar
-    over the layers (CP-ALS at every candidate rank can take minutes).
+    over the layers (CP-ALS at every candidate rank can take minutes). ``prune`` offers channel
+    pruning where ``auto`` prices on data (a refit must follow: the caller's promise).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {', '.join(CRITERIA)}; got {criterion!r}")
@@ -173,8 +178,14 @@ def rank_options(
     with stage("counting FLOPs"):
         example = torch.zeros((1, *input_shape), dtype=p.dtype, device=p.device)
         total, _ = count_flops(model, example)
-        shapes = probe_shapes(model, names, input_shape)
+        chains = _prunable(model, config, names) if prune and criterion != "energy" else []
+        mids = [m for c in chains for m in c.mids]
+        shapes = probe_shapes(model, names + mids, input_shape)
     names = [n for n in names if n in shapes]  # never called (an aux head in eval mode): kept
+    flops = {c: chain_flops(model, c, shapes) for c in chains if c.producer in shapes
+             and c.consumer in shapes}  # fmt: skip
+    consumers = {c.consumer: c for c in flops}  # a layer consumes from one producer at most
+    units = []
     moments, weights = {}, {}
     if criterion == "output":
         with stage("sensitivity"):
@@ -201,8 +212,27 @@ def rank_options(
                                 cache, config)[1:]  # fmt: skip
         w = weights.get(name, 1.0)  # the layer's measured effect on the network's output
         options[name] = [replace(o, loss=o.loss * w) for o in opts]
+        c = consumers.get(name)
+        if c is not None and name in moments:
+            with stage("pricing prune", announce=False):
+                units.append(prune_unit(c, *flops[c], moments[name], w, min_saving, ridge))
     announce_group("pricing")  # one line for the per-method stages, entered layer by layer
-    return options, total, layers_flops
+    return options, total, layers_flops, select_units(units, options)
+
+
+def _prunable(model: nn.Module, config: DecoupleConfig, names: list[str]) -> list[Chain]:
+    """Chains between planned layers under ``auto``, none of whose layers has an override, and
+    whose consumer does not end a residual branch: there, on the MobileNetV2-style network of
+    the shared assets, the plans that pruned lost more top-1 than those that did not, over
+    three calibration samples (``experiments/mbv2_accuracy.py``), though their priced loss was
+    lower: the per-layer loss does not see how a pruned branch's error meets the skip path's."""
+    if config.method != "auto":
+        return []
+    return [
+        c for c in find_chains(model, names)
+        if not c.joins_sum and not set(c.mids) & set(names)
+        and not any(config.spec_for(n) for n in (c.producer, c.consumer, *c.mids))
+    ]  # fmt: skip
 
 
 # The planner's moments held at once (768 MiB; one pass over the images for each chunk)
@@ -250,6 +280,10 @@ def allocated_config(config: DecoupleConfig, choice: dict[str, Option | int]) ->
         else:
             (method, order), rank = method_and_order(config, n), o
             order = order or config.order
-        chosen[n] = "skip" if rank == 0 else {"rank": rank, "method": method, "order": order}
+        # A pruned chain's layers stay plain layers here: pruning is its own surgery.
+        chosen[n] = (
+            "skip" if rank == 0 or method == "prune"
+            else {"rank": rank, "method": method, "order": order}
+        )  # fmt: skip
     method = "nd" if config.method == "auto" else config.method
     return replace(config, rank=None, energy=None, method=method, overrides={**skips, **chosen})

@@ -13,6 +13,7 @@ from torch import nn
 from ..nn.guards import check_module, type_error
 from ..nn.transaction import transaction
 from .bn_fold import apply_fold_structure_, folded_pairs
+from .chains import prune_shape_, pruned_chains
 from .config import DecoupleConfig
 from .methods import empty_layer, is_factored, recipe_entry
 from .recipe_check import RECIPE_FORMAT, RECIPE_VERSION, check_recipe
@@ -31,6 +32,7 @@ def make_recipe(records: list[LayerRecord], config: DecoupleConfig | None = None
         config,
         folded_bn={r.name: r.bn_folded for r in records if r.bn_folded},
         layers={r.name: r.structure for r in records if r.action == "decoupled"},
+        pruned={r.name: r.structure for r in records if r.action == "pruned"},
     )
 
 
@@ -42,19 +44,25 @@ def recipe_of_model(model: nn.Module, config: DecoupleConfig | None = None) -> d
         config,
         folded_bn=folded_pairs(model),
         layers={n: recipe_entry(m) for n, m in model.named_modules() if is_factored(m)},
+        pruned=pruned_chains(model),
     )
 
 
-def _recipe(config: DecoupleConfig | None, folded_bn: dict, layers: dict) -> dict:
+def _recipe(
+    config: DecoupleConfig | None, folded_bn: dict, layers: dict, pruned: dict | None = None
+) -> dict:
     if config is not None and not isinstance(config, DecoupleConfig):
         raise type_error("config", "a DecoupleConfig or None", config)
-    return {
+    recipe = {
         "format": RECIPE_FORMAT,
         "version": RECIPE_VERSION,
         "config": config.to_dict() if config is not None else None,
         "folded_bn": folded_bn,
         "layers": layers,
     }
+    if pruned:  # absent otherwise: recipes without pruning read as before
+        recipe["pruned"] = pruned
+    return recipe
 
 
 def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
@@ -78,6 +86,8 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
     plan = check_recipe(model, recipe)
     with transaction(model, "apply_recipe_"):
         apply_fold_structure_(model, plan.folded)
+        for chain, kept in plan.pruned:
+            prune_shape_(model, chain, kept)
         for entry in plan.layers:
             conv = model.get_submodule(entry.name)
             layer = empty_layer(conv, entry.method, entry.rank, entry.order)

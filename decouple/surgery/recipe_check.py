@@ -9,7 +9,7 @@ model lacks (with the nearest names it has), a rank outside ``[1, full rank]`` i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -23,6 +23,7 @@ from ..nn.decoupled import REALIZATIONS
 from ..nn.discover import custom_forward_reason, is_plain_layer
 from ..nn.geometry import geometry_of, kernel_of
 from ..nn.guards import InputTypeError, type_error
+from .chains import Chain
 from .checks import check_int, check_keys, check_str, close_names, is_int
 from .config import DecoupleConfig
 from .methods import METHODS, is_factored
@@ -31,7 +32,9 @@ from .sites import FACTORED, conv_sites
 RECIPE_FORMAT = "decouple-recipe"
 RECIPE_VERSION = 1
 # "manifest": the CLI's output set names the manifest that vouches for the weights.
-RECIPE_KEYS = ("format", "version", "config", "folded_bn", "layers", "manifest")
+# "pruned": producer -> {"width", "mids", "consumer"} of each pruned chain (decouple.surgery.chains)
+RECIPE_KEYS = ("format", "version", "config", "folded_bn", "layers", "manifest", "pruned")
+PRUNED_KEYS = ("width", "mids", "consumer")
 LAYER_KEYS = {
     "nd": ("method", "rank", "order", "realization"),
     "cp": ("method", "rank"),
@@ -57,6 +60,7 @@ class RecipePlan:
 
     folded: dict[str, str]
     layers: list[LayerPlan]
+    pruned: list = field(default_factory=list)  # (Chain, channels kept)
 
 
 class _Model:
@@ -189,4 +193,40 @@ def check_recipe(model: nn.Module, recipe: Any) -> RecipePlan:
         if is_factored(conv):
             continue
         plans.append(_check_layer(name, conv, entry))
-    return RecipePlan(folded, plans)
+    return RecipePlan(folded, plans, _check_pruned(recipe.get("pruned"), names))
+
+
+def _check_pruned(pruned: Any, names: _Model) -> list:
+    """Each pruned chain's layers exist with the shapes pruning needs; chains already pruned
+    (replayed twice) are left out."""
+    if pruned is None:
+        return []
+    if not isinstance(pruned, dict):
+        raise type_error("recipe pruned", "a dict of producer name -> chain", pruned)
+    out = []
+    for name, entry in pruned.items():
+        what = f"recipe pruned {name!r}"
+        if not isinstance(entry, dict):
+            raise type_error(what, "a dict (a JSON object)", entry)
+        check_keys(entry, PRUNED_KEYS, what)
+        producer = names.conv(name, "recipe pruned producer")
+        consumer = names.conv(entry.get("consumer"), f"{what} consumer")
+        mids = entry.get("mids", [])
+        if not isinstance(mids, list):
+            raise type_error(f"{what} mids", "a list of module names", mids)
+        if is_factored(producer) or is_factored(consumer):
+            raise ValueError(f"{what}: a factored layer cannot be part of a pruned chain")
+        width = geometry_of(producer).out_channels
+        kept = check_int(entry.get("width"), f"{what} width", 1, width)
+        if width == kept == geometry_of(consumer).in_channels:
+            continue  # already pruned (replayed twice)
+        if geometry_of(producer).groups != 1 or geometry_of(consumer).in_channels != width:
+            raise ValueError(f"{what}: {entry['consumer']!r} does not read {name!r}'s channels")
+        for mid in mids:
+            m = names.modules.get(mid) if isinstance(mid, str) else None
+            if not (isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels == width
+                    or isinstance(m, nn.BatchNorm2d) and m.num_features == width):  # fmt: skip
+                raise ValueError(f"{what}: mid {mid!r} is not a depthwise conv or BatchNorm of "
+                                 f"{width} channels")  # fmt: skip
+        out.append((Chain(name, tuple(mids), entry["consumer"], width), kept))
+    return out

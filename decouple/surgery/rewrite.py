@@ -49,7 +49,8 @@ __all__ = [
 class LayerRecord:
     """What happened to one convolution.
 
-    ``action`` is ``"decoupled"`` or ``"kept"``; ``reason`` says why (or how ``T`` was chosen).
+    ``action`` is ``"decoupled"`` or ``"kept"`` (``"pruned"`` for a chain's producer after
+    :func:`decouple.compress_`); ``reason`` says why (or how ``T`` was chosen).
     ``kind`` is ``conv`` or ``linear`` (a linear layer reads as a 1×1 conv). ``method`` is ``nd``,
     ``cp``, ``tucker`` or ``svd``; ``rank`` the number of terms (Tucker: the larger of its two
     ranks; ``rank_text`` shows both). ``rel_error`` is the relative Frobenius error of

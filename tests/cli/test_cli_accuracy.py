@@ -196,7 +196,8 @@ def test_other_cifar_depths_in_the_checkpoint_format(tmp_path, capsys, depth):
     assert code == 0, err
     report = json.loads((tmp_path / f"resnet{depth}.decoupled.report.json").read_text())
     assert report["allocation"]["reached"] and report["totals"]["flops_ratio"] >= 2.0
-    assert len(report["calibration"]) == sum(r["action"] == "decoupled" for r in report["layers"])
+    changed = sum(r["action"] in ("decoupled", "pruned") for r in report["layers"])
+    assert len(report["calibration"]) == changed  # a pruned chain: its consumer is refit
 
 
 def test_a_budget_with_calibration_prices_every_method(files, capsys):
@@ -210,7 +211,7 @@ def test_a_budget_with_calibration_prices_every_method(files, capsys):
     assert set(alloc["methods"]) == set(alloc["ranks"])
     for name, label in alloc["methods"].items():
         layer = next(r for r in report["layers"] if r["name"] == name)
-        assert (label == "keep") == (layer["action"] != "decoupled")
+        assert (label == "keep") == (layer["action"] not in ("decoupled", "pruned"))
 
 
 def test_max_change_keeps_predictions_and_says_what_it_reached(files, capsys):
@@ -244,3 +245,36 @@ def test_budget_flags_are_checked(files, capsys, extra, message):
     code, out, err = run(capsys, *base_args(files), *extra)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (files / "net.decoupled.pt").exists()
+
+
+@pytest.mark.parametrize("flag", [None, "--no-prune"])
+def test_a_budget_with_calibration_prunes_unread_channels_and_reloads(files, capsys, flag):
+    """The linear layer reads 4 of the conv's 16 channels: with --calib the plan prunes the
+    rest (exact), the report says so, and the output set reloads; --no-prune keeps them."""
+    import tiny_archs
+
+    from decouple.io.checkpoint import load_decoupled
+
+    torch.manual_seed(0)
+    model = tiny_archs.pooled_head().eval()
+    with torch.no_grad():
+        model[6].weight[:, 4:] = 0
+    torch.save(model.state_dict(), files / "head.pt")
+    args = [files / "head.pt", "--arch", "tiny_archs:pooled_head", "--input-shape", "3,8,8",
+            "--target-flops", "0.5", "--calib", files / "calib.pt"]  # fmt: skip
+    code, out, err = run(capsys, *args, *([flag] if flag else []))
+    assert code == 0, err
+    report = json.loads((files / "head.decoupled.report.json").read_text())
+    layers = {r["name"]: r for r in report["layers"]}
+    if flag:
+        assert all(r["action"] != "pruned" for r in layers.values())
+        return
+    assert layers["2"]["action"] == "pruned" and layers["2"]["method"] == "prune"
+    assert "refit on the" in layers["6"]["reason"]
+    assert report["totals"]["layers_pruned"] == 1 and "pruned the channels of 1" in out
+    recipe = json.loads((files / "head.decoupled.recipe.json").read_text())
+    assert recipe["pruned"]["2"]["consumer"] == "6"
+    fresh = load_decoupled(tiny_archs.pooled_head(), files / "head.decoupled.pt")
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), model(x), atol=1e-4)

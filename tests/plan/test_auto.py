@@ -23,7 +23,7 @@ from decouple.surgery.rewrite import decouple_
 
 
 def test_auto_prices_every_method_for_every_layer():
-    options, _, _ = rank_options(toy(), DecoupleConfig(method="auto"), (3, 8, 8))
+    options, *_ = rank_options(toy(), DecoupleConfig(method="auto"), (3, 8, 8))
     for name, opts in options.items():
         kinds = {(o.method, o.order) for o in opts if o.rank}
         # k×k convs in every method; the linear head in the one that applies to it
@@ -136,8 +136,8 @@ def test_output_sensitivity_sees_what_reaches_the_output():
 def test_output_criterion_scales_the_data_losses():
     model, calib = toy(), images(64)
     config = DecoupleConfig()
-    data, _, _ = rank_options(model, config, (3, 8, 8), "data", calib)
-    out, _, _ = rank_options(model, config, (3, 8, 8), "output", calib)
+    data, *_ = rank_options(model, config, (3, 8, 8), "data", calib)
+    out, *_ = rank_options(model, config, (3, 8, 8), "output", calib)
     s = output_sensitivity(model, list(data), calib)
     for name in data:
         for d, o in zip(data[name], out[name], strict=True):
@@ -253,10 +253,10 @@ def test_moments_priced_a_few_layers_at_a_time_give_the_same_options(monkeypatch
 
     x = images(32)
     config = DecoupleConfig(method="auto")
-    whole, _, _ = rank_options(toy(), config, (3, 8, 8), "data", x)
+    whole, *_ = rank_options(toy(), config, (3, 8, 8), "data", x)
     assert len(opts_module.moment_chunks(toy(), list(whole), budget=1)) == len(whole)
     monkeypatch.setattr(opts_module, "moment_chunks", lambda m, n, budget=1: [[name] for name in n])
-    alone, _, _ = rank_options(toy(), config, (3, 8, 8), "data", x)
+    alone, *_ = rank_options(toy(), config, (3, 8, 8), "data", x)
     assert whole.keys() == alone.keys()
     for name in whole:
         assert [(o.rank, o.method, o.order) for o in whole[name]] == [

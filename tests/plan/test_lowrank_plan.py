@@ -41,7 +41,7 @@ def images(n=64):
 
 def test_every_method_prices_1x1_and_linear_layers_in_svd_with_losses_falling_in_rank():
     for method in ("nd", "auto"):
-        options, total, layers = rank_options(mobile(), DecoupleConfig(method=method), (3, 8, 8))
+        options, total, layers, _ = rank_options(mobile(), DecoupleConfig(method=method), (3, 8, 8))
         assert set(options) == {"expand", "project", "head"}  # stem kept, depthwise kept
         for name, opts in options.items():
             assert {o.method for o in opts if o.rank} == {"svd"}, name
@@ -64,15 +64,17 @@ def test_a_budget_that_k_by_k_methods_cannot_reach_is_reached_with_svd():
     assert plan.total_flops > plan.target_flops  # nothing left to cut
 
 
-def test_calibrated_plans_use_the_data_loss_and_refit_every_low_rank_layer():
+def test_calibrated_plans_use_the_data_loss_and_refit_every_low_rank_or_pruned_layer():
     model, ref = mobile(), mobile()
     calib = images(96)
     result = compress_(
         model, DecoupleConfig(method="auto"), (3, 8, 8), target_flops=0.6, criterion="data",
         calib_images=calib,
     )  # fmt: skip
-    factored = [n for n, o in result.allocation.choice.items() if o.rank]
-    assert factored and sorted(r.name for r in result.calibration) == sorted(factored)
+    plan = result.allocation
+    factored = [n for n, o in plan.choice.items() if o.rank and o.method != "prune"]
+    refit = factored + [chain.consumer for chain, _ in plan.pruned.values()]  # and pruned ones
+    assert refit and sorted(r.name for r in result.calibration) == sorted(refit)
     assert all(r.error_after <= r.error_before for r in result.calibration)
     with torch.no_grad():
         err = float((model(calib) - ref(calib)).norm() / ref(calib).norm())

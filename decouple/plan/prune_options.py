@@ -1,0 +1,107 @@
+"""Channel pruning in the planner: which chains are on offer, what each width costs and loses.
+
+A chain (:mod:`decouple.surgery.chains`) spans two planned layers, its producer and consumer, so
+it is allocated as one unit: every pair of the two layers' own options (both factored, one, or
+neither), plus pruning to each candidate width with the consumer refit. Chains that share a
+layer cannot both be units; the ones with the most FLOPs win (:func:`disjoint_chains`). Pruning is
+priced on data only: the loss is the consumer's held-out output error after the refit on its
+kept inputs (:func:`~decouple.calibrate.prune.pruned_losses`), so it is offered only with
+calibration images and a refit to come.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..calibrate.moments import Moments
+from ..calibrate.prune import elimination_order, pruned_losses
+from ..nn.flops import conv_flops
+from ..surgery.chains import Chain
+from .allocate import Option
+
+MAX_WIDTHS = 48  # candidate widths priced per chain (each a solve of up to the chain's width)
+
+
+@dataclass
+class ChainUnit:
+    """A chain as the allocator sees it: the pruning options (cost counts producer, mids and
+    consumer, less the mids' full cost, which stays in the fixed FLOPs) and the channel order."""
+
+    chain: Chain
+    options: list[Option]
+    order: list[int] = field(default_factory=list)
+    flops: int = 0  # producer, mids and consumer at full width
+
+
+def chain_flops(model, chain: Chain, shapes: dict) -> tuple[int, int]:
+    """FLOPs for one image of the chain's producer + consumer, and of its mids."""
+    ends = sum(conv_flops(model.get_submodule(n), shapes[n][1])
+               for n in (chain.producer, chain.consumer))  # fmt: skip
+    mids = sum(
+        conv_flops(model.get_submodule(n), shapes[n][1])
+        for n in chain.mids
+        if n in shapes and hasattr(model.get_submodule(n), "kernel_size")
+    )
+    return ends, mids
+
+
+def _advantage(unit: ChainUnit, options: dict[str, list[Option]]) -> float:
+    """How many times lower pruning's loss is than the best pair of the layers' own options, at
+    half the chain's FLOPs (the same footing: neither cost counts the mids)."""
+    mids = unit.flops - sum(options[n][0].cost for n in (unit.chain.producer, unit.chain.consumer))
+    half = unit.flops // 2 - mids
+    pruned = min((o.loss for o in unit.options if o.cost <= half), default=float("inf"))
+    pair = min(
+        (a.loss + b.loss for a in options[unit.chain.producer]
+         for b in options[unit.chain.consumer] if a.cost + b.cost <= half),
+        default=float("inf"),
+    )  # fmt: skip
+    if pruned == float("inf"):
+        return 0.0
+    return pair / pruned if pruned > 0 else float("inf")
+
+
+def select_units(units: list[ChainUnit], options: dict[str, list[Option]]) -> list[ChainUnit]:
+    """Units that share no layer (a layer is one unit's only), those where pruning helps most
+    first; a chain where it never beats the layers' own options is left out."""
+    taken: set[str] = set()
+    out = []
+    for u in sorted(units, key=lambda u: -_advantage(u, options)):
+        layers = {u.chain.producer, u.chain.consumer, *u.chain.mids}
+        if _advantage(u, options) > 1 and not layers & taken:
+            out.append(u)
+            taken |= layers
+    return sorted(out, key=units.index)
+
+
+def candidate_widths(width: int, max_fraction: float) -> list[int]:
+    """Widths ``k`` with ``k ≤ max_fraction · width``: all when few, else an even grid."""
+    top = int(max_fraction * width)
+    if top < 1:
+        return []
+    step = max(1, -(-top // MAX_WIDTHS))
+    return sorted({*range(step, top + 1, step), top})
+
+
+def prune_unit(
+    chain: Chain,
+    ends_flops: int,
+    mids_flops: int,
+    moments: tuple[Moments, Moments],
+    weight: float,
+    min_saving: float,
+    ridge: float,
+) -> ChainUnit:
+    """The chain's pruning options, from its consumer's fit and held-out moments."""
+    fit, val = moments
+    full = ends_flops + mids_flops
+    widths = candidate_widths(chain.width, 1 - min_saving)
+    if not widths:
+        return ChainUnit(chain, [], [], full)
+    order = elimination_order(fit, ridge)
+    losses = pruned_losses(fit, val, order, widths, ridge)
+    options = [
+        Option(k, full * k // chain.width - mids_flops, max(loss, 0.0) * weight, "prune", "")
+        for k, loss in zip(widths, losses, strict=True)
+    ]
+    return ChainUnit(chain, options, order, full)

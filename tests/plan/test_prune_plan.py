@@ -1,0 +1,117 @@
+"""Pruning in the planner: offered with calibration only, chosen where it is exact, refit by
+calibration, and the pruned model saved and reloaded whole."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from decouple import DecoupleConfig
+from decouple.io.checkpoint import load_decoupled
+from decouple.io.save import save_decoupled
+from decouple.nn.flops import count_flops
+from decouple.pipeline import compress_
+from decouple.plan.allocate import Option, allocate
+from decouple.plan.prune_options import ChainUnit, candidate_widths
+from decouple.surgery.chains import Chain
+
+
+class Head(nn.Module):
+    """stem → conv (16 channels, only ``useful`` of which the classifier reads) → pool → fc."""
+
+    def __init__(self, useful=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+        with torch.no_grad():
+            self.fc.weight[:, useful:] = 0
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.conv(torch.relu(self.stem(x)))))
+        return self.fc(torch.flatten(h, 1))
+
+
+def images(n, seed=0):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def head():
+    torch.manual_seed(0)
+    return Head().eval()
+
+
+def test_a_chain_whose_dropped_channels_are_unread_is_pruned_exactly(tmp_path):
+    model, original = head(), head()
+    x = images(8, seed=5)
+    result = compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), target_flops=0.5,
+                       criterion="output", calib_images=images(256))  # fmt: skip
+    assert "conv" in result.allocation.pruned
+    chain, keep = result.allocation.pruned["conv"]
+    assert chain.consumer == "fc" and set(range(4)) <= set(keep)
+    assert model.conv.out_channels == len(keep) == model.fc.in_features
+    f0, f1 = count_flops(original, x[:1])[0], count_flops(model, x[:1])[0]
+    assert f1 <= 0.5 * f0
+    assert torch.allclose(model(x), original(x), atol=1e-4)
+    rec = {r.name: r for r in result.records}
+    assert rec["conv"].action == "pruned" and rec["conv"].rank == len(keep)
+    assert "refit on the" in rec["fc"].reason
+    assert any(c.name == "fc" for c in result.calibration)  # calibration refit the consumer
+    path = tmp_path / "head.pt"
+    save_decoupled(model, path, result.records, DecoupleConfig(method="auto"))
+    fresh = load_decoupled(Head(), path)
+    assert torch.equal(fresh(x), model(x))
+
+
+@pytest.mark.parametrize("how", ["data-free", "no refit"])
+def test_no_pruning_without_a_refit_to_follow(how):
+    model = head()
+    kw = {} if how == "data-free" else {"calib_images": images(64), "refit": "none",
+                                         "criterion": "output"}  # fmt: skip
+    result = compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), target_flops=0.6, **kw)
+    assert result.allocation.pruned == {}
+    assert model.conv.out_channels == 16
+
+
+def test_overrides_keep_a_chain_out_of_pruning():
+    model = head()
+    config = DecoupleConfig(method="auto", overrides={"fc": "skip"})
+    result = compress_(model, config, (3, 8, 8), target_flops=0.6, criterion="output",
+                       calib_images=images(64))  # fmt: skip
+    assert result.allocation.pruned == {}
+
+
+def test_the_allocator_prunes_or_factors_a_chain_never_both():
+    chain = Chain("p", (), "q", 8)
+    options = {
+        "p": [Option(0, 100, 0.0, "", ""), Option(2, 40, 0.5, "svd", "")],
+        "q": [Option(0, 20, 0.0, "", ""), Option(1, 8, 0.3, "svd", "")],
+        "r": [Option(0, 50, 0.0, "", ""), Option(3, 20, 0.01, "svd", "")],
+    }
+    unit = ChainUnit(chain, [Option(2, 30, 0.05, "prune", "")], [5, 1, 0, 2, 3, 4, 6, 7], 120)
+    plan = allocate(options, 0, 90, units=[unit])
+    assert plan.choice["p"].method == "prune" and plan.choice["q"].rank == 0
+    assert plan.pruned["p"] == (chain, [1, 5])
+    assert plan.total_flops == 30 + 0 + 50 <= 90  # the consumer costs nothing apart; r kept
+    assert plan.methods()["p"] == "prune k=2"
+    plain = allocate(options, 0, 90)  # without the unit: the pair's own options
+    assert plain.pruned == {} and plain.total_flops <= 90
+
+
+def test_candidate_widths_stay_under_the_saving_floor():
+    assert candidate_widths(10, 0.9) == list(range(1, 10))
+    big = candidate_widths(1000, 0.9)
+    assert big[-1] == 900 and len(big) <= 50 and big == sorted(set(big))
+    assert candidate_widths(1, 0.9) == []
+
+
+def test_compress_is_deterministic_with_pruning():
+    a, b = head(), head()
+    for m in (a, b):
+        compress_(m, DecoupleConfig(method="auto"), (3, 8, 8), target_flops=0.5,
+                  criterion="output", calib_images=images(128))  # fmt: skip
+    x = images(4, seed=9)
+    assert torch.equal(a(x), b(x))
+    assert copy.deepcopy(a).conv.out_channels == a.conv.out_channels
