@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .moments import Moments
-from .refit import _split
+from .refit import _ridge_solve, _split
 
 
 def _centred(m: Moments):
@@ -76,8 +76,8 @@ def elimination_order(m: Moments, ridge: float = 1e-4) -> list[int]:
 def refit_on(m: Moments, keep: torch.Tensor, ridge: float = 1e-4):
     """Least squares of the outputs on the kept inputs: weight ``(N, k)`` and bias ``(N,)``."""
     g, c, mx, my = _centred(m)
-    gk = _ridged(g[keep][:, keep], ridge)
-    w = torch.linalg.solve(gk, c[keep])  # (k, N)
+    ck = c[keep]
+    w = _ridge_solve(g[keep][:, keep], ck, torch.zeros_like(ck), ridge)  # (k, N)
     return w.T, my - w.T @ mx[keep]
 
 

@@ -123,7 +123,7 @@ def allocate(
     """
     units = units or []
     by_producer = {u.chain.producer: u for u in units}
-    slots: dict = {n: opts for n, opts in options.items()}
+    slots: dict = dict(options)
     for u in units:
         slots.pop(u.chain.consumer)
         slots[u.chain.producer] = _joint_options(options, u)

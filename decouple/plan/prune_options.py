@@ -64,11 +64,12 @@ def _advantage(unit: ChainUnit, options: dict[str, list[Option]]) -> float:
 def select_units(units: list[ChainUnit], options: dict[str, list[Option]]) -> list[ChainUnit]:
     """Units that share no layer (a layer is one unit's only), those where pruning helps most
     first; a chain where it never beats the layers' own options is left out."""
+    advantage = {id(u): _advantage(u, options) for u in units}
     taken: set[str] = set()
     out = []
-    for u in sorted(units, key=lambda u: -_advantage(u, options)):
+    for u in sorted(units, key=lambda u: -advantage[id(u)]):
         layers = {u.chain.producer, u.chain.consumer, *u.chain.mids}
-        if _advantage(u, options) > 1 and not layers & taken:
+        if advantage[id(u)] > 1 and not layers & taken:
             out.append(u)
             taken |= layers
     return sorted(out, key=units.index)
