@@ -35,6 +35,7 @@ from .refit import (
     first_factor_system,
     refit_factored,
     refit_last,
+    refit_pointwise_out,
 )
 from .stream import (
     KEEP_BYTES,
@@ -179,13 +180,19 @@ def calibrate_(
         for name in names:
             layer = layers[name]
             bar.set_postfix_str(name)
-            if not moments_fit(layer):  # e.g. a linear layer of 25,088 inputs: 5 GB of moments
+            # CP and Tucker refit only their last 1×1 conv: the moments of the features it reads
+            # (R of them) serve, where the k×k patches' (C·k² of them, R > C·k² rarely) cost
+            # (C·k²/R)² times more to sum.
+            features = isinstance(layer, FactorizedConv2d) and layer.method != "svd"
+            read = layer.pointwise_out if features else layer
+            if not moments_fit(read):  # e.g. a linear layer of 25,088 inputs: 5 GB of moments
                 bar.update(per_layer or 0)
                 records.append(_too_large(layer, name))
                 continue
-            m_fit, m_val = layer_moments(
-                _ticking(xs.run(name, "input"), bar), ys.run(name, "output"), layer, holdout, n
-            )
+            inputs = _ticking(xs.run(name, "input"), bar)
+            if features:
+                inputs = ((start, layer.head(x)) for start, x in inputs)
+            m_fit, m_val = layer_moments(inputs, ys.run(name, "output"), read, holdout, n)
             if hasattr(layer, "decouple_chain"):
                 records.append(_refit_pruned(layer, name, m_fit, m_val, ridge))
                 continue
@@ -240,18 +247,21 @@ def _ticking(items: Iterator, bar) -> Iterator:
 def _refit_factorized(
     layer: FactorizedConv2d, name: str, m_fit: Moments, m_val: Moments, mode: str, ridge: float
 ) -> CalibrationRecord:
-    """Refit the last 1×1 conv of a CP/Tucker layer if it measures better (``auto``) or always."""
+    """Refit the last 1×1 conv of a CP/Tucker layer if it measures better (``auto``) or always;
+    ``m_fit``, ``m_val``: the moments of the features it reads against the layer's targets."""
+    out = layer.pointwise_out
     f = layer.factors()
-    bias = None if layer.bias is None else layer.bias.detach().double().cpu()
-    err = {"data-free": m_val.relative_error(f.reconstruct(), bias)}
-    out, new_bias, kernel = refit_factored(f, bias, m_fit, ridge)
-    err["last"] = m_val.relative_error(kernel, new_bias)
+    bias = None if out.bias is None else out.bias.detach().double().cpu()
+    err = {"data-free": m_val.relative_error(out.weight, out.bias)}
+    g, _, r = f.out.shape
+    same = torch.eye(r, dtype=torch.float64).expand(g, r, r)  # the features are read as they are
+    new_out, new_bias = refit_pointwise_out(same, f.out, bias, m_fit, ridge)
+    err["last"] = m_val.relative_error(new_out.reshape(out.weight.shape), new_bias)
     best = min(err, key=err.get) if mode == "auto" else "last"
     if best == "last":
-        w = layer.pointwise_out.weight
-        w.copy_(out.reshape(w.shape).to(w.device, w.dtype))
+        out.weight.copy_(new_out.reshape(out.weight.shape).to(out.weight.device, out.weight.dtype))
         if new_bias is not None:
-            layer.bias.copy_(new_bias.to(layer.bias.device, layer.bias.dtype))
+            out.bias.copy_(new_bias.to(out.bias.device, out.bias.dtype))
     return CalibrationRecord(name, best, err["data-free"], err[best], err)
 
 

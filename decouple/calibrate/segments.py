@@ -1,17 +1,21 @@
-"""A model cut into a chain of segments, each taking one tensor and returning one tensor.
+"""A model cut just before each calibrated layer, into segments that each run once.
 
 Calibration walks a network layer by layer over the whole calibration set. Holding every image's
 activations is what made ImageNet-size calibration run out of memory; re-running the network
-from its input for every layer costs time quadratic in depth. A cut point, where exactly one
-value of the ``torch.fx`` graph is alive (the input of a ResNet block, or of any layer of a plain
-chain like VGG), lets the activations there be stored once per image and the network resumed from
-them: :mod:`decouple.calibrate.stream` keeps them, one mini-batch at a time.
+from its input for every layer costs time quadratic in depth. So the ``torch.fx`` graph is cut
+just before every calibrated layer: what crosses a cut is every value still needed after it (a
+ResNet block's input rides beside its branch), stored once per image when it is made
+(:mod:`decouple.calibrate.stream`), and each segment runs exactly once per image. A layer's input
+is then a stored value at the start of its segment, and its output is caught while its segment
+runs: calibration costs one forward pass of each network, not one per layer of a block.
 
 Factored layers and convs stay leaves of the graph, so each segment calls the model's own module
 objects: a layer refit in place is what the segment runs next.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from torch import fx, nn
 
@@ -30,31 +34,53 @@ def _mutates(user: fx.Node, root: nn.Module | None) -> bool:
     return name in _INPLACE_FUNCTIONS or (name.endswith("_") and not name.endswith("__"))
 
 
-def cut_points(graph: fx.Graph, root: nn.Module | None = None) -> list[fx.Node]:
-    """Nodes after which that node's value is the only one still needed, in graph order.
+@dataclass(frozen=True)
+class Segment:
+    """Part of a graph: ``module(*takes) -> gives``, by the names of the graph's values.
 
-    The first is the model's single input; a graph with any other number of inputs has none. A
-    value that something changes in place is no cut: the stored activations are run through the
-    segment after it more than once, and each run would change them again.
+    ``gives`` are the values it makes that are needed after it, and any value it read and may
+    have changed in place (stored again, so a copy on disk never goes stale); ``drops`` are the
+    values needed before it and no more after.
     """
-    nodes = list(graph.nodes)
-    if sum(n.op == "placeholder" for n in nodes) != 1:
-        return []
-    order = {n: i for i, n in enumerate(nodes)}
-    last_use = {n: max((order[u] for u in n.users), default=order[n]) for n in nodes}
-    cuts, alive = [], []
-    for i, n in enumerate(nodes):
-        if n.op == "output":
-            break
-        alive = [m for m in alive if last_use[m] > i] + ([n] if last_use[n] > i else [])
-        if alive == [n] and n.op != "get_attr" and not any(_mutates(u, root) for u in n.users):
-            cuts.append(n)
-    return cuts
+
+    module: fx.GraphModule
+    takes: tuple[str, ...]
+    gives: tuple[str, ...]
+    drops: tuple[str, ...]
 
 
-def split(model: nn.Module, names: list[str]) -> tuple[list[fx.GraphModule], dict[str, int]]:
-    """``model`` as segments ``s0, s1, …`` with ``model(x) == …s1(s0(x))`` up to the last of
-    ``names``, and the index of the segment that calls each named module.
+@dataclass(frozen=True)
+class Segments:
+    """A model as segments run in order from its input (the value named ``first``).
+
+    ``owner[layer]`` is the segment that calls the layer, at whose start ``inputs[layer]``, the
+    value the layer reads, is stored; ``outputs[layer]`` names the value it returns.
+    """
+
+    parts: list[Segment]
+    owner: dict[str, int]
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    first: str
+
+    def __call__(self, x) -> dict:
+        """Every value stored after the last segment, from the model's input ``x``."""
+        values = {self.first: x}
+        for s in self.parts:
+            out = s.module(*(values[n] for n in s.takes))
+            values = {n: v for n, v in values.items() if n not in s.drops}
+            values.update(zip(s.gives, out, strict=True))
+        return values
+
+
+def _alive(nodes: list[fx.Node], last_use: dict, i: int) -> list[fx.Node]:
+    """Values made at or before position ``i`` and read after it (parameters are not values:
+    each segment reads its own)."""
+    return [m for m in nodes[: i + 1] if m.op != "get_attr" and last_use[m] > i]
+
+
+def split(model: nn.Module, names: list[str]) -> Segments:
+    """``model`` cut just before each of ``names``, up to the last of them.
 
     Raises
     ------
@@ -70,22 +96,48 @@ def split(model: nn.Module, names: list[str]) -> tuple[list[fx.GraphModule], dic
              for n in names}  # fmt: skip
     if any(len(c) != 1 for c in calls.values()):
         raise ValueError("a calibrated layer is not called exactly once")
-    cuts = cut_points(graph, model)
-    if not cuts:
-        raise ValueError("the model does not take a single input")
     nodes = list(graph.nodes)
+    inputs = [n for n in nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise ValueError("the model does not take a single input")
     position = {n: i for i, n in enumerate(nodes)}
-    last = max(position[c[0]] for c in calls.values())
-    bounds = [position[c] for c in cuts if position[c] < last] + [last]
-    segments, owner = [], {}
+    last_use = {n: max((position[u] for u in n.users), default=position[n]) for n in nodes}
+    at = {name: position[c[0]] for name, c in calls.items()}
+    if not at or any(not isinstance(calls[n][0].args[0], fx.Node) for n in names):
+        raise ValueError("a calibrated layer reads no value of the graph")
+    start = position[inputs[0]]
+    bounds = sorted({start, *(p - 1 for p in at.values()), max(at.values())})
+    parts, owner = [], {}
     for k in range(len(bounds) - 1):
-        start, end = bounds[k], bounds[k + 1]
+        lo, hi = bounds[k], bounds[k + 1]
+        part = nodes[lo + 1 : hi + 1]
+        before, after = _alive(nodes, last_use, lo), _alive(nodes, last_use, hi)
+        inside = set(part)
+        takes = [m for m in before if any(u in inside for u in m.users)]
+        changed = {m for m in takes if any(u in inside and _mutates(u, model) for u in m.users)}
+        gives = [m for m in after if m in inside or m in changed]
         g = fx.Graph()
-        env = {nodes[start]: g.placeholder("x")}
-        for node in nodes[start + 1 : end + 1]:
-            env[node] = g.node_copy(node, lambda a, env=env: env[a])
+        env = {m: g.placeholder(m.name) for m in takes}
+
+        def arg(a, env=env, g=g):
+            if a not in env:  # a parameter or buffer read here: its own get_attr
+                env[a] = g.node_copy(a, lambda b: env[b])
+            return env[a]
+
+        for node in part:
+            env[node] = g.node_copy(node, arg)
             if node.op == "call_module" and node.target in calls:
                 owner[node.target] = k
-        g.output(env[nodes[end]])
-        segments.append(fx.GraphModule(model, g))
-    return segments, owner
+        g.output(tuple(env[m] for m in gives))
+        drops = [m.name for m in before if m not in after or m in changed]
+        parts.append(
+            Segment(
+                fx.GraphModule(model, g),
+                tuple(m.name for m in takes),
+                tuple(m.name for m in gives),
+                tuple(drops),
+            )  # fmt: skip
+        )
+    reads = {name: calls[name][0].args[0].name for name in names}
+    made = {name: calls[name][0].name for name in names}
+    return Segments(parts, owner, reads, made, inputs[0].name)

@@ -1,12 +1,11 @@
 """One layer's inputs or outputs over a whole calibration set, a mini-batch at a time.
 
-Peak memory does not grow with the number of images: a network is resumed from the activations
-at its last cut point before the wanted layer (:mod:`decouple.calibrate.segments`), kept per
+Peak memory does not grow with the number of images: a network is resumed from the values
+stored at the cut just before the wanted layer (:mod:`decouple.calibrate.segments`), kept per
 mini-batch in memory while they fit under ``keep_bytes`` (:data:`KEEP_BYTES`) and in a temporary
-folder beyond. Each
-segment runs once over the set to move on, plus once up to the wanted layer for each layer it
-holds. A model ``torch.fx`` cannot trace is re-run from its input for every layer instead (time
-grows with depth, memory does not).
+folder beyond. Each segment runs once over the set: calibration costs one forward pass of each
+network. A model ``torch.fx`` cannot trace is re-run from its input for every layer instead
+(time grows with depth, memory does not).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from ..nn import shards
-from .segments import split
+from .segments import Segments, split
 
 Source = Callable[[], Iterator[tuple[int, torch.Tensor]]]
 # Activations kept in memory at a cut, per network; past it they go to disk. 256 MiB holds all of
@@ -145,7 +144,9 @@ class LayerStream:
     """The inputs or outputs of ``model``'s named layers over ``source``, layer after layer.
 
     Ask for layers in forward order: the network is resumed past every layer already asked for,
-    so changes to a layer (a refit) count from the next layer asked for on.
+    so changes to a layer (a refit) count from the next layer asked for on. Each segment
+    (:mod:`decouple.calibrate.segments`) runs once per batch: a layer's input is read from what
+    is stored at its segment's start, its output caught while the segment runs on.
     """
 
     def __init__(
@@ -160,11 +161,12 @@ class LayerStream:
         self.model, self.source, self.device = model, source, device
         self.keep_bytes = keep_bytes
         try:
-            self.segments, self.owner = split(model, names)
+            self.segments: Segments | None = split(model, names)
         except ValueError:
-            self.segments, self.owner = None, {}
-        self.current = 0  # the segment whose input the frontier holds
-        self.frontier: list[tuple[int, torch.Tensor | Path]] | None = None  # None: the source
+            self.segments = None
+        self.current = 0  # the segment whose inputs the frontier holds
+        # per batch: (index of its first image, {value name: tensor, spilled file or other})
+        self.frontier: list[tuple[int, dict]] | None = None  # None: the source itself
         self._dir: str | None = None
         self._spill_root = spill_dir
         self._count = 0
@@ -174,16 +176,29 @@ class LayerStream:
         """Whether the network is resumed at cut points (else re-run from its input)."""
         return self.segments is not None
 
-    def _inputs(self) -> Iterator[tuple[int, torch.Tensor]]:
-        if self.frontier is None:
-            for start, x in self.source():
-                yield start, x.to(self.device) if self.device is not None else x
-            return
-        for start, item in self.frontier:
-            x = torch.load(item, weights_only=True) if isinstance(item, Path) else item
-            yield start, x.to(self.device) if self.device is not None else x
+    def _move(self, x):
+        return x.to(self.device) if self.device is not None and isinstance(x, torch.Tensor) else x
 
-    def _store(self, x: torch.Tensor, kept: int) -> tuple[torch.Tensor | Path, int]:
+    def _load(self, item):
+        return self._move(torch.load(item, weights_only=True) if isinstance(item, Path) else item)
+
+    def _batches(self) -> Iterator[tuple[int, dict]]:
+        """The frontier, or the source as one, batch by batch (stored, not loaded)."""
+        if self.frontier is not None:
+            yield from self.frontier
+            return
+        for start, x in self.source():
+            yield start, {self.segments.first: x}
+
+    def _inputs(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for start, x in self.source():
+            yield start, self._move(x)
+
+    def _store(self, x, kept: int) -> tuple[object, int]:
+        """``x`` kept in memory while ``kept`` bytes and it fit under ``keep_bytes``, else in a
+        file; values other than tensors (sizes, tuples) stay in memory."""
+        if not isinstance(x, torch.Tensor):
+            return x, kept
         x = x.detach().contiguous()
         size = x.numel() * x.element_size()
         if kept + size <= self.keep_bytes:
@@ -195,23 +210,54 @@ class LayerStream:
         torch.save(x.cpu(), path)
         return path, kept
 
-    def _advance(self) -> None:
-        """Run the current segment over every batch: its outputs become the frontier."""
-        segment = self.segments[self.current]
-        new, kept = [], 0
-        with torch.no_grad():
-            for start, x in self._inputs():
-                stored, kept = self._store(segment(x), kept)
-                new.append((start, stored))
-        self._drop(self.frontier)
-        self.frontier, self.current = new, self.current + 1
-        release_memory()
+    @staticmethod
+    def _in_memory(values: dict) -> int:
+        return sum(v.numel() * v.element_size() for v in values.values()
+                   if isinstance(v, torch.Tensor))  # fmt: skip
+
+    def _pass(self, capture: nn.Module | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Run the current segment over every batch and move on past it; with ``capture``, yield
+        that layer's output for each batch on the way."""
+        segment = self.segments.parts[self.current]
+        old = self.frontier or []
+        kept = sum(self._in_memory(v) for _, v in old)
+        new: list[tuple[int, dict]] = []
+        got: list[torch.Tensor] = []
+        handle = None
+        if capture is not None:  # a clone: what runs after may change the output in place
+            handle = capture.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
+        done = False
+        try:
+            for start, values in self._batches():
+                got.clear()
+                with torch.no_grad():
+                    out = segment.module(*(self._load(values[n]) for n in segment.takes))
+                after = {n: v for n, v in values.items() if n not in segment.drops}
+                for n, v in zip(segment.gives, out, strict=True):
+                    after[n], kept = self._store(v, kept)
+                new.append((start, after))
+                if capture is not None:
+                    if not got:
+                        raise RuntimeError("the layer was not called on the way")
+                    yield start, got[0]
+            done = True
+        finally:
+            if handle is not None:
+                handle.remove()
+            keep, gone = (new, old) if done else (old, new)
+            self._drop(gone, keep)
+            if done:
+                self.frontier, self.current = new, self.current + 1
+            release_memory()
 
     @staticmethod
-    def _drop(frontier) -> None:
-        for _, item in frontier or ():
-            if isinstance(item, Path):
-                item.unlink(missing_ok=True)
+    def _drop(frontier, keep=()) -> None:
+        """Delete the files of ``frontier`` that ``keep`` does not hold too."""
+        held = {v for _, values in keep for v in values.values() if isinstance(v, Path)}
+        for _, values in frontier or ():
+            for v in values.values():
+                if isinstance(v, Path) and v not in held:
+                    v.unlink(missing_ok=True)
 
     @torch.no_grad()
     def run(self, name: str, want: str = "input") -> Iterator[tuple[int, torch.Tensor]]:
@@ -221,11 +267,18 @@ class LayerStream:
             for start, x in self._inputs():
                 yield start, _capture(module, lambda x=x: self.model(x), want)
             return
-        while self.current < self.owner[name]:
-            self._advance()
-        segment = self.segments[self.current]
-        for start, x in self._inputs():
-            yield start, _capture(module, lambda x=x: segment(x), want)
+        owner = self.segments.owner[name]
+        if self.current > owner:
+            raise RuntimeError(f"{name} was asked for after a later layer: ask in forward order")
+        while self.current < owner:
+            for _ in self._pass():
+                pass
+        if want == "output":
+            yield from self._pass(module)
+            return
+        value = self.segments.inputs[name]
+        for start, values in self._batches():
+            yield start, self._load(values[value])
 
     def close(self) -> None:
         self._drop(self.frontier)

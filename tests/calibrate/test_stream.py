@@ -7,14 +7,14 @@ import tempfile
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from toys import images, toy
 
 from decouple import DecoupleConfig, decouple_
 from decouple.calibrate import segments as segments_module
 from decouple.calibrate.layerwise import calibrate_, held_out, holdout_mask
-from decouple.calibrate.segments import cut_points, split
+from decouple.calibrate.segments import split
 from decouple.calibrate.stream import LayerStream, batches, forward_order
 from decouple.models import build_model
 from decouple.surgery.bn_fold import fold_batchnorm_
@@ -47,32 +47,56 @@ class Block(nn.Module):
         return torch.relu(x + self.b(torch.relu(self.a(x))))
 
 
-def test_cuts_fall_between_residual_blocks_never_inside():
-    net = nn.Sequential(Block(), Block())
-    graph = fx.Tracer().trace(net)
-    cuts = cut_points(graph)
-    assert cuts[0].op == "placeholder"
-    # while a block runs, its input is still needed by the skip connection: no cut there
-    inside = {"_0_a", "relu", "_0_b", "_1_a", "relu_2", "_1_b"}
-    assert not inside & {n.name for n in cuts}
-    assert {"add", "relu_1", "add_1"} <= {n.name for n in cuts}
+def test_a_cut_inside_a_residual_block_carries_the_skip_value_beside_the_branch():
+    net = nn.Sequential(Block(), Block()).double().eval()
+    segs = split(net, ["0.a", "0.b", "1.a", "1.b"])
+    owner, parts = segs.owner, segs.parts
+    assert [owner[n] for n in ("0.a", "0.b", "1.a", "1.b")] == [0, 1, 2, 3]
+    # before 0.b: the block's input (for the skip) and the relu of 0.a (0.b's input)
+    assert set(parts[owner["0.b"]].takes) == {segs.first, segs.inputs["0.b"]}
+    assert segs.inputs["0.a"] == segs.first
+    got = segs(torch.randn(3, 4, 6, 6, dtype=torch.float64))
+    # the last layer's output, and the block's input for the skip connection after it
+    assert set(got) == {segs.outputs["1.b"], segs.inputs["1.a"]}
 
 
 @pytest.mark.parametrize("make", [toy, resnet8])
 def test_segments_compose_to_the_model_up_to_the_last_layer(make):
     net, _ = decoupled_pair(make())
     names = factored(net)
-    segs, owner = split(net, names)
-    assert sorted(owner) == sorted(names) and max(owner.values()) == len(segs) - 1
+    segs = split(net, names)
+    assert sorted(segs.owner) == sorted(names) and max(segs.owner.values()) == len(segs.parts) - 1
     x = images(5) if make is toy else torch.randn(5, 3, 32, 32, dtype=torch.float64)
-    got = x
-    for s in segs:
-        got = s(got)
     last = forward_order(net, names, x[:1])[-1]
     out = {}
     net.get_submodule(last).register_forward_hook(lambda m, i, o: out.setdefault("y", o))
     net(x)
+    got = segs(x)[segs.outputs[last]]
     torch.testing.assert_close(got, out["y"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [toy, resnet8])
+def test_calibration_runs_each_network_once_over_the_images(make):
+    net, reference = decoupled_pair(make())
+    x = images(12) if make is toy else torch.randn(12, 3, 32, 32, dtype=torch.float64)
+    last = forward_order(net, factored(net), x[:1])[-1]
+    seen: dict[tuple[str, str], int] = {}
+
+    def count(key):
+        return lambda mod, args: seen.__setitem__(key, seen.get(key, 0) + len(args[0]))
+
+    for which, model in (("decoupled", net), ("reference", reference)):
+        for n in factored(net):
+            model.get_submodule(n).register_forward_pre_hook(count((which, n)))
+    calibrate_(net, reference, x, batch_size=4)
+    # each layer reads every image once (the decoupled one once more: an image orders layers;
+    # its last layer's output is never needed)
+    assert {k: v for k, v in seen.items() if k[0] == "reference"} == {
+        ("reference", n): 12 for n in factored(net)
+    }
+    assert {k: v for k, v in seen.items() if k[0] == "decoupled"} == {
+        ("decoupled", n): 1 + 12 * (n != last) for n in factored(net)
+    }
 
 
 def test_an_untraceable_model_is_re_run_from_its_input():
@@ -207,9 +231,25 @@ def test_a_first_factor_system_too_large_to_solve_is_skipped_and_said(monkeypatc
     assert sizes[(8, 8, 3, 3)] == (8 * 2 * 9) ** 2
 
 
-def test_a_value_changed_in_place_is_no_cut_so_stored_activations_stay_as_they_were(
-    monkeypatch,
-):
+class LaterInPlace(nn.Module):
+    """A value stored at one cut, changed in place in the next segment, read in the one after."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b, self.c = (nn.Conv2d(3 if i == 0 else 6, 6, 3, padding=1) for i in range(3))
+        self.d = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = y * 1.0
+        w = self.b(y)
+        z.mul_(2)
+        return self.d(self.c(w) + z)
+
+
+@pytest.mark.parametrize("keep", [1 << 30, 0])
+def test_values_changed_in_place_give_the_refit_of_a_plain_re_run(monkeypatch, tmp_path, keep):
     def chain():
         torch.manual_seed(3)
         return nn.Sequential(
@@ -218,12 +258,13 @@ def test_a_value_changed_in_place_is_no_cut_so_stored_activations_stay_as_they_w
             nn.Conv2d(6, 4, 3, padding=1),
         ).double().eval()  # fmt: skip
 
-    graph = fx.Tracer().trace(chain())
-    cuts = {n.name for n in cut_points(graph, chain())}
-    assert "_0" not in cuts and "_1" in cuts  # after the activation, not before it
-    x = images(16)
-    resumed, _ = calibrated(chain, x, batch_size=5)
+    def later():
+        return LaterInPlace().double().eval()
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    x = images(16)
+    resumed = [calibrated(make, x, batch_size=5, keep_bytes=keep)[0] for make in (chain, later)]
     force_rerun(monkeypatch)
-    rerun, _ = calibrated(chain, x, batch_size=5)
-    assert_same_weights(resumed, rerun, "re-run")
+    for make, got in zip((chain, later), resumed, strict=True):
+        rerun, _ = calibrated(make, x, batch_size=5)
+        assert_same_weights(got, rerun, f"re-run, {make.__name__}")
