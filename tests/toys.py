@@ -35,3 +35,15 @@ def toy(seed=0):
 
 def images(n=64):
     return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+
+def calibrated_change(net, ref, x, **kwargs):
+    """Calibrate ``net`` against ``ref`` on ``x``: its relative output change from ``ref`` before,
+    the records, and the change after."""
+    from decouple.calibrate.layerwise import calibrate_
+
+    with torch.no_grad():
+        before = float((net(x) - ref(x)).norm() / ref(x).norm())
+        records = calibrate_(net, ref, x, **kwargs)
+        after = float((net(x) - ref(x)).norm() / ref(x).norm())
+    return before, records, after

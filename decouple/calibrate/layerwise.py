@@ -250,12 +250,12 @@ def _refit_factorized(
     """Refit the last 1×1 conv of a CP/Tucker layer if it measures better (``auto``) or always;
     ``m_fit``, ``m_val``: the moments of the features it reads against the layer's targets."""
     out = layer.pointwise_out
-    f = layer.factors()
+    g, r = out.groups, out.in_channels // out.groups
+    now = out.weight.detach().double().cpu().reshape(g, -1, r)  # (g, N/g, R)
     bias = None if out.bias is None else out.bias.detach().double().cpu()
     err = {"data-free": m_val.relative_error(out.weight, out.bias)}
-    g, _, r = f.out.shape
     same = torch.eye(r, dtype=torch.float64).expand(g, r, r)  # the features are read as they are
-    new_out, new_bias = refit_pointwise_out(same, f.out, bias, m_fit, ridge)
+    new_out, new_bias = refit_pointwise_out(same, now, bias, m_fit, ridge)
     err["last"] = m_val.relative_error(new_out.reshape(out.weight.shape), new_bias)
     best = min(err, key=err.get) if mode == "auto" else "last"
     if best == "last":

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from toys import calibrated_change
 
 from decouple import DecoupleConfig, decouple_
 from decouple.calibrate import reduced_rank
@@ -86,10 +87,7 @@ def test_calibration_refits_low_rank_linear_layers_by_reduced_rank_regression():
     mix = torch.randn(8, 8, generator=gen, dtype=torch.float64)
     x = torch.randn(96, 5, 8, generator=gen, dtype=torch.float64) @ mix
     decouple_(net, DecoupleConfig(method="svd", rank=3, fold_bn=False))
-    with torch.no_grad():
-        before = float((net(x) - ref(x)).norm() / ref(x).norm())
-        records = calibrate_(net, ref, x, mode="auto", batch_size=32)
-        after = float((net(x) - ref(x)).norm() / ref(x).norm())
+    before, records, after = calibrated_change(net, ref, x, mode="auto", batch_size=32)
     assert [r.name for r in records] == ["fc1", "fc2"]
     assert all(r.error_after <= r.error_before for r in records)
     assert {"data-free", "last", "alternating"} <= set(records[0].errors)
