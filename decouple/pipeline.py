@@ -20,6 +20,7 @@ from torch import nn
 
 from .calibrate.layerwise import REFIT_MODES, CalibrationRecord, calibrate_
 from .nn.decoupled import DecoupledConv2d
+from .nn.flops import count_flops
 from .nn.guards import check_module, type_error
 from .nn.stopwatch import stage
 from .nn.transaction import transaction
@@ -33,8 +34,9 @@ from .runtime.realize import ORIGINAL, RealizationChoice, choose_realizations_, 
 from .surgery.bn_fold import fold_batchnorm_
 from .surgery.chains import prune_chain_
 from .surgery.config import DecoupleConfig
+from .surgery.linear_fuse import find_linear_pairs, fuse_linear_pairs_
 from .surgery.methods import FactorCache, is_factored, recipe_entry
-from .surgery.rewrite import LayerRecord, decouplable_convs, decouple_with_fold_info
+from .surgery.rewrite import LayerRecord, decouplable_convs, decouple_with_fold_info, fused_record
 from .surgery.sites import NO_RULE, check_sites, conv_sites
 
 NOT_CALLED = "kept: never called by the forward pass (an auxiliary head in eval mode, or a layer whose parent reads its weights)"
@@ -180,6 +182,10 @@ def _compress(
         with stage("BN folding"):
             result = fold_batchnorm_(model)
         folded, fold_error = result.folded, result.error
+    fused, fused_away, baseline_flops = {}, {}, None
+    if config.fold_bn and fold_error is None:
+        with stage("fusing 1×1 pairs"):
+            fused, fused_away, baseline_flops = _fuse_linear_(model, config, input_shape)
     plain = replace(config, fold_bn=False)
     reference = copy.deepcopy(model) if calib_images is not None else None
     allocation = lplan = None
@@ -198,6 +204,7 @@ def _compress(
         allocation = plan_ranks(
             model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge,
             cache, progress, prune=prune and calib_images is not None and refit != "none",
+            baseline_flops=baseline_flops,
         )  # fmt: skip
     uncalled: set[str] = set()
     if allocation is not None:
@@ -214,11 +221,17 @@ def _compress(
     originals = {n: model.get_submodule(n) for n in decouplable_convs(model, plain)}
     with stage("decoupling"):
         records, _ = decouple_with_fold_info(model, plain, cache=cache)
+    for a, b in fused.items():  # each fused-away conv keeps a record: its folded BN, the report
+        while b in fused:  # A→B→C: the record goes before C's, the conv that remains
+            b = fused[b]
+        at = next((i for i, r in enumerate(records) if r.name == b), len(records))
+        records.insert(at, fused_record(a, fused_away[a], b))
     if allocation is not None and allocation.pruned:
         with stage("pruning"):
             _prune_(model, records, allocation.pruned)
     for r in records:
         r.bn_folded = folded.get(r.name)
+        r.fused = None if r.name in fused else _fused_into(fused, r.name)
         if allocation is not None and r.name in allocation.reasons:
             r.reason = allocation.reasons[r.name]
         elif r.name in uncalled or (allocation is not None and r.reason == NO_RULE):
@@ -282,6 +295,34 @@ def _compress(
     return CompressResult(
         records, fold_error, allocation, calibration, lplan, choices, whole, seconds
     )
+
+
+def _fuse_linear_(model: nn.Module, config: DecoupleConfig, input_shape) -> tuple:
+    """Fuse the linear 1×1 pairs that are cheaper as one conv (exact; never a layer an override
+    names); returns the pairs, the convs fused away, and the model's FLOPs before, which budgets
+    are fractions of."""
+    named = {n for n, _ in model.named_modules() if config.spec_for(n) is not None}
+    try:
+        if not find_linear_pairs(model, named):
+            return {}, {}, None
+    except Exception:  # noqa: BLE001 - untraceable: nothing can be proved exact, nothing fused
+        return {}, {}, None
+    param = next(model.parameters())
+    example = torch.zeros((1, *input_shape), dtype=param.dtype, device=param.device)
+    before = count_flops(model, example)[0]
+    convs = dict(model.named_modules())
+    pairs = fuse_linear_pairs_(model, named)
+    return pairs, {a: convs[a] for a in pairs}, before
+
+
+def _fused_into(fused: dict[str, str], name: str) -> dict[str, str] | None:
+    """The pairs of ``fused`` whose chain ends in conv ``name`` (A→B, B→C for C), in order."""
+    group, frontier = {}, {name}
+    for a, b in reversed(list(fused.items())):
+        if b in frontier:
+            group[a] = b
+            frontier.add(a)
+    return dict(reversed(list(group.items()))) or None
 
 
 def _prune_(model: nn.Module, records: list[LayerRecord], pruned: dict) -> None:

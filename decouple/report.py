@@ -102,6 +102,8 @@ class Report:
             dec = r.action in ("decoupled", "pruned")
             resized = dec or r.params_after != r.params_before  # a pruned chain's consumer
             note = r.reason + (f"; BN {r.bn_folded} folded" if r.bn_folded else "")
+            if r.fused:  # its shape is the fused conv's: the pair it replaced had one more layer
+                note += "; exactly fused with " + ", ".join(r.fused) + " (linear 1x1 pair)"
             if dec and r.realization and r.realization not in r.reason:
                 note += f"; runs as {r.realization}"
             row = [

@@ -170,7 +170,9 @@ def write(rows: list[dict], out: Path, originals: dict) -> None:
         "exact-pixel CIFAR-10 test images: "
         + ", ".join(f"{k} {v:.2f} %" for k, v in originals.items())
         + ". `--target-flops R` with `--method auto` (k×k convs: every method; 1×1 convs and "
-        "linear layers: svd; with calibration also channel pruning, unless *no pruning*); "
+        "linear layers: svd; with calibration also channel pruning, unless *no pruning*; linear "
+        "1×1 pairs that are cheaper as one conv fused exactly first, here the last block's "
+        "projection into `tail.0`); "
         "calibrated runs use the `output` criterion and `--refit auto` on a seeded sample of the "
         "JPEG test images of index ≥ 1017. *exact drop*: top-1 change on the 1,017 exact-pixel "
         "images; *held-out drop* and *agreement*: top-1 change and unchanged predictions on the "

@@ -30,6 +30,7 @@ def plan_ranks(
     cache: FactorCache | None = None,
     progress: bool = False,
     prune: bool = False,
+    baseline_flops: int | None = None,
 ) -> Allocation:
     """Per-layer ranks for ``model`` so that its FLOPs are at most ``target_flops`` of today's.
 
@@ -37,6 +38,8 @@ def plan_ranks(
     for one input of ``input_shape``; layers not decoupled count at their full cost.
     ``progress`` shows a bar over the layers being priced; ``prune`` also offers channel
     pruning of chains (:mod:`decouple.plan.prune_options`; a refit must follow).
+    ``baseline_flops``: what the fraction is of, when not the model's own FLOPs (``compress_``
+    passes the count from before it fused 1×1 pairs, so the fusion's saving counts).
     """
     if not 0 < target_flops <= 1:
         raise ValueError(f"target_flops must be a fraction in (0, 1]; got {target_flops!r}")
@@ -53,6 +56,11 @@ def plan_ranks(
         prune,
     )
     with stage("allocation"):
-        plan = allocate(options, total - layers_flops, int(target_flops * total), units=units)
+        plan = allocate(
+            options,
+            total - layers_flops,
+            int(target_flops * (baseline_flops or total)),
+            units=units,
+        )
     plan.criterion = criterion
     return plan

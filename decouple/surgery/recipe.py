@@ -15,6 +15,7 @@ from ..nn.transaction import transaction
 from .bn_fold import apply_fold_structure_, folded_pairs
 from .chains import prune_shape_, pruned_chains
 from .config import DecoupleConfig
+from .linear_fuse import apply_fuse_structure_, fused_pairs
 from .methods import empty_layer, is_factored, recipe_entry
 from .recipe_check import RECIPE_FORMAT, RECIPE_VERSION, check_recipe
 from .rewrite import LayerRecord
@@ -33,6 +34,7 @@ def make_recipe(records: list[LayerRecord], config: DecoupleConfig | None = None
         folded_bn={r.name: r.bn_folded for r in records if r.bn_folded},
         layers={r.name: r.structure for r in records if r.action == "decoupled"},
         pruned={r.name: r.structure for r in records if r.action == "pruned"},
+        fused={a: b for r in records if r.fused for a, b in r.fused.items()},
     )
 
 
@@ -45,11 +47,16 @@ def recipe_of_model(model: nn.Module, config: DecoupleConfig | None = None) -> d
         folded_bn=folded_pairs(model),
         layers={n: recipe_entry(m) for n, m in model.named_modules() if is_factored(m)},
         pruned=pruned_chains(model),
+        fused=fused_pairs(model),
     )
 
 
 def _recipe(
-    config: DecoupleConfig | None, folded_bn: dict, layers: dict, pruned: dict | None = None
+    config: DecoupleConfig | None,
+    folded_bn: dict,
+    layers: dict,
+    pruned: dict | None = None,
+    fused: dict | None = None,
 ) -> dict:
     if config is not None and not isinstance(config, DecoupleConfig):
         raise type_error("config", "a DecoupleConfig or None", config)
@@ -60,6 +67,8 @@ def _recipe(
         "folded_bn": folded_bn,
         "layers": layers,
     }
+    if fused:  # absent otherwise, as "pruned": recipes without them read as before
+        recipe["fused_linear"] = fused
     if pruned:  # absent otherwise: recipes without pruning read as before
         recipe["pruned"] = pruned
     return recipe
@@ -68,7 +77,7 @@ def _recipe(
 def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
     """Give a freshly built ``model`` the structure described by ``recipe``, in place.
 
-    Folded BNs become ``nn.Identity`` (their convs gain a bias) and each listed conv becomes an
+    Folded BNs become ``nn.Identity`` (their convs gain a bias), fused 1×1 pairs one conv, and each listed conv becomes an
     empty factored layer of the recorded method, rank and order (entries without a method are
     network decoupling). Load the decoupled ``state_dict`` afterwards. Returns ``model``. The
     model may be on the meta device (only shapes are needed).
@@ -86,6 +95,7 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
     plan = check_recipe(model, recipe)
     with transaction(model, "apply_recipe_"):
         apply_fold_structure_(model, plan.folded)
+        apply_fuse_structure_(model, plan.fused)
         for chain, kept in plan.pruned:
             prune_shape_(model, chain, kept)
         for entry in plan.layers:

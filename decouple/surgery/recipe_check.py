@@ -26,6 +26,7 @@ from ..nn.guards import InputTypeError, type_error
 from .chains import Chain
 from .checks import check_int, check_keys, check_str, close_names, is_int
 from .config import DecoupleConfig
+from .linear_fuse import FusedConv
 from .methods import METHODS, is_factored
 from .sites import FACTORED, conv_sites
 
@@ -33,7 +34,10 @@ RECIPE_FORMAT = "decouple-recipe"
 RECIPE_VERSION = 1
 # "manifest": the CLI's output set names the manifest that vouches for the weights.
 # "pruned": producer -> {"width", "mids", "consumer"} of each pruned chain (decouple.surgery.chains)
-RECIPE_KEYS = ("format", "version", "config", "folded_bn", "layers", "manifest", "pruned")
+# "fused_linear": first -> second of each fused 1×1 pair (decouple.surgery.linear_fuse), in order
+RECIPE_KEYS = (
+    "format", "version", "config", "folded_bn", "layers", "manifest", "pruned", "fused_linear"
+)  # fmt: skip
 PRUNED_KEYS = ("width", "mids", "consumer")
 LAYER_KEYS = {
     "nd": ("method", "rank", "order", "realization"),
@@ -56,11 +60,13 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class RecipePlan:
-    """A checked recipe: BN pairs to fold (conv name -> BN name) and layers to replace."""
+    """A checked recipe: BN pairs to fold (conv name -> BN name), 1×1 pairs to fuse (first ->
+    second) and layers to replace."""
 
     folded: dict[str, str]
     layers: list[LayerPlan]
     pruned: list = field(default_factory=list)  # (Chain, channels kept)
+    fused: dict[str, str] = field(default_factory=dict)
 
 
 class _Model:
@@ -184,6 +190,7 @@ def check_recipe(model: nn.Module, recipe: Any) -> RecipePlan:
     _check_header(recipe)
     names = _Model(model)
     folded = _check_folded(recipe.get("folded_bn"), names)
+    fused = _check_fused(recipe.get("fused_linear"), names)
     layers = recipe["layers"]
     if not isinstance(layers, dict):
         raise type_error("recipe layers", "a dict of layer name -> structure", layers)
@@ -193,7 +200,37 @@ def check_recipe(model: nn.Module, recipe: Any) -> RecipePlan:
         if is_factored(conv):
             continue
         plans.append(_check_layer(name, conv, entry))
-    return RecipePlan(folded, plans, _check_pruned(recipe.get("pruned"), names))
+    return RecipePlan(folded, plans, _check_pruned(recipe.get("pruned"), names), fused)
+
+
+def _check_fused(fused: Any, names: _Model) -> dict[str, str]:
+    """Each pair is two ungrouped 1×1 convs whose widths meet; pairs already fused (replayed
+    twice) are left out. Later checks see the fused shapes: the second conv reads the first's
+    input, and the first is gone."""
+    if fused is None:
+        return {}
+    if not isinstance(fused, dict):
+        raise type_error("recipe fused_linear", "a dict of conv name -> conv name", fused)
+    out = {}
+    for a_name, b_name in fused.items():
+        what = f"recipe fused_linear[{a_name!r}]"
+        if isinstance(names.modules.get(a_name), FusedConv) and isinstance(b_name, str):
+            if names.modules[a_name].into != b_name:
+                raise ValueError(f"{what}: already fused into {names.modules[a_name].into!r}")
+            continue  # replayed twice
+        a = names.conv(a_name, "recipe fused_linear conv")
+        b = names.conv(b_name, f"{what} conv")
+        if is_factored(a) or is_factored(b):
+            raise ValueError(f"{what}: a factored layer cannot be fused")
+        for m, n in ((a, a_name), (b, b_name)):
+            if not (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1):
+                raise ValueError(f"{what}: {n!r} is not an ungrouped 1×1 conv")
+        if b.in_channels != a.out_channels:
+            raise ValueError(f"{what}: {b_name!r} does not read {a_name!r}'s channels")
+        names.convs[b_name] = nn.Conv2d(a.in_channels, b.out_channels, 1, device="meta")
+        del names.convs[a_name]
+        out[a_name] = b_name
+    return out
 
 
 def _check_pruned(pruned: Any, names: _Model) -> list:

@@ -74,6 +74,7 @@ class LayerRecord:
     params_before: int = 0
     params_after: int = 0
     bn_folded: str | None = None
+    fused: dict | None = None  # 1×1 pairs fused into this conv, in order (surgery.linear_fuse)
     flops_before: int | None = None
     flops_after: int | None = None
     method: str | None = None
@@ -113,6 +114,14 @@ def _base_record(name: str, conv: nn.Module, action: str, reason: str) -> LayerR
         params_after=_n_params(conv),
         kind="linear" if is_linear(conv) else "conv",
     )
+
+
+def fused_record(name: str, conv: nn.Module, into: str) -> LayerRecord:
+    """The record of a 1×1 conv fused into ``into`` (:mod:`decouple.surgery.linear_fuse`): gone,
+    its weights now part of that conv's."""
+    rec = _base_record(name, conv, "kept", f"fused exactly into {into!r} (a linear 1x1 pair)")
+    rec.params_after = 0
+    return rec
 
 
 def _decouple_conv(
