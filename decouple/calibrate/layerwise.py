@@ -38,7 +38,6 @@ from .refit import (
     refit_pointwise_out,
 )
 from .stream import (
-    KEEP_BYTES,
     LayerStream,
     batches,
     count_images,
@@ -96,13 +95,17 @@ def layer_moments(
         held = held_out(start, len(x), holdout)
         index = torch.arange(start, start + len(x))
         x, y = x.to("cpu"), y.to("cpu", torch.float32)  # targets as the in-memory version kept them
-        if (~held).any():
-            fit.add(layer, x[~held], y[~held], positions=positions, index=index[~held])
-        if held.any():
-            val.add(layer, x[held], y[held], positions=positions, index=index[held])
+        for part, rows in ((fit, ~held), (val, held)):
+            if rows.any():  # the images are gathered where they are: no copy of a whole batch
+                part.add(layer, x, y, positions=positions, index=index, rows=rows.nonzero()[:, 0])
     fit.all_sum_()  # under torchrun: every process's share (a no-op otherwise)
     val.all_sum_()
     return fit, (val if val.count else fit)
+
+
+def _reads_features(layer: nn.Module) -> bool:
+    """A CP or Tucker layer: refit as its last 1×1 conv, on the features its head makes."""
+    return isinstance(layer, FactorizedConv2d) and layer.method != "svd"
 
 
 def _refit_target(module: nn.Module) -> bool:
@@ -122,7 +125,7 @@ def calibrate_(
     holdout: float = 0.125,
     progress: bool = False,
     batch_size: int = 32,
-    keep_bytes: int = KEEP_BYTES,
+    keep_bytes: int | None = None,
 ) -> list[CalibrationRecord]:
     """Refit every factored layer of ``model`` in place, in forward order.
 
@@ -152,9 +155,10 @@ def calibrate_(
         every ``1/holdout``-th image of the set.
     batch_size : int
         Images per mini-batch when ``images`` is a tensor.
-    keep_bytes : int
+    keep_bytes : int, optional
         Activations kept in memory between layers, per network; the rest go to a temporary
-        folder.
+        folder. Default: 768 MiB, less where memory is short
+        (:func:`~decouple.calibrate.stream.default_keep_bytes`).
     """
     if mode not in REFIT_MODES:
         raise ValueError(f"refit mode must be one of {', '.join(REFIT_MODES)}; got {mode!r}")
@@ -170,8 +174,11 @@ def calibrate_(
     names = forward_order(model, list(layers), first)
     candidates = ("last", "alternating") if mode == "auto" else (mode,)
     records: list[CalibrationRecord] = []
+    # CP and Tucker refit only their last 1×1 conv: the model is cut just before it, so the
+    # features it reads (R of them) are made once, by the pass, not recomputed from the input.
+    reads = {n: f"{n}.pointwise_out" if _reads_features(layers[n]) else n for n in names}
     with (
-        LayerStream(model, names, source, device, keep_bytes) as xs,
+        LayerStream(model, [reads[n] for n in names], source, device, keep_bytes) as xs,
         LayerStream(reference, names, source, device, keep_bytes) as ys,
     ):
         per_layer = _count_batches(images, batch_size)
@@ -183,15 +190,13 @@ def calibrate_(
             # CP and Tucker refit only their last 1×1 conv: the moments of the features it reads
             # (R of them) serve, where the k×k patches' (C·k² of them, R > C·k² rarely) cost
             # (C·k²/R)² times more to sum.
-            features = isinstance(layer, FactorizedConv2d) and layer.method != "svd"
+            features = _reads_features(layer)
             read = layer.pointwise_out if features else layer
             if not moments_fit(read):  # e.g. a linear layer of 25,088 inputs: 5 GB of moments
                 bar.update(per_layer or 0)
                 records.append(_too_large(layer, name))
                 continue
-            inputs = _ticking(xs.run(name, "input"), bar)
-            if features:
-                inputs = ((start, layer.head(x)) for start, x in inputs)
+            inputs = _ticking(xs.run(reads[name], "input"), bar)
             m_fit, m_val = layer_moments(inputs, ys.run(name, "output"), read, holdout, n)
             if hasattr(layer, "decouple_chain"):
                 records.append(_refit_pruned(layer, name, m_fit, m_val, ridge))

@@ -136,6 +136,7 @@ class Moments:
         max_elements: int = 1 << 25,
         positions: int | None = POSITIONS,
         index: int | torch.Tensor = 0,
+        rows: torch.Tensor | None = None,
     ) -> None:
         """Accumulate the patches of ``x`` under ``conv``'s geometry against targets ``y``.
 
@@ -148,8 +149,9 @@ class Moments:
         an output has more than ``positions`` pixels, each image contributes that many, drawn at
         random per image and seeded by its index in the set (``index``: the batch's first image's,
         or every image's as a tensor),
-        so the moments do not depend on how the images are batched or sharded. A linear layer's
-        inputs ``(..., C)`` are read as a 1×1 conv's, one position per row.
+        so the moments do not depend on how the images are batched or sharded. ``rows``: the
+        images of ``x`` to read (default all; gathered where they are, never copied out whole).
+        A linear layer's inputs ``(..., C)`` are read as a 1×1 conv's, one position per row.
         """
         if is_linear(conv):
             conv = geometry_of(conv)
@@ -161,18 +163,23 @@ class Moments:
         step = max(1, max_elements // max(1, min(hw, keep or hw) * width))
         chunk = min(chunk, max(256, (1 << 24) // (width + 1)))  # a 4,609-wide patch: 3,640 rows
         index = index if isinstance(index, torch.Tensor) else torch.arange(len(x)) + index
-        for i in range(0, len(x), step):
-            self._add(conv, x[i : i + step], y[i : i + step], chunk, keep, index[i : i + step])
+        rows = torch.arange(len(x)) if rows is None else rows.to("cpu")
+        for i in range(0, len(rows), step):
+            sel = rows[i : i + step]
+            self._add(conv, x, y, chunk, keep, index[sel], sel)
 
-    def _add(self, conv, x, y, chunk: int, keep: int | None, index: torch.Tensor) -> None:
+    def _add(self, conv, x, y, chunk: int, keep: int | None, index, sel: torch.Tensor) -> None:
+        """The products of images ``sel`` of ``x`` and ``y`` (numbered ``index`` in the set)."""
         g, n = conv.groups, conv.out_channels
         if keep is None:
+            whole = len(sel) == len(x) and bool((sel == torch.arange(len(x))).all())
+            x, y = (x, y) if whole else (x[sel.to(x.device)], y[sel.to(y.device)])
             p = patches(x, conv)
             t = y.permute(0, 2, 3, 1).reshape(-1, n)
         else:  # the same pixels of patches and targets, different in each image
             hw, w_out = y.shape[2] * y.shape[3], y.shape[3]
             pix = torch.cat([_pixels(int(i), hw, keep) for i in index]).to(x.device)
-            b = torch.arange(len(x), device=x.device).repeat_interleave(keep)
+            b = sel.to(x.device).repeat_interleave(keep)
             p = patches_at(x, conv, b, pix // w_out, pix % w_out)
             t = y.permute(0, 2, 3, 1)[b, pix // w_out, pix % w_out]
         if p.shape[0] != t.shape[0]:

@@ -59,11 +59,17 @@ def _regression(m: Moments, j: int, w0: torch.Tensor, centre: bool, ridge: float
 
 
 def _principal(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """Eigenvectors ``(N, N)`` of the fitted outputs' covariance ``Wᵀ·cov·W``, largest first,
-    signs fixed (largest entry of each positive) so results repeat."""
-    fitted = w.T @ cov @ w
-    evals, evecs = torch.linalg.eigh((fitted + fitted.T) / 2)
-    u = evecs.flip(-1)
+    """Eigenvectors ``(N, K)`` of the fitted outputs' covariance ``Wᵀ·cov·W`` with ``W`` ``(F, N)``,
+    ``K = min(F, N)`` (its rank at most), largest first, signs fixed (largest entry of each
+    positive) so results repeat."""
+    f, n = w.shape
+    if f < n:  # a widening layer (ResNet-50's 512 → 2048): an F-sized problem, not an N-sized one
+        lam, q = torch.linalg.eigh((cov + cov.T) / 2)
+        root = (q * lam.clamp_min(0).sqrt()).T @ w  # rootᵀ·root = Wᵀ·cov·W
+        u = torch.linalg.svd(root, full_matrices=False).Vh.T
+    else:
+        fitted = w.T @ cov @ w
+        u = torch.linalg.eigh((fitted + fitted.T) / 2)[1].flip(-1)[:, : min(f, n)]
     idx = u.abs().argmax(0, keepdim=True)
     signs = torch.gather(u, 0, idx).sign()
     return u * torch.where(signs == 0, torch.ones_like(signs), signs)
@@ -137,7 +143,8 @@ def _losses_at(weight, bias, groups, ranks, fit, val, ridge):
     w0 = w_all.reshape(groups, ng, -1).transpose(1, 2)  # (g, F, N/g)
     centre = bias is not None
     total = float(val.yy.sum())
-    err = torch.zeros(ng, dtype=torch.float64)  # error at R = 1 … N/g, summed over groups
+    # error at R = 1 … min(F, N/g), summed over groups (no rank past that changes the fit)
+    err = torch.zeros(min(ng, w0.shape[1]), dtype=torch.float64)
     const = 0.0
     for j in range(groups):
         w, cov, mx, my = _regression(fit, j, w0[j], centre, ridge)

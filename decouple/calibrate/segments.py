@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from ..surgery.chains import LeafTracer
+from ..surgery.methods import FACTORED_LAYERS
 
 _INPLACE_FUNCTIONS = {"iadd", "isub", "imul", "itruediv", "iand", "ior", "ixor"}
 
@@ -88,8 +89,13 @@ def split(model: nn.Module, names: list[str]) -> Segments:
         The model cannot be traced, has no single input, or calls a named module other than
         exactly once.
     """
+    # A name inside a factored layer (a CP layer's ``pointwise_out``) opens that layer: the cut
+    # falls between its parts, so what crosses it is the features that part reads.
+    modules = dict(model.named_modules())
+    opened = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    opened = {n for n in opened if isinstance(modules.get(n), FACTORED_LAYERS)}
     try:
-        graph = LeafTracer().trace(model)
+        graph = LeafTracer(opened).trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means "no segments"
         raise ValueError(f"cannot trace the model: {type(e).__name__}") from None
     calls = {n: [node for node in graph.nodes if node.op == "call_module" and node.target == n]

@@ -2,15 +2,14 @@
 
 Peak memory does not grow with the number of images: a network is resumed from the values
 stored at the cut just before the wanted layer (:mod:`decouple.calibrate.segments`), kept per
-mini-batch in memory while they fit under ``keep_bytes`` (:data:`KEEP_BYTES`) and in a temporary
-folder beyond. Each segment runs once over the set: calibration costs one forward pass of each
-network. A model ``torch.fx`` cannot trace is re-run from its input for every layer instead
-(time grows with depth, memory does not).
+mini-batch in memory while they fit under ``keep_bytes`` (:mod:`decouple.calibrate.spill`) and
+as raw files in a temporary folder beyond. Each segment runs once over the set: calibration
+costs one forward pass of each network. A model ``torch.fx`` cannot trace is re-run from its
+input for every layer instead (time grows with depth, memory does not).
 """
 
 from __future__ import annotations
 
-import ctypes
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -21,11 +20,9 @@ from torch import nn
 
 from ..nn import shards
 from .segments import Segments, split
+from .spill import Spilled, default_keep_bytes, release_memory
 
 Source = Callable[[], Iterator[tuple[int, torch.Tensor]]]
-# Activations kept in memory at a cut, per network; past it they go to disk. 256 MiB holds all of
-# a CIFAR ResNet's (512 images × 64 KiB) and 20 images of VGG-16's first layers (12.8 MB each).
-KEEP_BYTES = 256 << 20
 
 
 def batches(images: torch.Tensor | Iterable, batch_size: int = 32, shard: bool = True) -> Source:
@@ -76,18 +73,6 @@ def count_images(images: torch.Tensor | Iterable) -> int | None:
         return len(dataset) if dataset is not None else None
     except TypeError:
         return None
-
-
-def release_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; elsewhere nothing).
-
-    Activations kept for a whole pass sit between short-lived ones on the heap; the holes they
-    leave would otherwise stay in the resident set and grow with the number of batches.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _Stop(Exception):
@@ -155,11 +140,11 @@ class LayerStream:
         names: list[str],
         source: Source,
         device: torch.device | str | None = None,
-        keep_bytes: int = KEEP_BYTES,
+        keep_bytes: int | None = None,
         spill_dir: str | None = None,
     ) -> None:
         self.model, self.source, self.device = model, source, device
-        self.keep_bytes = keep_bytes
+        self.keep_bytes = default_keep_bytes() if keep_bytes is None else keep_bytes
         try:
             self.segments: Segments | None = split(model, names)
         except ValueError:
@@ -170,6 +155,7 @@ class LayerStream:
         self._dir: str | None = None
         self._spill_root = spill_dir
         self._count = 0
+        self._broken = False
 
     @property
     def resumes(self) -> bool:
@@ -180,7 +166,7 @@ class LayerStream:
         return x.to(self.device) if self.device is not None and isinstance(x, torch.Tensor) else x
 
     def _load(self, item):
-        return self._move(torch.load(item, weights_only=True) if isinstance(item, Path) else item)
+        return self._move(item.load() if isinstance(item, Spilled) else item)
 
     def _batches(self) -> Iterator[tuple[int, dict]]:
         """The frontier, or the source as one, batch by batch (stored, not loaded)."""
@@ -202,13 +188,13 @@ class LayerStream:
         x = x.detach().contiguous()
         size = x.numel() * x.element_size()
         if kept + size <= self.keep_bytes:
-            return x.clone(), kept + size
+            # A segment's output is its own (a value changed in place later is stored again);
+            # only a view is copied, so that it does not keep a larger tensor alive.
+            return (x.clone() if x._base is not None else x), kept + size
         if self._dir is None:
             self._dir = tempfile.mkdtemp(prefix="decouple-calib-", dir=self._spill_root)
         self._count += 1
-        path = Path(self._dir) / f"{self._count}.pt"
-        torch.save(x.cpu(), path)
-        return path, kept
+        return Spilled.save(x.cpu(), Path(self._dir) / f"{self._count}.bin"), kept
 
     @staticmethod
     def _in_memory(values: dict) -> int:
@@ -218,9 +204,11 @@ class LayerStream:
     def _pass(self, capture: nn.Module | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Run the current segment over every batch and move on past it; with ``capture``, yield
         that layer's output for each batch on the way."""
+        if self._broken:
+            raise RuntimeError("a pass of this stream was abandoned halfway: start a new stream")
         segment = self.segments.parts[self.current]
-        old = self.frontier or []
-        kept = sum(self._in_memory(v) for _, v in old)
+        old = self.frontier
+        kept = sum(self._in_memory(v) for _, v in old or ())
         new: list[tuple[int, dict]] = []
         got: list[torch.Tensor] = []
         handle = None
@@ -228,11 +216,22 @@ class LayerStream:
             handle = capture.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
         done = False
         try:
-            for start, values in self._batches():
+            for k, (start, values) in enumerate(self._batches()):
                 got.clear()
                 with torch.no_grad():
                     out = segment.module(*(self._load(values[n]) for n in segment.takes))
                 after = {n: v for n, v in values.items() if n not in segment.drops}
+                # What this batch no longer needs goes now, not at the end of the pass: the
+                # memory it held is there for the values the pass makes (fewer spill to disk).
+                for n in segment.drops:
+                    v = values.get(n)
+                    if isinstance(v, torch.Tensor):
+                        kept -= v.numel() * v.element_size()
+                    elif isinstance(v, Spilled):
+                        v.path.unlink(missing_ok=True)
+                if old is not None:
+                    old[k] = (start, after)  # the batch's old values, less what went
+                del values
                 for n, v in zip(segment.gives, out, strict=True):
                     after[n], kept = self._store(v, kept)
                 new.append((start, after))
@@ -244,25 +243,29 @@ class LayerStream:
         finally:
             if handle is not None:
                 handle.remove()
-            keep, gone = (new, old) if done else (old, new)
-            self._drop(gone, keep)
             if done:
                 self.frontier, self.current = new, self.current + 1
+            else:  # the old values are partly gone: this stream cannot go on
+                self._drop(new)
+                self._drop(old)
+                self.frontier, self._broken = None, True
             release_memory()
 
     @staticmethod
     def _drop(frontier, keep=()) -> None:
         """Delete the files of ``frontier`` that ``keep`` does not hold too."""
-        held = {v for _, values in keep for v in values.values() if isinstance(v, Path)}
+        held = {v.path for _, values in keep for v in values.values() if isinstance(v, Spilled)}
         for _, values in frontier or ():
             for v in values.values():
-                if isinstance(v, Path) and v not in held:
-                    v.unlink(missing_ok=True)
+                if isinstance(v, Spilled) and v.path not in held:
+                    v.path.unlink(missing_ok=True)
 
     @torch.no_grad()
     def run(self, name: str, want: str = "input") -> Iterator[tuple[int, torch.Tensor]]:
         """``(index of the first image, the layer's input or output)`` for every batch."""
         module = self.model.get_submodule(name)
+        if self._broken:
+            raise RuntimeError("a pass of this stream was abandoned halfway: start a new stream")
         if self.segments is None:
             for start, x in self._inputs():
                 yield start, _capture(module, lambda x=x: self.model(x), want)

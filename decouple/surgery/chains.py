@@ -43,7 +43,13 @@ class LeafTracer(fx.Tracer):
     means the graph calls the module object; tracing into a custom forward would gain nothing.
     """
 
+    def __init__(self, opened=frozenset()) -> None:
+        super().__init__()
+        self.opened = frozenset(opened)  # factored layers traced into: their parts become calls
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.opened:
+            return False
         return isinstance(m, (*FACTORED_LAYERS, nn.Conv2d)) or super().is_leaf_module(m, qualname)
 
 

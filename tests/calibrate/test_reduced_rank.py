@@ -106,3 +106,21 @@ def test_a_layer_whose_moments_would_not_fit_stays_data_free(monkeypatch):
     assert by_name["fc1"].skipped is None and "last" in by_name["fc1"].errors
     assert by_name["fc2"].mode == "data-free" and "exceed" in by_name["fc2"].skipped
     assert all(torch.equal(fc2[k], v) for k, v in net.fc2.state_dict().items())
+
+
+@pytest.mark.parametrize("f,n", [(5, 12), (12, 5), (7, 7)])
+def test_principal_directions_from_the_smaller_side_equal_the_full_eigendecomposition(f, n):
+    """A widening map's directions come from an F-sized problem: the same projector on the
+    top R directions as the N×N eigendecomposition, for every R up to min(F, N)."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(f, n, generator=gen, dtype=torch.float64)
+    a = torch.randn(f, f, generator=gen, dtype=torch.float64)
+    cov = a @ a.T
+    u = reduced_rank._principal(w, cov)
+    assert u.shape == (n, min(f, n))
+    fitted = w.T @ cov @ w
+    full = torch.linalg.eigh(fitted)[1].flip(-1)
+    for r in range(1, min(f, n) + 1):
+        mine, ref = u[:, :r] @ u[:, :r].T, full[:, :r] @ full[:, :r].T
+        torch.testing.assert_close(mine, ref, rtol=0, atol=1e-8)
+    torch.testing.assert_close(u.T @ u, torch.eye(min(f, n), dtype=torch.float64))

@@ -268,3 +268,37 @@ def test_values_changed_in_place_give_the_refit_of_a_plain_re_run(monkeypatch, t
     for make, got in zip((chain, later), resumed, strict=True):
         rerun, _ = calibrated(make, x, batch_size=5)
         assert_same_weights(got, rerun, f"re-run, {make.__name__}")
+
+
+def test_a_pass_abandoned_halfway_leaves_no_file_and_refuses_to_go_on(tmp_path):
+    """Values a batch no longer needs go during the pass; a pass stopped halfway cannot be
+    resumed, so the stream says so, and nothing it spilled stays on disk."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                        nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()  # fmt: skip
+    x = torch.randn(12, 3, 5, 5)
+    with LayerStream(net, ["2", "4"], batches(x, 4), keep_bytes=0, spill_dir=str(tmp_path)) as s:
+        list(s.run("2", "input"))
+        outputs = s.run("2", "output")
+        next(outputs)
+        outputs.close()  # abandoned after one batch
+        assert not list(tmp_path.rglob("*.bin"))
+        with pytest.raises(RuntimeError, match="abandoned"):
+            list(s.run("4", "input"))
+    assert not list(tmp_path.iterdir())
+
+
+def test_default_memory_share_follows_available_memory_and_processes(monkeypatch):
+    from decouple.calibrate import spill as stream
+
+    gib = 1 << 30
+    monkeypatch.setattr(stream, "available_memory", lambda: 64 * gib)
+    assert stream.default_keep_bytes() == stream.KEEP_BYTES
+    monkeypatch.setattr(stream, "available_memory", lambda: 8 * gib)
+    assert stream.default_keep_bytes() == 8 * gib // 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four processes of one node share it
+    assert stream.default_keep_bytes() == stream.MIN_KEEP_BYTES
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "not a number")
+    assert stream.default_keep_bytes() == 8 * gib // 16
+    monkeypatch.setattr(stream, "available_memory", lambda: None)
+    assert stream.default_keep_bytes() == stream.MIN_KEEP_BYTES

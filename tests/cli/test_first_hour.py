@@ -91,7 +91,9 @@ def test_a_config_override_that_matches_no_layer_is_an_error(digits_sd: Path, ca
     config.write_text(json.dumps({"overrides": {"conv2": 2, "layer4\\..*": "skip"}}))
     code, _, err = cli(capsys, digits_sd, "--arch", "digits_cnn", "--config", config)
     assert code == 2
-    assert "--config c.json: override 'layer4\\..*' matches no conv or linear layer" in one_line(err)
+    assert "--config c.json: override 'layer4\\..*' matches no conv or linear layer" in one_line(
+        err
+    )
 
 
 # 3. --include-stem
