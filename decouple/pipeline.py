@@ -10,6 +10,7 @@ The CLI and the experiments both call it.
 from __future__ import annotations
 
 import copy
+import gc
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .calibrate.layerwise import REFIT_MODES, CalibrationRecord, calibrate_
+from .calibrate.spill import release_memory
 from .nn.decoupled import DecoupledConv2d
 from .nn.flops import count_flops
 from .nn.guards import check_module, type_error
@@ -175,7 +177,8 @@ def _compress(
 ) -> CompressResult:  # fmt: skip
     """:func:`compress_` once its inputs are checked, inside its transaction."""
     latency = latency or LatencyConfig()
-    cache = cache if cache is not None else FactorCache()
+    own_cache = cache is None
+    cache = FactorCache() if own_cache else cache
     fold_error = None
     folded: dict[str, str] = {}
     if config.fold_bn:
@@ -238,6 +241,10 @@ def _compress(
             r.reason = NOT_CALLED  # the budget never saw it run, or the probe above
     calibration, seconds = [], None
     if calib_images is not None and refit != "none":
+        if own_cache:  # every rank priced, and its factors, no longer needed: memory for the pass
+            cache = None
+        gc.collect()
+        release_memory()
         start = time.perf_counter()
         with stage("calibration"):
             calibration = calibrate_(
@@ -331,6 +338,9 @@ def _prune_(model: nn.Module, records: list[LayerRecord], pruned: dict) -> None:
     by_name = {r.name: r for r in records}
     for producer, (chain, keep) in pruned.items():
         prune_chain_(model, chain, keep)
+        # Which of the original's outputs it still makes: calibration refits it on those, as it
+        # does every layer the plan changed (decouple.calibrate.layerwise).
+        model.get_submodule(producer).decouple_kept = torch.as_tensor(keep, dtype=torch.long)
         rec = by_name[producer]
         rec.action, rec.method, rec.rank, rec.max_rank = "pruned", "prune", len(keep), chain.width
         rec.rank_text = f"k={len(keep)}/{chain.width}"

@@ -39,6 +39,7 @@ from .refit import (
 )
 from .stream import (
     LayerStream,
+    advance_together,
     batches,
     count_images,
     forward_order,
@@ -109,8 +110,11 @@ def _reads_features(layer: nn.Module) -> bool:
 
 
 def _refit_target(module: nn.Module) -> bool:
-    """A layer calibration refits: a factored layer, or the consumer of a pruned chain."""
-    return isinstance(module, FACTORED_LAYERS) or hasattr(module, "decouple_chain")
+    """A layer calibration refits: a factored layer, or the consumer or producer of a pruned
+    chain."""
+    return isinstance(module, FACTORED_LAYERS) or any(
+        hasattr(module, a) for a in ("decouple_chain", "decouple_kept")
+    )
 
 
 @in_place(save_data=_refit_target)  # refits write into the layers: copies undo a failure
@@ -132,7 +136,9 @@ def calibrate_(
     Network decoupling layers refit either factor (see :mod:`decouple.calibrate.refit`); CP and
     Tucker layers refit their last 1×1 conv (``last``; ``alternating`` means the same for them);
     the consumer of a pruned chain (:mod:`decouple.surgery.chains`) is refit whole on the channels
-    it still reads, whatever the mode.
+    it still reads, whatever the mode, and its producer (marked ``decouple_kept``: the original's
+    output channels it still makes) on those outputs of the original, which the layers changed
+    before it moved.
     Images stream through both networks in mini-batches, so memory does not grow with their
     number (:mod:`decouple.calibrate.stream`).
 
@@ -181,6 +187,7 @@ def calibrate_(
         LayerStream(model, [reads[n] for n in names], source, device, keep_bytes) as xs,
         LayerStream(reference, names, source, device, keep_bytes) as ys,
     ):
+        advance_together((xs, reads[names[0]]), (ys, names[0]))  # each image read once
         per_layer = _count_batches(images, batch_size)
         total = None if per_layer is None else per_layer * len(names)
         bar = progress_bar(total=total, desc="calibrate", unit="batch", enabled=progress)
@@ -197,8 +204,12 @@ def calibrate_(
                 records.append(_too_large(layer, name))
                 continue
             inputs = _ticking(xs.run(reads[name], "input"), bar)
-            m_fit, m_val = layer_moments(inputs, ys.run(name, "output"), read, holdout, n)
-            if hasattr(layer, "decouple_chain"):
+            targets = ys.run(name, "output")
+            kept = getattr(layer, "decouple_kept", None)
+            if kept is not None:  # a pruned chain's producer: the original's outputs it kept
+                targets = ((s, y[:, kept.to(y.device)]) for s, y in targets)
+            m_fit, m_val = layer_moments(inputs, targets, read, holdout, n)
+            if hasattr(layer, "decouple_chain") or kept is not None:
                 records.append(_refit_pruned(layer, name, m_fit, m_val, ridge))
                 continue
             if getattr(layer, "method", "") == "svd":
@@ -276,9 +287,12 @@ def _refit_pruned(
 ) -> CalibrationRecord:
     """The consumer of a pruned chain: least squares on the channels it still reads (``full``),
     at the ridge best on held-out images; kept as it is (its own columns) if that measures
-    better."""
+    better. The producer likewise, on every input feature, against the outputs it kept."""
     err = {"data-free": m_val.relative_error(layer.weight, layer.bias)}
-    every = torch.arange(layer.weight.shape[1])
+    if layer.bias is None or m_fit.xx.shape[0] != 1:  # a bias-free or grouped producer: as it is
+        why = "a bias-free or grouped layer: kept as pruned"
+        return CalibrationRecord(name, "data-free", err["data-free"], err["data-free"], err, why)
+    every = torch.arange(m_fit.xx.shape[-1] - 1)  # every input feature (C·kh·kw of them)
     best_w = None
     for lam in ridges(ridge):
         w, b = refit_on(m_fit, every, lam)

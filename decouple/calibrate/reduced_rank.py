@@ -58,18 +58,31 @@ def _regression(m: Moments, j: int, w0: torch.Tensor, centre: bool, ridge: float
     return _ridge_solve(xx.clone(), xy, w0, ridge), xx, mx, my
 
 
-def _principal(w: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+# The top singular vectors of a widening layer's root come from the F×F Gram matrix while the
+# smallest one kept is this far above the largest (squared): their error grows as the ratio.
+GRAM_MIN_RATIO = 1e-8
+
+
+def _principal(w: torch.Tensor, cov: torch.Tensor, top: int | None = None) -> torch.Tensor:
     """Eigenvectors ``(N, K)`` of the fitted outputs' covariance ``Wᵀ·cov·W`` with ``W`` ``(F, N)``,
-    ``K = min(F, N)`` (its rank at most), largest first, signs fixed (largest entry of each
-    positive) so results repeat."""
+    ``K = min(F, N)`` (its rank at most; the first ``top`` only, if given), largest first, signs
+    fixed (largest entry of each positive) so results repeat."""
     f, n = w.shape
     if f < n:  # a widening layer (ResNet-50's 512 → 2048): an F-sized problem, not an N-sized one
         lam, q = torch.linalg.eigh((cov + cov.T) / 2)
         root = (q * lam.clamp_min(0).sqrt()).T @ w  # rootᵀ·root = Wᵀ·cov·W
-        u = torch.linalg.svd(root, full_matrices=False).Vh.T
+        u = None
+        if top is not None:  # rootᵀ's top left singular vectors from the F×F Gram: 5× faster
+            s2, left = torch.linalg.eigh(root @ root.T)
+            s2, left = s2.flip(0)[:top], left.flip(-1)[:, :top]
+            if s2[-1] > GRAM_MIN_RATIO * s2[0] > 0:
+                u = (root.T @ left) / s2.sqrt()
+        if u is None:
+            u = torch.linalg.svd(root, full_matrices=False).Vh.T
     else:
         fitted = w.T @ cov @ w
         u = torch.linalg.eigh((fitted + fitted.T) / 2)[1].flip(-1)[:, : min(f, n)]
+    u = u if top is None else u[:, :top]
     idx = u.abs().argmax(0, keepdim=True)
     signs = torch.gather(u, 0, idx).sign()
     return u * torch.where(signs == 0, torch.ones_like(signs), signs)
@@ -102,7 +115,7 @@ def refit_lowrank(f, bias: torch.Tensor | None, m: Moments, ridge: float = 1e-4,
     outs, inps, biases = [], [], []
     for j in range(g):
         w, cov, mx, my = _regression(m, j, w_now[j], bias is not None, ridge)
-        u = _principal(w, cov)[:, :r]  # (N/g, R)
+        u = _principal(w, cov, r)  # (N/g, R)
         inp = u.T @ w.T  # (R, F)
         outs.append(u)
         inps.append(inp)

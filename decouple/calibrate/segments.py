@@ -41,13 +41,15 @@ class Segment:
 
     ``gives`` are the values it makes that are needed after it, and any value it read and may
     have changed in place (stored again, so a copy on disk never goes stale); ``drops`` are the
-    values needed before it and no more after.
+    values needed before it and no more after; ``changes`` the values it takes and may change in
+    place.
     """
 
     module: fx.GraphModule
     takes: tuple[str, ...]
     gives: tuple[str, ...]
     drops: tuple[str, ...]
+    changes: tuple[str, ...] = ()  # the values it takes and may change in place
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ def split(model: nn.Module, names: list[str]) -> Segments:
                 tuple(m.name for m in takes),
                 tuple(m.name for m in gives),
                 tuple(drops),
+                tuple(m.name for m in takes if m in changed),
             )  # fmt: skip
         )
     reads = {name: calls[name][0].args[0].name for name in names}

@@ -17,8 +17,8 @@ import torch
 # Activations kept in memory at a cut, per network; past it they go to disk. 768 MiB where a
 # sixteenth of the memory available (shared by the processes of a torchrun node) allows, at
 # least 256 MiB (all of a CIFAR ResNet's: 512 images × 64 KiB). Disk time is what made
-# ImageNet-size calibration slow; 768 MiB for each of the two networks keeps ResNet-50 with 512
-# images at 224² under 4 GB (experiments/scale_bench.py).
+# ImageNet-size calibration slow; with 768 MiB for each of the two networks, ResNet-50's default
+# path with 512 images at 224² peaked at 3.87 GB (experiments/scale_bench.py --planner).
 KEEP_BYTES = 768 << 20
 MIN_KEEP_BYTES = 256 << 20
 

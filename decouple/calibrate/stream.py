@@ -10,6 +10,7 @@ input for every layer instead (time grows with depth, memory does not).
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -168,12 +169,13 @@ class LayerStream:
     def _load(self, item):
         return self._move(item.load() if isinstance(item, Spilled) else item)
 
-    def _batches(self) -> Iterator[tuple[int, dict]]:
-        """The frontier, or the source as one, batch by batch (stored, not loaded)."""
+    def _batches(self, feed: Iterator | None = None) -> Iterator[tuple[int, dict]]:
+        """The frontier, or the source (``feed``: one reading of it) as one, batch by batch
+        (stored, not loaded)."""
         if self.frontier is not None:
             yield from self.frontier
             return
-        for start, x in self.source():
+        for start, x in self.source() if feed is None else feed:
             yield start, {self.segments.first: x}
 
     def _inputs(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -204,6 +206,14 @@ class LayerStream:
     def _pass(self, capture: nn.Module | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Run the current segment over every batch and move on past it; with ``capture``, yield
         that layer's output for each batch on the way."""
+        for start, out in self._steps(capture):
+            if capture is not None:
+                yield start, out
+
+    def _steps(
+        self, capture: nn.Module | None = None, feed: Iterator | None = None
+    ) -> Iterator[tuple[int, torch.Tensor | None]]:
+        """:meth:`_pass`, yielding after every batch (``None`` without ``capture``)."""
         if self._broken:
             raise RuntimeError("a pass of this stream was abandoned halfway: start a new stream")
         segment = self.segments.parts[self.current]
@@ -216,7 +226,7 @@ class LayerStream:
             handle = capture.register_forward_hook(lambda m, i, o: got.append(o.detach().clone()))
         done = False
         try:
-            for k, (start, values) in enumerate(self._batches()):
+            for k, (start, values) in enumerate(self._batches(feed)):
                 got.clear()
                 with torch.no_grad():
                     out = segment.module(*(self._load(values[n]) for n in segment.takes))
@@ -235,10 +245,9 @@ class LayerStream:
                 for n, v in zip(segment.gives, out, strict=True):
                     after[n], kept = self._store(v, kept)
                 new.append((start, after))
-                if capture is not None:
-                    if not got:
-                        raise RuntimeError("the layer was not called on the way")
-                    yield start, got[0]
+                if capture is not None and not got:
+                    raise RuntimeError("the layer was not called on the way")
+                yield start, (got[0] if capture is not None else None)
             done = True
         finally:
             if handle is not None:
@@ -250,6 +259,13 @@ class LayerStream:
                 self._drop(old)
                 self.frontier, self._broken = None, True
             release_memory()
+
+    def _before(self, name: str) -> bool:
+        """Whether the first segment runs before ``name``'s input or output can be read."""
+        return (
+            self.resumes and self.frontier is None and not self._broken
+            and self.current == 0 < self.segments.owner[name]
+        )  # fmt: skip
 
     @staticmethod
     def _drop(frontier, keep=()) -> None:
@@ -340,3 +356,24 @@ class Split:
     def count(self) -> int:
         """Images in this part (one pass over the source; over every process's share)."""
         return int(shards.all_sum(sum(len(x) for x in self))[0])
+
+
+def advance_together(*wanted: tuple[LayerStream, str]) -> None:
+    """Run the first segment of every ``(stream, first layer it will be asked for)`` over one
+    reading of their common source, batch by batch in step.
+
+    Both networks of a calibration start from the same images: read apart, every image would be
+    loaded (JPEG decoding, resizing) once per network. In step, ``itertools.tee`` holds one
+    batch at most. Streams that read the source themselves (their first layer's input is the
+    source, or the model is re-run from its input for every layer) are left as they are.
+    """
+    ready = [s for s, name in wanted if s._before(name)]
+    if len(ready) < 2 or any(s.source is not ready[0].source for s in ready):
+        return
+    feeds = list(itertools.tee(ready[0].source(), len(ready)))
+    # A first segment that changes its input in place (x.sub_(mean)) must not change what
+    # another stream reads: each gets its own copy.
+    if any(s.segments.first in s.segments.parts[0].changes for s in ready):
+        feeds = [((i, x.clone()) for i, x in f) for f in feeds]
+    for _ in zip(*(s._steps(feed=f) for s, f in zip(ready, feeds, strict=True)), strict=True):
+        pass

@@ -66,3 +66,47 @@ def test_grouped_layers_are_refused():
                    torch.randn(8, 4, 2, 2, dtype=torch.float64))  # fmt: skip
     with pytest.raises(ValueError, match="one group"):
         elimination_order(m)
+
+
+class Branch(nn.Module):
+    """a (3×3, decoupled) → b (3×3, the chain's producer) → ReLU → c (1×1, its consumer)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.a = nn.Conv2d(6, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 10, 3, padding=1)
+        self.c = nn.Conv2d(10, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_the_producer_of_a_pruned_chain_is_refit_on_the_outputs_it_kept():
+    """Upstream changes (here a rank-3 ``a``) move the producer's outputs: calibration refits it
+    against the original's outputs of the channels it kept, as every layer the plan changed."""
+    import copy
+
+    from decouple import DecoupleConfig, decouple_
+    from decouple.calibrate.layerwise import calibrate_
+    from decouple.surgery.chains import find_chains, prune_chain_
+
+    model = Branch().double().eval()
+    reference = copy.deepcopy(model)
+    decouple_(model, DecoupleConfig(overrides={"a": 3}, fold_bn=False))
+    (chain,) = find_chains(model, ["b", "c"])
+    keep = torch.tensor([1, 4, 6, 9])
+    prune_chain_(model, chain, keep)
+    model.b.decouple_kept = keep
+    before = copy.deepcopy(model.b)
+    x = torch.randn(128, 6, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    records = {r.name: r for r in calibrate_(model, reference, x)}
+    rec = records["b"]
+    assert rec.mode == "full" and rec.error_after < 0.97 * rec.error_before
+    assert not torch.equal(model.b.weight, before.weight)
+    # the targets are the original's kept channels: with a's change undone (and b's refit above
+    # now wrong), b fits them again, but for the ridge
+    exact = copy.deepcopy(model)
+    exact.a = reference.a
+    records = {r.name: r for r in calibrate_(exact, reference, x)}
+    assert records["b"].error_before > 0.1 and records["b"].error_after < 1e-3

@@ -123,4 +123,20 @@ def test_principal_directions_from_the_smaller_side_equal_the_full_eigendecompos
     for r in range(1, min(f, n) + 1):
         mine, ref = u[:, :r] @ u[:, :r].T, full[:, :r] @ full[:, :r].T
         torch.testing.assert_close(mine, ref, rtol=0, atol=1e-8)
+        top = reduced_rank._principal(w, cov, r)  # the refit's: only the first r
+        assert top.shape == (n, r)
+        torch.testing.assert_close(top, u[:, :r], rtol=0, atol=1e-8)
     torch.testing.assert_close(u.T @ u, torch.eye(min(f, n), dtype=torch.float64))
+
+
+def test_top_directions_of_a_rank_deficient_widening_map_fall_back_to_the_svd():
+    """Past the Gram matrix's precision (a direction with no variance) the top directions come
+    from the SVD: still orthonormal, still the projector of the full eigendecomposition."""
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 10, generator=gen, dtype=torch.float64)
+    a = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    cov = a @ a.T  # rank 3: the fitted outputs vary in 3 directions only
+    u = reduced_rank._principal(w, cov, 5)
+    torch.testing.assert_close(u.T @ u, torch.eye(5, dtype=torch.float64))
+    full = torch.linalg.eigh(w.T @ cov @ w)[1].flip(-1)[:, :3]
+    torch.testing.assert_close(u[:, :3] @ u[:, :3].T, full @ full.T, rtol=0, atol=1e-8)

@@ -302,3 +302,50 @@ def test_default_memory_share_follows_available_memory_and_processes(monkeypatch
     assert stream.default_keep_bytes() == 8 * gib // 16
     monkeypatch.setattr(stream, "available_memory", lambda: None)
     assert stream.default_keep_bytes() == stream.MIN_KEEP_BYTES
+
+
+class Counted:
+    """A calibration source that counts the images it hands out."""
+
+    def __init__(self, x: torch.Tensor, batch: int) -> None:
+        self.x, self.batch, self.read = x, batch, 0
+
+    def __iter__(self):
+        for i in range(0, len(self.x), self.batch):
+            self.read += len(self.x[i : i + self.batch])
+            yield self.x[i : i + self.batch].clone()
+
+
+def test_both_networks_start_from_one_reading_of_the_images():
+    """Each image is loaded once for the two networks (a JPEG decoded once), not once each; the
+    refit is the one a tensor of the same images gives."""
+    x = images(12)
+    net, reference = decoupled_pair(resnet8())
+    source = Counted(x, 4)
+    calibrate_(net, reference, source)
+    assert source.read == 4 + 12  # one batch orders the layers, then one reading for both
+    from_tensor, reference2 = decoupled_pair(resnet8())
+    calibrate_(from_tensor, reference2, x, batch_size=4)
+    assert_same_weights(net, from_tensor, "one reading")
+
+
+class DoubledInPlace(nn.Module):
+    def __init__(self, in_place: bool):
+        super().__init__()
+        torch.manual_seed(5)
+        self.in_place = in_place
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = x.mul_(2) if self.in_place else x * 2
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_first_segment_that_changes_its_input_in_place_changes_no_other_streams_input():
+    x = images(12)
+    got = {}
+    for in_place in (True, False):
+        net, reference = decoupled_pair(DoubledInPlace(in_place).double().eval())
+        calibrate_(net, reference, DataLoader(TensorDataset(x), batch_size=4))
+        got[in_place] = net
+    assert_same_weights(got[True], got[False], "in place")

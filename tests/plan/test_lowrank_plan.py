@@ -73,7 +73,9 @@ def test_calibrated_plans_use_the_data_loss_and_refit_every_low_rank_or_pruned_l
     )  # fmt: skip
     plan = result.allocation
     factored = [n for n, o in plan.choice.items() if o.rank and o.method != "prune"]
-    refit = factored + [chain.consumer for chain, _ in plan.pruned.values()]  # and pruned ones
+    # and both ends of every pruned chain: the consumer on its kept inputs, the producer on its
+    # kept outputs
+    refit = factored + [n for c, _ in plan.pruned.values() for n in (c.producer, c.consumer)]
     assert refit and sorted(r.name for r in result.calibration) == sorted(refit)
     assert all(r.error_after <= r.error_before for r in result.calibration)
     with torch.no_grad():
