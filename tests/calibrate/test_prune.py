@@ -110,3 +110,56 @@ def test_the_producer_of_a_pruned_chain_is_refit_on_the_outputs_it_kept():
     exact.a = reference.a
     records = {r.name: r for r in calibrate_(exact, reference, x)}
     assert records["b"].error_before > 0.1 and records["b"].error_after < 1e-3
+
+
+def _greedy_reference(m, ridge):
+    """Backward elimination one channel at a time, written plainly (the definition)."""
+    from decouple.calibrate.prune import _centred
+
+    g, c, _, _ = _centred(m)
+    alive, dropped = list(range(len(g))), []
+    while len(alive) > 1:
+        best = None
+        for j in alive:
+            rest = [k for k in alive if k != j]
+            err = _ls_error(g, c, rest, ridge)
+            if best is None or err < best[0]:
+                best = (err, j)
+        alive.remove(best[1])
+        dropped.append(best[1])
+    return [alive[0], *dropped[::-1]]
+
+
+def _ls_error(g, c, keep, ridge):
+    """Least-squares error (up to a constant) of the targets on channels ``keep``, with the same
+    ridge as elimination_order (the whole Gram matrix's)."""
+    from decouple.calibrate.prune import _ridged
+
+    gr = _ridged(g, ridge)[keep][:, keep]
+    ck = c[keep]
+    return float(-(ck * torch.linalg.solve(gr, ck)).sum())
+
+
+def test_one_channel_at_a_time_is_the_exact_greedy():
+    """Below the block size each step drops the channel whose loss raises the error least."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 9, 2, 2, generator=g, dtype=torch.float64)
+    x[:, 3] += x[:, 1]  # correlated channels: the order is not a ranking of single channels
+    y = torch.einsum("oc,nchw->nohw", torch.randn(3, 9, generator=g, dtype=torch.float64), x)
+    layer = nn.Conv2d(9, 3, 1).double()
+    m = moments_of(layer, x, y + 0.1 * torch.randn(y.shape, generator=g, dtype=torch.float64))
+    assert elimination_order(m, ridge=1e-6) == _greedy_reference(m, 1e-6)
+
+
+def test_wide_layers_drop_blocks_and_still_find_the_planted_channels(monkeypatch):
+    from decouple.calibrate import prune
+
+    monkeypatch.setattr(prune, "EXACT_CHANNELS", 4)  # 64 channels: blocks of up to 16
+    monkeypatch.setattr(prune, "BLOCK_SHARE", 4)
+    layer, x, y = planted(n=600, c=64, useful=(3, 17, 40, 41, 60))
+    m = moments_of(layer, x, y)
+    order = elimination_order(m, ridge=1e-10)
+    assert sorted(order) == list(range(64))
+    assert sorted(order[:5]) == [3, 17, 40, 41, 60]
+    losses = pruned_losses(m, m, order, [4, 5, 20], ridge=1e-10)
+    assert losses[0] > 1e-3 and losses[1] < 1e-12 and losses[2] < 1e-12
