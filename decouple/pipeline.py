@@ -177,8 +177,7 @@ def _compress(
 ) -> CompressResult:  # fmt: skip
     """:func:`compress_` once its inputs are checked, inside its transaction."""
     latency = latency or LatencyConfig()
-    own_cache = cache is None
-    cache = FactorCache() if own_cache else cache
+    cache = cache if cache is not None else FactorCache()
     fold_error = None
     folded: dict[str, str] = {}
     if config.fold_bn:
@@ -241,8 +240,9 @@ def _compress(
             r.reason = NOT_CALLED  # the budget never saw it run, or the probe above
     calibration, seconds = [], None
     if calib_images is not None and refit != "none":
-        if own_cache:  # every rank priced, and its factors, no longer needed: memory for the pass
-            cache = None
+        # The factors of every rank priced are no longer needed here (a caller's cache keeps its
+        # own reference): memory for the pass.
+        cache = None
         gc.collect()
         release_memory()
         start = time.perf_counter()

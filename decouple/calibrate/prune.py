@@ -72,13 +72,15 @@ def elimination_order(m: Moments, ridge: float = 1e-4) -> list[int]:
         block = max(1, len(alive) // BLOCK_SHARE) if wide else 1
         out = torch.argsort(cost)[:block]
         dropped += alive[out].tolist()
-        keep = torch.ones(len(alive), dtype=torch.bool)
-        keep[out] = False
-        # Schur complement: the inverse and the solution with channels ``out`` removed
-        cols = gi[keep][:, out]  # (K, b)
-        step = torch.linalg.solve(gi[out][:, out], torch.cat([cols.T, beta[out]], 1))
-        beta = beta[keep] - cols @ step[:, len(cols) :]
-        gi = gi[keep][:, keep] - cols @ step[:, : len(cols)]
+        mask = torch.ones(len(alive), dtype=torch.bool)
+        mask[out] = False
+        keep = mask.nonzero()[:, 0]
+        # Schur complement: the inverse and the solution with channels ``out`` removed (each
+        # block indexed once: copies of the whole inverse are what a step costs)
+        cols = gi[keep[:, None], out]  # (K, b)
+        step = torch.linalg.solve(gi[out[:, None], out], torch.cat([cols.T, beta[out]], 1))
+        beta = beta[keep] - cols @ step[:, len(keep) :]
+        gi = gi[keep[:, None], keep] - cols @ step[:, : len(keep)]
         alive = alive[keep]
     dropped.append(int(alive[0]))
     return dropped[::-1]
