@@ -46,10 +46,11 @@ class ChangeSearch:
     changed_pct: float | None = None
     cost_ratio: float | None = None
     tries: list[dict] = field(default_factory=list)
+    missed: bool = False  # no plan was within: the kept one is the closest (``closest=True``)
 
     @property
     def reached(self) -> bool:
-        return self.budget is not None
+        return self.budget is not None and not self.missed
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -97,6 +98,7 @@ def compress_within_change_(
     lowest: float = 0.1,
     steps: int = 6,
     progress: bool = False,
+    closest: bool = False,
     **kwargs,
 ) -> tuple[CompressResult | None, ChangeSearch]:
     """Compress ``model`` in place at the smallest budget within ``max_change`` % changed top-1.
@@ -115,6 +117,9 @@ def compress_within_change_(
         What the budget is a fraction of (``latency`` needs ``latency=LatencyConfig(...)``).
     lowest, steps : float, int
         The smallest budget tried, and the bisection steps between it and 1.
+    closest : bool
+        When no plan is within ``max_change``, keep the one that changed the fewest predictions
+        (the search says it ``missed``) instead of leaving the model unchanged.
     **kwargs
         Passed to :func:`~decouple.pipeline.compress_` (criterion, refit, cache, latency, ...).
 
@@ -143,9 +148,10 @@ def compress_within_change_(
     flops0, _ = count_flops(original, example)
     kwargs["cache"] = kwargs.get("cache") or FactorCache()  # CP/Tucker shared by every try
     best = None  # (cost ratio, budget, changed %, twin, result)
+    fewest = None  # the same, of the plan that changed the fewest predictions (``closest``)
 
     def attempt(budget: float) -> bool:
-        nonlocal best
+        nonlocal best, fewest
         twin = copy.deepcopy(original)
         key = "target_flops" if cost == "flops" else "target_latency"
         result = compress_(twin, config, input_shape, calib_images=decide, **{key: budget},
@@ -162,6 +168,8 @@ def compress_within_change_(
                              "cost_ratio": round(ratio, 4), "within": ok})  # fmt: skip
         if ok and (best is None or ratio < best[0]):
             best = (ratio, budget, changed, twin, result)
+        if closest and (fewest is None or (changed, ratio) < (fewest[2], fewest[0])):
+            fewest = (ratio, budget, changed, twin, result)
         return ok
 
     lo, hi = lowest, 1.0
@@ -175,6 +183,8 @@ def compress_within_change_(
             else:
                 lo = mid
     bar.close()
+    if best is None and fewest is not None:
+        best, search.missed = fewest, True
     if best is None:
         return None, search
     search.cost_ratio, search.budget, search.changed_pct, twin, result = best

@@ -44,6 +44,36 @@ from .surgery.sites import NO_RULE, check_sites, conv_sites
 NOT_CALLED = "kept: never called by the forward pass (an auxiliary head in eval mode, or a layer whose parent reads its weights)"
 
 
+class TargetMissed(ValueError):
+    """The budget asked of :func:`compress_` is out of reach and ``allow_miss`` is False.
+
+    ``budget`` names it (``target_flops=0.5``); ``reachable`` says what the closest plan keeps,
+    and what the planner's own loss predicts it costs. The model is left as it was.
+    """
+
+    def __init__(self, budget: str, reachable: str) -> None:
+        super().__init__(f"{budget} is out of reach: {reachable}")
+        self.budget, self.reachable = budget, reachable
+
+
+def _flops_missed(a: Allocation, target: float) -> TargetMissed:
+    base = a.target_flops / target  # the model's FLOPs the fraction is of
+    return TargetMissed(
+        f"target_flops={target:g}",
+        f"the cheapest plan keeps {100 * a.total_flops / base:.1f} % of the FLOPs; its predicted loss "
+        f"({a.criterion} criterion) is {a.loss:.4g}",
+    )
+
+
+def _latency_missed(p: LatencyPlan, target: float) -> TargetMissed:
+    return TargetMissed(
+        f"target_latency={target:g}",
+        f"the fastest plan timed keeps {100 * p.measured_ms / p.model_ms:.1f} % of the measured latency "
+        f"({p.measured_ms:.2f} of {p.model_ms:.2f} ms); its predicted loss "
+        f"({p.allocation.criterion} criterion) is {p.allocation.loss:.4g}",
+    )
+
+
 @dataclass
 class CompressResult:
     """Records of every step of :func:`compress_`."""
@@ -105,6 +135,7 @@ def compress_(
     latency: LatencyConfig | None = None,
     realize: bool = False,
     prune: bool = True,
+    allow_miss: bool = True,
 ) -> CompressResult:
     """Fold BN, optionally allocate ranks under a budget, decouple, optionally calibrate, optionally
     give every layer its fastest realization; in place.
@@ -147,6 +178,10 @@ def compress_(
         chains (a layer feeding a 1×1 conv or linear layer through channel-wise steps, not at the
         end of a residual branch; :mod:`decouple.surgery.chains`), priced by the same planner;
         the consumer is refit by calibration.
+    allow_miss : bool, default True
+        When the budget is out of reach, go on with the closest plan (the result says it was
+        missed); False raises :class:`TargetMissed` as soon as the plan is known, with the
+        model as it was.
 
     Raises
     ------
@@ -167,13 +202,13 @@ def compress_(
     with transaction(model, "compress_", save_data=is_factored):
         return _compress(
             model, config, input_shape, target_flops, criterion, calib_images, refit, ridge,
-            min_saving, progress, cache, target_latency, latency, realize, prune,
+            min_saving, progress, cache, target_latency, latency, realize, prune, allow_miss,
         )  # fmt: skip
 
 
 def _compress(
     model, config, input_shape, target_flops, criterion, calib_images, refit, ridge, min_saving,
-    progress, cache, target_latency, latency, realize, prune,
+    progress, cache, target_latency, latency, realize, prune, allow_miss,
 ) -> CompressResult:  # fmt: skip
     """:func:`compress_` once its inputs are checked, inside its transaction."""
     latency = latency or LatencyConfig()
@@ -198,6 +233,8 @@ def _compress(
             min_saving, ridge, cache, progress,
         )  # fmt: skip
         allocation = lplan.allocation
+        if not allow_miss and lplan.measured_ms > lplan.target_ms:
+            raise _latency_missed(lplan, target_latency)
     elif target_flops is not None:
         # Energy by default: with calibration it kept as much accuracy as the data criterion on
         # the CIFAR ResNets (results/README.md), at a fraction of the cost.
@@ -208,6 +245,8 @@ def _compress(
             cache, progress, prune=prune and calib_images is not None and refit != "none",
             baseline_flops=baseline_flops,
         )  # fmt: skip
+        if not allow_miss and allocation.total_flops > allocation.target_flops:
+            raise _flops_missed(allocation, target_flops)
     uncalled: set[str] = set()
     if allocation is not None:
         plain = allocated_config(plain, allocation.choice)

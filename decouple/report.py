@@ -13,10 +13,13 @@ import torch
 from torch import nn
 
 from .nn.flops import count_flops
-from .nn.output_diff import compare_models, summary_lines
+from .nn.output_diff import compare_models, insensitive_note, summary_lines
 from .surgery.rewrite import LayerRecord
 
 RANDOM_INPUTS = "random Gaussian inputs (no images given; the agreement on real images can differ)"
+# A plan is said to wreck the model when its output check, on real images, keeps fewer top-1
+# predictions than this, or (on any inputs) its output error is as large as the output itself.
+WRECK_AGREEMENT, WRECK_ERROR = 0.5, 1.0
 
 
 def output_error(
@@ -74,6 +77,16 @@ class Report:
             "decoupled_layers_flops_after": conv_after,
             "decoupled_layers_flops_ratio": _ratio(conv_before, conv_after),
         }
+
+    def wrecked(self) -> str | None:
+        """Why the output check says this plan wrecks the model, or None."""
+        o = self.output
+        agree = o.get("argmax_agreement")
+        if agree is not None and RANDOM_INPUTS not in o["inputs"] and agree < WRECK_AGREEMENT:
+            return f"top-1 agrees with the original's on only {100 * agree:.1f} % of {o['inputs']}"
+        if o.get("rel_error") is not None and o["rel_error"] >= WRECK_ERROR:
+            return f"the output's relative error is {o['rel_error']:.3g} on {o['inputs']}"
+        return None
 
     def to_dict(self) -> dict:
         return {
@@ -136,6 +149,7 @@ class Report:
                 else ")"
             ),
             *summary_lines(self.output),
+            *([self.output["insensitive"]] if self.output.get("insensitive") else []),
         ]
         acc = self.extra.get("accuracy")
         if acc:
@@ -210,7 +224,8 @@ class Report:
             lines.append(
                 f"max change: top-1 differs from the original's on {change['changed_pct']:.2f} % "
                 f"of {change['measured_on']} held-out calibration images (allowed "
-                f"{change['max_change']:g} %) at {change['cost']} budget {change['budget']:g} "
+                f"{change['max_change']:g} %{'; NOT reached, the closest plan kept' if change.get('missed') else ''}) "
+                f"at {change['cost']} budget {change['budget']:g} "
                 f"({len(change['tries'])} plans tried; chosen and refit on the other "
                 f"{change['decided_on']} images)"
             )
@@ -347,6 +362,10 @@ def build_report(
         name = inputs_name or extra.get("output_check_inputs") or "given inputs"
         source = _counted(len(inputs), str(name))
     output = {**output_error(original, decoupled, inputs), "inputs": source}
+    kernel = max((r.rel_error or 0.0 for r in records if r.action == "decoupled"), default=0.0)
+    note = insensitive_note(output, kernel, dtype)
+    if note:
+        output["insensitive"] = note
     return Report(
         layers=records,
         input_shape=tuple(input_shape),

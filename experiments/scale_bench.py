@@ -158,6 +158,7 @@ def bench(args) -> list[dict]:
                 sys.executable, "-m", "decouple", str(ckpt), "--arch", name, "--rank", "3",
                 *skip(name), "--calib", str(work / "calib"), "--calib-size", str(n),
                 "--batch-size", str(args.batch_size), "--out", str(out), "--force",
+                "--allow-miss",  # random weights: the output check's verdict says nothing
             ]  # fmt: skip
             if n_eval:
                 cmd += ["--data", str(work / "val")]
@@ -224,7 +225,7 @@ def bench_planner(args) -> list[dict]:
                 sys.executable, "-m", "decouple", str(ckpt), "--arch", name,
                 *PLANNER_RUNS[budget], "--calib", str(work / "calib"), "--calib-size", str(n),
                 "--batch-size", str(args.batch_size), "--device", args.device,
-                "--out", str(out), "--force",
+                "--out", str(out), "--force", "--allow-miss",  # random weights, as above
             ]  # fmt: skip
             log = out.with_suffix(".log")
             print(" ".join(cmd), flush=True)

@@ -38,7 +38,8 @@ def run(arch: str, folder: Path) -> dict:
     torch.save(torchvision.models.get_model(arch, weights=None).state_dict(), path)
     out = folder / f"{arch}.decoupled.pt"
     argv = [sys.executable, "-m", "decouple", str(path), "--arch", arch, "--target-flops", "0.5",
-            "--latency", "--runtime", "onnxruntime", "--quiet", "--out", str(out)]  # fmt: skip
+            "--latency", "--runtime", "onnxruntime", "--quiet", "--out", str(out),
+            "--allow-miss"]  # random weights: the output check's verdict says nothing  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start

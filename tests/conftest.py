@@ -2,6 +2,8 @@
 a fake clock for every test whose answer would otherwise depend on how busy the machine is."""
 
 import os
+import shutil
+import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +44,22 @@ def _one_thread():
         os.environ.pop("OMP_NUM_THREADS", None)
     else:
         os.environ["OMP_NUM_THREADS"] = env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_tmp(tmp_path_factory):
+    """Everything the suite (and the processes and notebook kernels it starts) writes through
+    ``tempfile`` goes into a folder of its own, removed at the end: nothing is left in /tmp."""
+    folder = tmp_path_factory.mktemp("tmpdir")
+    before, cached = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = str(folder), None
+    yield folder
+    tempfile.tempdir = cached
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

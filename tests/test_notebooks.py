@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import runpy
 import shutil
+import tempfile
 from pathlib import Path
 
 import nbformat
@@ -49,8 +50,12 @@ PRINTS = {
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs_and_draws(path, committed_results, monkeypatch, request):
+def test_notebook_runs_and_draws(path, committed_results, monkeypatch, request, tmp_path):
     monkeypatch.setenv("DECOUPLE_RESULTS", str(committed_results))
+    scratch = tmp_path / "tmp"  # the kernel's temporary folder: it must be empty at the end
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # this process caches the folder
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel draws inline
     if path.name == "spectra.ipynb":  # the real checkpoint (CI requires the assets)
         monkeypatch.setenv("DECOUPLE_ASSETS", str(request.getfixturevalue("cifar_assets")))
@@ -69,6 +74,8 @@ def test_notebook_runs_and_draws(path, committed_results, monkeypatch, request):
     assert any("image/png" in o.get("data", {}) for o in outputs), "no figure drawn"
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert PRINTS.get(path.name, "") in text
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith(".")]  # the kernel's own
+    assert left == [], "the notebook left files in its tmp folder"
 
 
 def test_every_notebook_says_what_it_must_print():

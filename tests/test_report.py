@@ -187,3 +187,39 @@ def test_a_detector_is_compared_on_its_backbone_features_and_matched_boxes():
     exact = build_report(original.double(), full, recs, (3, 16, 16)).output
     assert exact["rel_error"] < 1e-10 and exact["detections"]["matched_fraction"] == 1.0
     assert exact["detections"]["mean_score_diff"] < 1e-10
+
+
+def _block(zero_bn: bool) -> nn.Module:
+    """A residual block, conv → BN → ReLU → conv → BN plus the identity: with the last BN's scale
+    at zero (timm's and torchvision's ``zero_init_residual``) the convs cannot move the output."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            if zero_bn:
+                nn.init.zeros_(self.bn2.weight)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return self.head((x + y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    return Block().eval()
+
+
+@pytest.mark.parametrize("zero_bn", [True, False])
+def test_an_output_that_ignores_the_decoupled_layers_is_flagged(zero_bn):
+    original = _block(zero_bn)
+    model = copy.deepcopy(original)
+    records = decouple_(model, DecoupleConfig(rank=1))  # BN folded: conv2's kernel is zero
+    report = build_report(original, model, records, (8, 6, 6))
+    assert max(r.rel_error for r in report.decoupled) > 0.1
+    note = report.output.get("insensitive")
+    if zero_bn:
+        assert note and "does not depend on the decoupled layers" in note
+        assert note in report.to_text() and json.loads(report.to_json())["output"]["insensitive"]
+    else:
+        assert note is None and report.output["rel_error"] > 1e-3

@@ -22,8 +22,9 @@ EPILOG = """examples:
   decouple net.pt --arch mypkg.nets:build --energy 0.9 --skip 'layer4\\..*'
   decouple whole_model.pt --trust-pickle --rank 3  a pickled nn.Module; input shape inferred
   decouple net.pt --arch cifar_resnet20 --method tucker --target-flops 0.5 --calib cifar.tar
-  decouple r18.pt --arch resnet18 --rank 2 --skip conv1 --latency --runtime onnxruntime --onnx
-  decouple r18.pt --arch resnet18 --target-latency 0.6 --batch 8 --skip conv1,fc
+  decouple r18.pt --arch resnet18 --rank 2 --latency --runtime onnxruntime --onnx
+  decouple r18.pt --arch resnet18 --target-latency 0.6 --batch 8 --skip fc
+  decouple --recover out/                        finish or undo a run killed while writing out/
 
 outputs (in the current folder unless --out/--report say otherwise; never beside MODEL):
   X.decoupled.pt           the decoupled model, same kind as the input (state_dict or module)
@@ -33,7 +34,13 @@ outputs (in the current folder unless --out/--report say otherwise; never beside
   X.decoupled.manifest.json  written last: every file's sha256; load_decoupled() checks it
 
 The set is staged beside the targets, checked, then moved in; nothing existing is replaced
-without --force, and bad input ends with one line on stderr and exit status 2.
+without --force. A run killed while moving it in is finished (or undone) by the next run on the
+same outputs, by load_decoupled() or by --recover.
+
+exit status: 0 written; 2 bad input (one line on stderr); 3 the target (--target-flops,
+--target-latency, --max-change) is out of reach, or the plan would wreck the model: nothing
+written (--allow-miss writes it); 130 interrupted; 143 terminated (SIGTERM). Nothing is left
+behind by 2, 3, 130 or 143.
 """
 
 
@@ -229,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME|REGEX",
         help="a layer to leave as it is: an exact module name or a regex matching whole names; "
-        "repeat it or give a comma list (--skip conv1,fc; commas inside {...} stay in the "
+        "repeat it or give a comma list (--skip layer4.0.conv1,fc; commas inside {...} stay in the "
         "regex). A pattern that matches no conv is an error",
     )
     p.add_argument(
@@ -289,6 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--report", metavar="PATH", help="report JSON (a Markdown copy goes beside it)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.add_argument(
+        "--allow-miss",
+        action="store_true",
+        help="write the closest plan when the target is out of reach, or a plan whose output "
+        "check says it wrecks the model (default: write nothing, exit status 3)",
+    )
+    p.add_argument(
+        "--recover",
+        metavar="PATH",
+        help="only recover: finish or undo the commits of runs killed while writing into "
+        "PATH's folder (the next run and load_decoupled() do it too), and say what was found",
+    )
     p.add_argument(
         "--trust-pickle",
         action="store_true",

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .exits import MISSED, NotWritten, Terminated, fail, recover, sigterm_as_exception
 from .parser import UsageError, build_parser
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def _decouple_into(
     from ..io.evaluate import evaluate_batches
     from ..nn import shards
     from ..nn.stopwatch import stage
-    from ..pipeline import compress_
+    from ..pipeline import TargetMissed, compress_
     from .flags import make_latency_config
     from .inputs import load_cli_images
     from .model_checks import load_checked_model
@@ -160,25 +161,32 @@ def _decouple_into(
     if args.max_change is not None:
         cost = "flops" if latency is None else "latency"
         result, search = compress_within_change_(
-            model, config, shape, args.max_change, calib.batches, cost, **common
-        )
+            model, config, shape, args.max_change, calib.batches, cost,
+            closest=args.allow_miss, **common,
+        )  # fmt: skip
         if result is None:
             fewest = min(search.tries, key=lambda t: t["changed_pct"])
-            raise InputError(
-                f"--max-change {args.max_change:g}: no plan tried changed at most "
-                f"{args.max_change:g} % of top-1 predictions (fewest: {fewest['changed_pct']:.2f} % "
-                f"at budget {fewest['budget']:g}); nothing written"
+            raise NotWritten(
+                f"--max-change {args.max_change:g} is out of reach: no plan tried changed at most "
+                f"{args.max_change:g} % of top-1 predictions (the closest: "
+                f"{fewest['changed_pct']:.2f} % at budget {fewest['budget']:g})"
             )
     else:
-        result = compress_(
-            model,
-            config,
-            shape,
-            target_flops=args.target_flops,
-            calib_images=None if calib is None else calib.batches,
-            target_latency=args.target_latency,
-            **common,
-        )
+        try:
+            result = compress_(
+                model,
+                config,
+                shape,
+                target_flops=args.target_flops,
+                calib_images=None if calib is None else calib.batches,
+                target_latency=args.target_latency,
+                allow_miss=args.allow_miss,
+                **common,
+            )
+        except TargetMissed as e:
+            flag = "--target-flops" if args.target_flops is not None else "--target-latency"
+            value = args.target_flops if args.target_flops is not None else args.target_latency
+            raise NotWritten(f"{flag} {value:g} is out of reach: {e.reachable}") from None
     model = model.cpu()
     records = result.records
     timed_out = any(r.reason.startswith("kept: not faster") for r in records)
@@ -263,6 +271,9 @@ def _report_and_write(
         payloads = {k: files[p.name] for k, p in paths.items() if k.startswith("onnx")}
     with stage("report"):  # with the output check: both models run on the check's inputs
         report = build_report(original, model, records, shape, inputs=inputs, extra=extra)
+    wreck = report.wrecked()
+    if wreck and not args.allow_miss:
+        raise NotWritten(f"this plan would wreck the model: {wreck}")
     with stage("serializing"):
         recipe = name_manifest(make_recipe(records, config), paths["recipe"], paths["manifest"])
         model_bytes = torch_bytes(model if kind == "module" else model.state_dict())
@@ -338,16 +349,20 @@ def _measure_latency(original, model, config, shape, latency) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI: exit 0 with the outputs written, or exit 2 with one line on stderr and nothing
-    written (130 when interrupted). ``DECOUPLE_DEBUG=1`` shows tracebacks and warnings."""
+    """The CLI: exit 0 with the outputs written, or one line on stderr and nothing written:
+    exit 2 for bad input, 3 for a target out of reach (:data:`MISSED`), 130 when interrupted,
+    143 when terminated. ``DECOUPLE_DEBUG=1`` shows tracebacks and warnings."""
     debug = bool(os.environ.get("DECOUPLE_DEBUG"))
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
-        return _fail(str(e))
+        return fail(str(e))
+    if args.recover:
+        return recover(args.recover)
     from ..io.errors import InputError  # loads torch: only once the command line is good
+    from ..pipeline import TargetMissed
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), sigterm_as_exception():
         if not debug:  # library warnings (torch, onnx) would add lines to the one-line contract
             warnings.simplefilter("ignore")
         try:
@@ -355,25 +370,24 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("decouple: interrupted", file=sys.stderr)
             return 130
+        except Terminated:
+            print("decouple: terminated", file=sys.stderr)
+            return 143
+        except (NotWritten, TargetMissed) as e:
+            return fail(f"{e}; nothing written (--allow-miss writes it)", MISSED)
         except BrokenPipeError:  # stdout closed early (| head): the files are written already
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
         except (InputError, ValueError, TypeError) as e:  # ours and the library's checks
-            return _fail(str(e))
+            return fail(str(e))
         except SystemExit as e:  # the user's model code called sys.exit
-            return _fail(f"the model's code called sys.exit({e.code!r})")
+            return fail(f"the model's code called sys.exit({e.code!r})")
         except RecursionError:
-            return _fail("the model or an input is nested too deeply (recursion limit)")
+            return fail("the model or an input is nested too deeply (recursion limit)")
         except MemoryError:
-            return _fail("out of memory; try a smaller --batch-size or --calib-size")
+            return fail("out of memory; try a smaller --batch-size or --calib-size")
         except Exception as e:  # noqa: BLE001 - any other error: still one line, exit 2
             if debug:
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            return _fail(f"{type(e).__name__}: {msg} (set DECOUPLE_DEBUG=1 for the traceback)")
-
-
-def _fail(message: str) -> int:
-    lines = message.strip().splitlines() or ["failed"]
-    print(f"decouple: error: {lines[0]}", file=sys.stderr)
-    return 2
+            return fail(f"{type(e).__name__}: {msg} (set DECOUPLE_DEBUG=1 for the traceback)")

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import get_model_info, list_models
+from ..models import describe_models, get_model_info, list_models
 from ..nn.discover import factored_layer_names
 from ..nn.transaction import transaction
 from ..surgery.recipe import apply_recipe_
 from .errors import InputError
 from .manifest import MANIFEST_KEY, check_output_set
 from .outputs import recipe_path_for
+from .recovery import recover_folder
 from .torchvision_archs import build_torchvision, torchvision_input_shape
 
 # Top-level modules that --arch imported from a folder: another folder's may replace them.
@@ -66,13 +67,31 @@ def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> obje
                 f"{path} holds pickled Python objects (such as a whole nn.Module); loading them can "
                 "run code from the file, so it is refused. If you trust the file, re-run with --trust-pickle"
             ) from None
-        raise InputError(
-            f"cannot read {path}: corrupt or not a PyTorch file ({_first_line(e)})"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for damaged files
-        raise InputError(
-            f"cannot read {path}: truncated, corrupt or not a PyTorch file ({_first_line(e)})"
-        ) from None
+        raise InputError(f"cannot read {path}: {_what_is(path)}") from None
+    except Exception:  # noqa: BLE001 - torch.load raises many types for damaged files
+        raise InputError(f"cannot read {path}: {_what_is(path)}") from None
+
+
+def _what_is(path: Path) -> str:
+    """What a file torch cannot load looks like, from its first bytes: torch's own messages
+    (``101``, ``pop from empty list``) mean nothing to a user."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return e.strerror or "unreadable"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK"):
+        return "a zip archive that is not a whole PyTorch file (truncated or corrupt?)"
+    if head[0] == 0x80:  # the pickle protocol mark of torch's legacy format
+        return "a pickle that cannot be read whole (truncated or corrupt?)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not a character cut in two at the end of the sample
+            return "not a PyTorch file, or a corrupt one (torch.save writes a zip archive)"
+    return "a text file, not a PyTorch file (torch.save writes a zip archive)"
 
 
 def _is_state_dict(obj: object) -> bool:
@@ -194,7 +213,7 @@ def build_arch(arch: str) -> tuple[nn.Module, tuple[int, ...] | None]:
         if not isinstance(model, nn.Module):
             raise InputError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module")
         return model, None
-    ours = ", ".join(list_models())
+    ours = describe_models()
     try:
         import torchvision
     except ImportError:
@@ -263,7 +282,7 @@ def load_model(
     if arch is None:
         raise InputError(
             f"{path} holds a state_dict (weights only); pass --arch NAME to say which network it is "
-            f"(one of decouple's: {', '.join(list_models())}; a torchvision model name; or package.module:callable)"
+            f"(one of decouple's: {describe_models()}; a torchvision model name; or package.module:callable)"
         )
     model, shape = build_arch(arch)
     try:
@@ -307,9 +326,12 @@ def load_decoupled(
     The recipe (default: the ``.recipe.json`` beside the weights) replays the structural change,
     then the weights load strictly, with ``weights_only=True``. Returns ``model`` in eval mode.
     When the recipe names a manifest (or one sits beside the weights), the weights and the recipe
-    must match it: a set left half-written by an interrupted run raises :class:`InputError`.
+    must match it. A set left half-written by a killed run is first rolled back or forward
+    (:mod:`decouple.io.recovery`); one that still does not match raises :class:`InputError`.
     """
     recipe_file = Path(recipe_path or recipe_path_for(weights_path))
+    # A writer killed mid-commit: its set is finished or undone first (one line on stderr).
+    recover_folder(Path(weights_path).parent, [Path(weights_path), recipe_file])
     if not recipe_file.is_file():
         raise InputError(f"no such file: {recipe_file} (the recipe of {weights_path})")
     try:

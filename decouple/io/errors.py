@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 
-class InputError(Exception):
-    """A problem with the user's input, described in one line."""
+class InputError(ValueError):
+    """A problem with the user's input, described in one line (a ``ValueError``, so callers that
+    catch the usual exception for bad values catch it too)."""

@@ -69,8 +69,9 @@ def name_manifest(recipe: dict, recipe_path: Path, manifest_path: Path) -> dict:
 
 def _incomplete(weights: Path, why: str) -> InputError:
     return InputError(
-        f"{weights} is an incomplete or mixed output set: {why}; a run was interrupted or a file "
-        "was changed; re-run decouple with --force"
+        f"{weights} is an incomplete or mixed output set: {why}; a file was changed, or a run "
+        f"writing it is still going (decouple --recover {Path(weights).parent} says); re-run decouple "
+        "with --force"
     )
 
 

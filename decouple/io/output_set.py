@@ -14,16 +14,16 @@ With ``force`` each existing target is first hard-linked into ``previous/`` of t
 folder, then the old manifest is removed (a half-replaced set never verifies), then the files are
 replaced; an exception puts the old files back, the manifest last.
 
-What a ``kill -9`` leaves, at any point:
+Before the first move, once the staged set is complete and checked, a journal goes into each
+staging folder: the commit point. What a ``kill -9`` leaves, at any point:
 
-- before the moves: the old files untouched, plus a staging folder;
-- during the moves: a set that :func:`~decouple.io.checkpoint.load_decoupled` refuses (its
-  manifest is missing), or, before the new recipe is in, the old set unchanged; every file the
-  user had is still at its place or, if already replaced, in ``previous/`` of the staging folder;
-- after the manifest: the complete new set, plus a staging folder holding the old files.
+- before the journal: the old files untouched, plus a staging folder of new files only;
+- after it: a set that :func:`~decouple.io.checkpoint.load_decoupled` refuses (its manifest is
+  missing) or the old set unchanged; every file the user had is still at its place or, if already
+  replaced, in ``previous/`` of the staging folder, and every new file in place or in ``new/``.
 
-A staging folder left behind that way is never removed automatically: it may hold the only copy of
-a replaced file.
+:mod:`decouple.io.recovery` turns either into one whole set: the next run on the same outputs,
+``load_decoupled`` and ``decouple --recover`` roll the first back and the second forward.
 """
 
 from __future__ import annotations
@@ -38,30 +38,25 @@ from pathlib import Path
 
 from .errors import InputError
 from .manifest import make_manifest, manifest_path_for
+from .recovery import (
+    NEW,
+    PREVIOUS,
+    fsync_dir,
+    recover_folder,
+    remove_staging,
+    staging_prefix,
+    write_journal,
+    write_owner,
+)
 
 MANIFEST = "manifest"
 FIRST = ("recipe",)  # moved in before the rest: it names the manifest
-NEW, PREVIOUS = "new", "previous"  # staging subfolders: the files to move in, replaced files
 # Where hard links are not supported, exclusive creation falls back to a placeholder.
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
 
 def _why(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in ``folder`` durable; some filesystems cannot, which is fine."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -140,6 +135,9 @@ class OutputSet:
         paths = {k: Path(p) for k, p in paths.items()}
         if manifest and MANIFEST not in paths:
             paths[MANIFEST] = manifest_path_for(paths["model"])
+        # A run killed mid-commit on these outputs: finish or undo it first (one line each).
+        for folder in {p.parent for p in paths.values() if p.parent.is_dir()}:
+            recover_folder(folder, paths.values())
         try:
             for what, p in paths.items():
                 self.add(what, p)
@@ -211,8 +209,9 @@ class OutputSet:
         if key in self._staging:
             return
         try:
-            stage = tempfile.mkdtemp(prefix=f".{target.name}.staging-{os.getpid()}-", dir=key)
+            stage = tempfile.mkdtemp(prefix=staging_prefix(target), dir=key)
             self._staging[key] = Path(stage)
+            write_owner(Path(stage))
             for sub in (NEW, PREVIOUS):
                 os.mkdir(Path(stage, sub))
         except OSError as e:
@@ -249,6 +248,7 @@ class OutputSet:
                 verify({w: self._staged(w) for w in self._paths})
             order = [w for w in FIRST if w in roles] + [w for w in roles if w not in FIRST]
             order += [MANIFEST] if self._manifest else []
+            self._journal(order)  # the commit point: from here on a kill is rolled forward
             if self.force:
                 self._replace_all(order)
             else:
@@ -263,9 +263,16 @@ class OutputSet:
         except OSError as e:
             raise InputError(f"cannot write {self._paths[what]}: {_why(e)}") from None
 
+    def _journal(self, order: list[str]) -> None:
+        files = [(w, self._paths[w], self._staged(w)) for w in order]
+        try:
+            write_journal(self._staging.values(), files, self.force)
+        except OSError as e:
+            raise InputError(f"cannot write to {self._paths[order[0]].parent}: {_why(e)}") from None
+
     def _sync(self) -> None:
         for folder in {p.parent for p in self._paths.values()}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
 
     def _link_all(self, order: list[str]) -> None:
         linked: list[tuple[Path, os.stat_result]] = []
@@ -303,7 +310,7 @@ class OutputSet:
             if MANIFEST in backups:  # first: a set being replaced has no manifest
                 os.unlink(self._paths[MANIFEST])
                 done.append(MANIFEST)
-                _fsync_dir(self._paths[MANIFEST].parent)
+                fsync_dir(self._paths[MANIFEST].parent)
             for what in order:
                 target = self._paths[what]
                 if what == MANIFEST:
@@ -338,7 +345,7 @@ class OutputSet:
         """Remove the staging folders (and, before a commit, the folders made for outputs)."""
         if not self._keep:
             for stage in self._staging.values():
-                shutil.rmtree(stage, ignore_errors=True)
+                remove_staging(stage)
             self._staging.clear()
         if not self._committed:
             for d in reversed(self._created):

@@ -4,6 +4,7 @@ from . import cifar_mbv2, cifar_resnet, digits  # noqa: F401  (register the zoo'
 from .registry import (
     ModelInfo,
     build_model,
+    describe_models,
     get_model_info,
     list_models,
     register_family,
@@ -13,6 +14,7 @@ from .registry import (
 __all__ = [
     "ModelInfo",
     "build_model",
+    "describe_models",
     "get_model_info",
     "list_models",
     "register_family",

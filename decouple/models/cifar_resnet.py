@@ -111,4 +111,8 @@ for _depth in (20, 32, 44, 56, 110):
         credit=CREDIT,
     )(lambda num_classes=10, _d=_depth: CifarResNet(_d, num_classes))
 
-register_family(r"cifar_resnet(\d+)", lambda m: _info(int(m.group(1))))
+register_family(
+    r"cifar_resnet(\d+)",
+    lambda m: _info(int(m.group(1))),
+    shown="cifar_resnetN (any depth N = 6n+2: 8, 14, 20, 32, ...)",
+)

@@ -64,15 +64,27 @@ def list_models() -> list[str]:
 
 
 _FAMILIES: list[tuple[re.Pattern, Callable[[re.Match], ModelInfo]]] = []
+_FAMILY_NAMES: dict[str, str] = {}  # how each family is shown -> the pattern it stands for
 
 
-def register_family(pattern: str, factory: Callable[[re.Match], ModelInfo]) -> None:
+def register_family(
+    pattern: str, factory: Callable[[re.Match], ModelInfo], shown: str | None = None
+) -> None:
     """Register names matching ``pattern`` (``re.fullmatch``), e.g. every CIFAR ResNet depth.
 
     ``factory(match)`` returns the :class:`ModelInfo`, or raises ``ValueError`` for a name of
-    the family's shape that it cannot build (such as an impossible depth).
+    the family's shape that it cannot build (such as an impossible depth). ``shown`` is how
+    messages name the whole family (e.g. ``cifar_resnetN (N = 6n+2)``).
     """
     _FAMILIES.append((re.compile(pattern), factory))
+    _FAMILY_NAMES[shown or pattern] = pattern
+
+
+def describe_models() -> str:
+    """Every architecture for a message: the families once, then the other names."""
+    patterns = [re.compile(p) for p in _FAMILY_NAMES.values()]
+    alone = [n for n in list_models() if not any(p.fullmatch(n) for p in patterns)]
+    return ", ".join(sorted([*_FAMILY_NAMES, *alone]))
 
 
 def get_model_info(name: str) -> ModelInfo:
@@ -86,7 +98,7 @@ def get_model_info(name: str) -> ModelInfo:
                 return factory(match)
             except ValueError as e:
                 raise KeyError(f"unknown model {name!r}: {e}") from None
-    raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    raise KeyError(f"unknown model {name!r}; registered: {describe_models()}")
 
 
 def build_model(name: str, **kwargs) -> nn.Module:

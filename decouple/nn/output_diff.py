@@ -262,3 +262,24 @@ def squared_change(reference, other) -> tuple[float, float]:
     diff = OutputDiff()
     diff.add(reference, other)
     return sum(diff.sq_diff.values()), sum(diff.sq_norm.values())
+
+
+# An output that moves by less than this many float epsilons while a decoupled layer's kernel
+# moved by more than INSENSITIVE_KERNEL does not depend on the decoupled layers.
+INSENSITIVE_EPS, INSENSITIVE_KERNEL = 100, 1e-3
+
+
+def insensitive_note(o: dict, kernel_error: float, dtype: torch.dtype) -> str | None:
+    """A note when the output of ``o`` (:func:`compare_models`) moved by float noise only though
+    a decoupled kernel moved by ``kernel_error`` (e.g. a zero-initialised last BatchNorm in
+    every block): the check then says nothing about the decoupled layers."""
+    err = o.get("rel_error")
+    noise = INSENSITIVE_EPS * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    if err is None or kernel_error <= INSENSITIVE_KERNEL or err >= noise:
+        return None
+    return (
+        f"output check: the output moved by {err:.2g} (float noise) although a decoupled "
+        f"layer's kernel moved by {kernel_error:.2g}: the output does not depend on the "
+        "decoupled layers on these inputs (a zero-initialised BatchNorm?), so this check says "
+        "nothing about their accuracy"
+    )

@@ -102,8 +102,8 @@ def run_cli(capsys: pytest.CaptureFixture, argv: list) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def assert_refused(code: int, out: str, err: str, expect: str | None) -> None:
-    assert code == 2, f"exit status {code}; stderr {err!r}"
+def assert_refused(code: int, out: str, err: str, expect: str | None, codes=(2,)) -> None:
+    assert code in codes, f"exit status {code}; stderr {err!r}"
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("decouple: error: "), err
     assert "Traceback" not in err and out == ""
@@ -456,7 +456,7 @@ def test_a_conv_subclass_with_its_own_forward_is_kept(tmp_path: Path, capsys) ->
 
 
 # --------------------------------------------------------------------------------------------
-# hypothesis: flag combinations; exit 0 with a verified set, or exit 2 with nothing written
+# hypothesis: flag combinations; exit 0 with a verified set, or exit 2/3 with nothing written
 
 VALUES = {
     "--rank": st.sampled_from(["1", "2", "9", "0", "-1", "two", "1e3"]),
@@ -520,15 +520,15 @@ def test_fuzzed_flags_end_in_a_whole_set_or_one_line(drawn, capsys) -> None:
             for name in ("digits.pt", "digits_data.pt"):
                 if name != Path(out).name:  # data.pt may be the output (--force, no --data)
                     assert snapshot(tmp)[name] == before[name], f"input {name} changed"
-        else:
-            assert_refused(code, stdout, err, None)
+        else:  # 3: a target out of reach, or a plan that wrecks the random model
+            assert_refused(code, stdout, err, None, codes=(2, 3))
             assert snapshot(tmp) == before, "a refused run wrote or changed files"
 
 
 @pytest.mark.parametrize("after_s", [0.5, 2.0, 4.0])
 def test_kill_9_during_a_forced_run_loses_nothing(tmp_path: Path, after_s: float) -> None:
-    """Whenever the kill lands, the previous set is whole (at its place, or the replaced files in
-    the staging folder's previous/), and what is at the target loads whole or is refused."""
+    """Whenever the kill lands, the next load sees one whole set: the old one (rolled back, or
+    never touched) or the new one (rolled forward), and no staging folder is left."""
     import signal
     import time
 
@@ -554,16 +554,11 @@ def test_kill_9_during_a_forced_run_loses_nothing(tmp_path: Path, after_s: float
     time.sleep(after_s)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    try:
-        restored = load_decoupled(build_model("digits_cnn"), tmp_path / "o.pt")
-    except Exception as e:  # noqa: BLE001 - only the one-line refusal is allowed
-        assert "incomplete or mixed" in str(e), e
-        committed = False
-    else:
-        assert restored(torch.rand(2, 1, 8, 8)).shape == (2, 10)
-        committed = (tmp_path / "o.pt").read_bytes() != old["o.pt"]
-    if committed:  # the new set is whole: --force asked for the old one to go
-        return
-    for name, data in old.items():  # every old file survives, at its place or as a backup
-        places = [tmp_path / name, *tmp_path.glob(f".*staging*/previous/{name}")]
-        assert any(p.read_bytes() == data for p in places), f"{name} was lost"
+    restored = load_decoupled(build_model("digits_cnn"), tmp_path / "o.pt")  # recovers first
+    assert restored(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    assert not list(tmp_path.glob(".*staging*")), "recovery left a staging folder"
+    now = {p.name: p.read_bytes() for p in tmp_path.glob("o.*")}
+    if now["o.pt"] == old["o.pt"]:  # the old set, whole
+        assert now == old
+    else:  # the new set, whole: the recipe says rank 3
+        assert json.loads(now["o.recipe.json"])["layers"]["conv2"]["rank"] == 3

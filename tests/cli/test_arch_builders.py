@@ -244,6 +244,8 @@ def test_a_guessed_shape_comes_from_the_images(tmp_path: Path, source: str, caps
     else:  # a whole module of no known family
         torch.save(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), "net.pt")
         argv = ["net.pt", "--trust-pickle"]
+    # rank 1 on random weights wrecks the model: written anyway, this test is about the shape
+    argv += ["--allow-miss"]
     code, out, err = cli(capsys, *argv, "--rank", "1", "--include-stem", source, images)
     assert code == 0, err
     said = f"the first {source} image as preprocessing makes it (Sequential is of no known family)"

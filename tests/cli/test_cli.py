@@ -469,7 +469,8 @@ def test_existing_outputs_need_force(digits_sd: Path, tmp_path: Path, capsys) ->
 
 def test_demo(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo.pt"
-    code, stdout, err = cli(capsys, STEM, "--demo", "--rank", "3", "--out", out)
+    # 19 % top-1 with the stem decoupled: a wreck, written only because --allow-miss says so
+    code, stdout, err = cli(capsys, STEM, "--demo", "--rank", "3", "--out", out, "--allow-miss")
     assert code == 0, err
     accuracy_lines = [line for line in stdout.splitlines() if line.startswith("accuracy:")]
     assert len(accuracy_lines) == 1 and "->" in accuracy_lines[0]

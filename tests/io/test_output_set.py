@@ -24,6 +24,7 @@ from decouple.io.errors import InputError
 from decouple.io.manifest import name_manifest, verify_manifest
 from decouple.io.output_set import OutputSet
 from decouple.io.outputs import recipe_path_for, torch_bytes
+from decouple.io.recovery import recover_folder
 from decouple.models import build_model
 
 NAME = "x.decoupled.pt"
@@ -274,6 +275,7 @@ KILLER = """
 import json, os, shutil, sys
 from pathlib import Path
 from decouple.io.output_set import OutputSet
+from decouple.io.recovery import recover_folder
 from decouple.io.outputs import recipe_path_for
 
 spec = json.loads(sys.stdin.read())
@@ -286,23 +288,27 @@ for folder, k in spec["cases"]:
             def call(*a, **kw):
                 calls[0] += 1
                 if calls[0] == k + 1:
-                    os._exit(9)
+                    os.kill(os.getpid(), 9)
                 return f(*a, **kw)
             return call
-        os.link, os.replace = killing(os.link), killing(os.replace)
-        shutil.rmtree = killing(shutil.rmtree)  # the last kill point: all moved, not cleaned
+        # every step of the commit: the owner and journal files' renames, the links and
+        # renames of the set, and the clean-up after it (the last kill point: all moved)
+        os.link, os.replace, os.rename = map(killing, (os.link, os.replace, os.rename))
+        shutil.rmtree = killing(shutil.rmtree)
         out = Path(folder) / "x.decoupled.pt"
         paths = {"model": out, "recipe": recipe_path_for(out), "report": Path(folder) / "x.decoupled.report.json"}
         OutputSet.prepare(paths, [], spec["force"]).write(data)
         os._exit(0)
     print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
 """
+BEFORE_COMMIT = 2  # kill points before the journal is in: the owner file, the journal itself
 
 
 @pytest.mark.parametrize("force", [True, False], ids=["force", "new"])
-def test_kill_9_between_the_moves_loses_nothing(tmp_path, versions, force) -> None:
-    """One process imports once, then forks a writer per kill point (each in its own folder)."""
-    n = (N_FORCE if force else N_NEW) + 1
+def test_kill_9_at_any_step_is_recovered_into_one_whole_set(tmp_path, versions, force, capsys):
+    """One process imports once, then forks a writer per kill point (each in its own folder);
+    the next run (even kill points) or ``load_decoupled`` (odd ones) rolls it back or forward."""
+    n = BEFORE_COMMIT + (N_FORCE if force else N_NEW) + 1
     cases = [(str(tmp_path / f"k{k}"), k) for k in range(n)]
     for folder, _ in cases:
         Path(folder).mkdir()
@@ -312,14 +318,39 @@ def test_kill_9_between_the_moves_loses_nothing(tmp_path, versions, force) -> No
     spec = json.dumps({"payloads": new, "cases": cases, "force": force})
     run = [sys.executable, "-c", KILLER]
     proc = subprocess.run(run, input=spec, check=True, timeout=120, capture_output=True, text=True)
-    assert proc.stdout.split() == ["9"] * n, "every writer was killed at its point"
+    assert proc.stdout.split() == ["-9"] * n, "every writer was killed at its point"
     for folder, k in cases:
         folder = Path(folder)
-        if force:  # every old file is still here: at its place or in a staging folder
-            assert set(versions["old"].values()) <= set(on_disk(folder).values()), k
-        assert_loads_one_version_or_refuses(folder, versions)
-        if k == n - 1:  # killed after the last move: the new set is complete
-            assert load(folder).conv2.rank == 2
+        assert [p for p in folder.iterdir() if ".staging-" in p.name], f"{k}: nothing to recover"
+        if k % 2 == 0:
+            OutputSet.prepare(targets(folder), [], force=True).discard()  # the next run
+        else:
+            try:
+                load(folder)
+            except InputError as e:
+                assert not force and k < BEFORE_COMMIT and "no such file" in str(e), (k, e)
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, (k, err)
+        expected = "new" if k >= BEFORE_COMMIT else "old" if force else None
+        assert ("rolled forward" if expected == "new" else "rolled back") in err, (k, err)
+        files = sorted(p.name for p in folder.iterdir())
+        if expected is None:
+            assert files == [], (k, files)
+            continue
+        assert files == sorted([*FILES, MANIFEST]), (k, files)
+        verify_manifest(folder / MANIFEST)
+        assert {k: p.read_bytes() for k, p in targets(folder).items()} == versions[expected], k
+        assert load(folder).conv2.rank == (2 if expected == "new" else 3)
+        assert capsys.readouterr().err == "", "a second recovery found something"
+
+
+def test_recovery_leaves_a_live_run_alone(tmp_path, versions) -> None:
+    write(tmp_path, versions["old"])
+    stage = tmp_path / f".{NAME}.staging-{os.getpid()}-abc"
+    (stage / "new").mkdir(parents=True)
+    found = recover_folder(tmp_path)
+    assert [f.action for f in found] == ["left alone"] and stage.is_dir()
+    assert load(tmp_path).conv2.rank == 3
 
 
 def test_two_racing_writers_without_force_one_wins(tmp_path, versions) -> None:

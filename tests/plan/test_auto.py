@@ -218,6 +218,41 @@ def test_max_change_leaves_the_model_alone_when_no_plan_is_within_reach(monkeypa
         agreement.compress_within_change_(model, DecoupleConfig(), (3, 8, 8), 100, calib)
 
 
+def test_max_change_with_closest_keeps_the_plan_that_changed_the_fewest(monkeypatch):
+    """``closest=True`` (the CLI's --allow-miss): no plan within reach, the closest one kept."""
+    from decouple import agreement
+
+    def scramble(model, *args, target_flops=None, **kwargs):
+        with torch.no_grad():  # the larger the budget, the fewer predictions change
+            model.head.bias.add_(100 * (1 - target_flops) * torch.arange(5.0).double().flip(0))
+        return "a result"
+
+    monkeypatch.setattr(agreement, "compress_", scramble)
+    model, calib = toy(), images(64)
+    result, search = agreement.compress_within_change_(
+        model, DecoupleConfig(), (3, 8, 8), 0.0, calib, steps=2, closest=True
+    )
+    changed = [t["changed_pct"] for t in search.tries]
+    assert result == "a result" and search.missed and not search.reached
+    assert min(changed) > 0 and search.changed_pct == min(changed)
+    assert search.to_dict()["reached"] is False
+
+
+def test_an_unreachable_flops_target_raises_with_the_model_as_it_was():
+    from decouple.pipeline import TargetMissed
+
+    model = toy()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TargetMissed, match=r"target_flops=0.01 is out of reach: the cheapest plan "
+                       r"keeps \d+\.\d % of the FLOPs; its predicted loss") as e:  # fmt: skip
+        compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), 0.01, allow_miss=False)
+    assert isinstance(e.value, ValueError)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    result = compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), 0.01)  # the default
+    assert result.extra()["allocation"]["reached"] is False
+
+
 def test_jacobian_sensitivity_matches_perturbing_one_layer_at_a_time():
     """The backward-pass estimate and the noise one measure the same first-order factor."""
     torch.manual_seed(0)

@@ -30,7 +30,7 @@ from decouple import (
     make_recipe,
 )
 from decouple.nn.decoupled import REALIZATIONS
-from decouple.pipeline import compress_
+from decouple.pipeline import TargetMissed, compress_
 from decouple.plan import latency_budget as lb
 from decouple.runtime import latency as latency_module
 from decouple.runtime.latency import Latency, LatencyConfig, capture_inputs, compare, measure
@@ -538,6 +538,10 @@ def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch, fake
     assert "NOT reached; no plan ran faster than the original, so nothing changed" in (
         report.to_text()
     )
+    with pytest.raises(TargetMissed, match=r"target_latency=0.6 is out of reach: the fastest plan "
+                       r"timed keeps 100.0 % of the measured latency"):  # fmt: skip
+        compress_(toy(), DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True),
+                  (3, 8, 8), target_latency=0.6, allow_miss=False)  # fmt: skip
 
 
 def test_latency_plan_keeps_layers_no_rank_speeds_up(monkeypatch):
