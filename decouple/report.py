@@ -241,6 +241,13 @@ class Report:
                 f"calibration: {len(calib)} layers refit on {self.extra.get('calibration_images', '?')} "
                 f"images ({kinds}); mean held-out layer error {before:.3f} -> {after:.3f}"
             )
+        made = self.extra.get("synthetic_calibration")
+        if made:  # --calib synthetic: no image of the user's was seen
+            lines.append(
+                f"calibration images: {made['count']} synthesized from the model's BatchNorm "
+                f"statistics (ZeroQ, {made['steps']} steps, {made['seconds']:.1f} s; statistics "
+                f"loss {made['loss_before']:.3g} -> {made['loss_after']:.3g})"
+            )
         stuck = [r.name for r in self.decoupled if r.converged is False]
         if stuck:
             lines.append(

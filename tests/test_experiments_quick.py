@@ -26,6 +26,7 @@ SMALL_MODES = {
     "coverage": ["--quick"],
     "mbv2_accuracy": ["--quick"],
     "default_path_cost": ["--quick"],
+    "data_free": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 

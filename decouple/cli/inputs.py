@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,41 @@ class Images:
     name: str
     batches: DataLoader
     count: int
+    synthesized: dict | None = None  # --calib synthetic: what making them took
+
+
+SYNTHETIC = re.compile(r"synthetic(?::(\d+))?")
+SYNTHETIC_PIXELS = 256 * 32 * 32  # --calib synthetic's default count: 256 at 32x32, 32 or more
+
+
+def synthetic_count(args: argparse.Namespace, shape: tuple[int, ...]) -> int | None:
+    """``--calib synthetic[:N]``: how many images to make (None: ``--calib`` names files)."""
+    m = SYNTHETIC.fullmatch(args.calib or "")
+    if m is None or Path(args.calib).exists():  # a file or folder of that name is one
+        return None
+    if m.group(1) is not None:
+        return int(m.group(1))
+    if args.calib_size:
+        return args.calib_size
+    pixels = shape[-1] * shape[-2] if len(shape) >= 3 else 1
+    return max(32, min(256, SYNTHETIC_PIXELS // pixels))
+
+
+def synthetic_calib(args: argparse.Namespace, model, shape: tuple[int, ...], count: int) -> Images:
+    """ZeroQ images made from ``model``'s BatchNorm statistics (:mod:`decouple.calibrate.synthetic`)."""
+    from ..calibrate.synthetic import synthesize_images
+    from ..nn.stopwatch import stage
+
+    if count < 1:
+        raise InputError(f"--calib synthetic:{count}: make at least one image")
+    try:
+        with stage("synthesizing images"):
+            x, info = synthesize_images(model, shape, count, progress=not args.quiet)
+    except ValueError as e:
+        raise InputError(f"--calib synthetic: {e}") from None
+    data = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
+    name = f"{count} images synthesized from the model's BatchNorm statistics"
+    return Images(name, loader(data, args.batch_size), count, info.to_dict())
 
 
 PREPROCESS_FLAGS = ("resize", "crop", "mean", "std")
@@ -78,7 +114,7 @@ def check_image_flags(args: argparse.Namespace) -> None:
     if not args.demo and given and not (args.data or args.calib):
         raise InputError(f"{', '.join(given)}: prepares --data/--calib images; give one of them")
     cli_preprocess(args, None)  # malformed values fail now, not after the model is loaded
-    if args.data and args.calib:
+    if args.data and args.calib and not SYNTHETIC.fullmatch(args.calib):
         check_disjoint_sources(Path(args.data), Path(args.calib))
 
 
@@ -100,7 +136,7 @@ def load_cli_images(args: argparse.Namespace, arch: str | None, shape: tuple[int
 
     Calibration never uses an image that ``--data`` holds (same source numbering, e.g. the
     CIFAR-10 test index), and takes a seeded sample of ``--calib-size`` images (by default
-    :func:`default_calib_size`).
+    :func:`default_calib_size`); ``--calib synthetic[:N]`` is left to :func:`synthetic_calib`.
     """
     if args.demo:
         from .. import demo
@@ -120,7 +156,7 @@ def load_cli_images(args: argparse.Namespace, arch: str | None, shape: tuple[int
         indices = source_indices(held)
         if indices is not None:
             first_free = int(indices.max()) + 1
-    if args.calib:
+    if args.calib and synthetic_count(args, shape) is None:
         pool = _open(
             args.calib,
             "--calib",
@@ -160,6 +196,8 @@ def first_image_shape(
     :func:`load_cli_images` (only a model whose input is a guess asks)."""
     if args.demo or not (args.data or args.calib):
         return None
+    if not args.data and synthetic_count(args, (channels, 1, 1)) is not None:
+        return None  # made in the model's input shape: nothing to read it from
     what, path = ("--data", args.data) if args.data else ("--calib", args.calib)
     prep = cli_preprocess(args, arch, channels)
     images = _open(path, what, prep, labelled=what == "--data", limit=1)

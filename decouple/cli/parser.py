@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib",
         metavar="PATH",
         help="unlabelled images (same forms as --data) to refit the decoupled layers on; "
-        "images that --data also holds are never used",
+        "images that --data also holds are never used. 'synthetic' or 'synthetic:N': no "
+        "images at all, N made from the model's BatchNorm statistics (ZeroQ)",
     )
     p.add_argument(
         "--calib-size",

@@ -103,6 +103,7 @@ def _decouple_file(
     from ..io.output_set import OutputSet
     from ..nn import shards
     from ..nn.stopwatch import recording
+    from .inputs import synthetic_count
 
     with shards.process_group(args.device) as args.device:  # under torchrun: this process's share
         if not shards.is_main():  # another process: its share of the images, nothing written
@@ -110,7 +111,8 @@ def _decouple_file(
             with recording(progress=False) as timings:
                 return _decouple_into(None, args, config, model_path, arch, timings)
         # The outputs are checked and their folders made writable before any heavy work.
-        inputs = [model_path, *(Path(p) for p in (args.config, args.data, args.calib) if p)]
+        named = (args.config, args.data, None if synthetic_count(args, ()) else args.calib)
+        inputs = [model_path, *(Path(p) for p in named if p)]
         paths = output_paths(args, model_path, out_dir)
         with (
             OutputSet.prepare(paths, inputs, args.force) as outputs,
@@ -136,13 +138,15 @@ def _decouple_into(
     from ..nn.stopwatch import stage
     from ..pipeline import TargetMissed, compress_
     from .flags import make_latency_config
-    from .inputs import load_cli_images
+    from .inputs import load_cli_images, synthetic_calib, synthetic_count
     from .model_checks import load_checked_model
 
     with stage("loading"):
         model, shape, kind, shape_note = load_checked_model(args, config, model_path, arch)
         data, calib = load_cli_images(args, arch, shape)
         original = copy.deepcopy(model)
+    if (made := synthetic_count(args, shape)) is not None:  # from the BatchNorms, before folding
+        calib = synthetic_calib(args, model, shape, made)
     latency = make_latency_config(args)
     device = torch.device(args.device)
     model = model.to(device)
@@ -199,6 +203,8 @@ def _decouple_into(
         extra["max_change"] = search.to_dict()
     if calib is not None:
         extra["calibration_images"] = calib.count
+        if calib.synthesized is not None:
+            extra["synthetic_calibration"] = calib.synthesized
     if shape_note is not None:
         extra["input_shape_note"] = shape_note
     # process 0's output check reads its images first: an unreadable one stops the run here

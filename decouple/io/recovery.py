@@ -157,6 +157,26 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
+def _valid(journal: dict | None) -> bool:
+    """A journal recovery may act on: each staged file sits in ``new/`` of a listed staging
+    folder, and its target beside that folder under the same name. A planted or damaged one
+    (it lives in the user's output folder) can never move a file from or to anywhere else."""
+    files, stages = (journal or {}).get("files"), (journal or {}).get("staging")
+    if not (isinstance(files, list) and isinstance(stages, list) and files):
+        return False
+    if not all(isinstance(x, str) and _STAGING.fullmatch(Path(x).name) for x in stages):
+        return False
+    for f in files:
+        if not (isinstance(f, list) and len(f) == 3 and all(isinstance(x, str) for x in f)):
+            return False
+        target, staged = Path(f[1]), Path(f[2])
+        stage = staged.parent.parent
+        if not (staged.parent.name == NEW and str(stage) in stages
+                and target.parent == stage.parent and target.name == staged.name):  # fmt: skip
+            return False
+    return True
+
+
 def _roll_forward(journal: dict) -> str | None:
     """Finish the commit; returns the first target someone else took meanwhile (then nothing
     of this run stays in place), or None."""
@@ -204,11 +224,10 @@ def recover(stage: Path) -> Recovery:
             f"decouple: rolled back a run (pid {pid}) killed before it wrote anything; "
             f"the outputs in {stage.parent} are as they were",
         )
-    files = journal.get("files")
-    if not (isinstance(files, list) and all(isinstance(f, list) and len(f) == 3 for f in files)):
+    if not _valid(journal) or str(where(stage)) not in journal["staging"]:
         return Recovery(stage, "left alone", f"{stage}: its journal is damaged; left alone")
     taken = _roll_forward(journal)
-    for s in journal.get("staging", [str(stage)]):
+    for s in journal["staging"]:
         remove_staging(Path(s))
     targets = [t for role, t, _ in journal["files"] if role != "manifest"]
     names = ", ".join(Path(t).name for t in targets)
@@ -237,8 +256,8 @@ def recover_folder(
     for stage in staging_folders(folder):
         if wanted is not None:
             journal = _read(stage / JOURNAL)
-            if journal is not None:
-                touched = {Path(t) for _, t, _ in journal.get("files", [])}
+            if _valid(journal):
+                touched = {Path(f[1]) for f in journal["files"]}
             else:
                 touched = {where(stage).parent / _STAGING.fullmatch(stage.name)["name"]}
             if not touched & wanted:

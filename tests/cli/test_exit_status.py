@@ -169,3 +169,22 @@ def test_input_error_is_a_value_error() -> None:
         from decouple.models import build_model
 
         load_decoupled(build_model("digits_cnn"), "/nonexistent/x.pt")
+
+
+def test_a_planted_journal_never_moves_a_file_from_elsewhere(tmp_path, capsys) -> None:
+    """The journal lives in the user's output folder: one naming a file outside its own staging
+    folder (or a target elsewhere) is refused as damaged, and nothing moves."""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    secret = outside / "secret.txt"
+    secret.write_bytes(b"mine")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    stage = _dead_staging(folder, "d.pt")
+    for files in ([["model", str(folder / "d.pt"), str(secret)]],
+                  [["model", str(outside / "d.pt"), str(stage / "new" / "d.pt")]]):  # fmt: skip
+        (stage / JOURNAL).write_text(json.dumps({"files": files, "staging": [str(stage)]}))
+        code, _, err = cli(capsys, "--recover", folder)
+        assert code == 0 and "its journal is damaged; left alone" in one_line(err)
+        assert secret.read_bytes() == b"mine" and not (folder / "d.pt").exists()
+        assert not (outside / "d.pt").exists() and stage.is_dir()

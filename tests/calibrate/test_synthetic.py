@@ -1,0 +1,77 @@
+"""ZeroQ images: BatchNorm statistics matched, weights untouched, seeded, refused without BN."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from decouple.calibrate.synthetic import bn_statistics_loss, synthesize_images
+
+
+def net() -> nn.Module:
+    """conv → BN → ReLU → conv → BN whose running statistics come from "training" images far
+    from a standard normal (pixels in [0, 2] with a channel tilt), as a trained model's do."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None),
+    )  # fmt: skip
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(2 * torch.rand(32, 3, 6, 6) + torch.tensor([0.0, 1.0, -1.0]).view(1, 3, 1, 1))
+    return model.eval()
+
+
+def test_synthesized_images_match_the_running_statistics():
+    model = net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, info = synthesize_images(model, (3, 6, 6), count=20, steps=150, batch_size=8)
+    assert x.shape == (20, 3, 6, 6) and not x.requires_grad
+    assert info.count == 20 and info.bn_layers == 2 and info.seconds > 0
+    assert info.loss_after < 0.05 * info.loss_before, info
+    with torch.no_grad():  # a batch of them alone
+        assert float(bn_statistics_loss(model, x[:8])) < 0.05 * info.loss_before
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad restored"
+
+
+def test_the_same_seed_gives_the_same_images_and_another_seed_others():
+    model = net()
+    a, _ = synthesize_images(model, (3, 6, 6), count=4, steps=5)
+    b, _ = synthesize_images(model, (3, 6, 6), count=4, steps=5)
+    c, _ = synthesize_images(model, (3, 6, 6), count=4, steps=5, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_a_model_without_batchnorm_or_in_training_mode_is_refused():
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        synthesize_images(nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), (3, 6, 6), count=2)
+    with pytest.raises(ValueError, match="eval mode"):
+        synthesize_images(net().train(), (3, 6, 6), count=2)
+
+
+def test_the_cli_calibrates_on_synthetic_images_and_says_so(tmp_path, capsys):
+    from decouple.cli.run import main
+    from decouple.models import build_model
+
+    torch.manual_seed(0)
+    model = tmp_path / "digits.pt"
+    torch.save(build_model("digits_cnn").eval().state_dict(), model)
+    out = tmp_path / "d.pt"
+    argv = [str(model), "--arch", "digits_cnn", "--rank", "3", "--quiet", "--out", str(out)]
+    code = main([*argv, "--calib", "synthetic:8"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    report = json.loads((tmp_path / "d.report.json").read_text())
+    made = report["synthetic_calibration"]
+    assert made["count"] == 8 == report["calibration_images"] and made["bn_layers"] == 4
+    assert report["calibration"], "the decoupled layers were refit"
+    assert "calibration images: 8 synthesized from the model's BatchNorm statistics" in (
+        captured.out
+    )
+    assert main([*argv, "--calib", "synthetic:0", "--force"]) == 2
+    assert "make at least one image" in capsys.readouterr().err
