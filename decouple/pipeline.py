@@ -104,6 +104,7 @@ class CompressResult:
                 "ranks": a.ranks(),
                 "methods": a.methods(),
                 "predicted_loss": a.loss,
+                "uniform_baseline": a.uniform,
                 "reasons": a.reasons,
             }
         if self.calibration:

@@ -208,6 +208,12 @@ class Report:
                 f"budget: {alloc['target_flops']:,} FLOPs ({state}); "
                 f"planned {alloc['planned_flops']:,} with per-layer ranks chosen by {alloc['criterion']}"
             )
+            if uni := alloc.get("uniform_baseline"):  # the obvious baseline, by the same loss
+                lines.append(
+                    f"uniform baseline: {uni['plan']} has predicted loss {uni['loss']:.4g}; "
+                    + ("taken: below the per-layer allocation's" if uni["taken"] else
+                       f"not taken: this plan's is {alloc['predicted_loss']:.4g}")
+                )  # fmt: skip
         chosen = (alloc or lalloc or {}).get("methods") or {}
         counts: dict[str, int] = {}
         for m in chosen.values():  # "nd dw-pw T=3" -> "nd dw-pw", "cp R=4" -> "cp", "keep"
@@ -247,6 +253,7 @@ class Report:
                 f"calibration images: {made['count']} synthesized from the model's BatchNorm "
                 f"statistics (ZeroQ, {made['steps']} steps, {made['seconds']:.1f} s; statistics "
                 f"loss {made['loss_before']:.3g} -> {made['loss_after']:.3g})"
+                + (f"; read back from the cache {made['cached']}" if made.get("cached") else "")
             )
         stuck = [r.name for r in self.decoupled if r.converged is False]
         if stuck:

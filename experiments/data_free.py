@@ -45,18 +45,37 @@ from decouple.io.images import load_cifar10_exact, shared_assets_dir
 from decouple.nn.discover import is_plain_conv2d
 from decouple.pipeline import compress_
 
-FIELDS = ["model", "target", "variant", "flops_ratio", "reached", "top1", "drop", "seconds"]
+FIELDS = [
+    "model",
+    "target",
+    "variant",
+    "flops_ratio",
+    "reached",
+    "top1",
+    "drop",
+    "seconds",
+    "plan_loss",
+    "uniform_plan",
+    "uniform_loss",
+    "uniform_taken",
+]
 TARGETS = (0.5, 0.4)
 SHAPE = (3, 32, 32)
 
 
-def ours(base, target: float, calib: torch.Tensor | None) -> tuple[torch.nn.Module, bool]:
+def ours(base, target: float, calib: torch.Tensor | None) -> tuple[torch.nn.Module, bool, dict]:
+    """The compressed copy, whether it reached the target, and its plan's loss beside the best
+    uniform plan's (the baseline the planner compares it with, by the same loss)."""
     model = copy.deepcopy(base)
     result = compress_(
         model, DecoupleConfig(method="auto"), SHAPE, target_flops=target,
         criterion="output" if calib is not None else "energy", calib_images=calib,
     )  # fmt: skip
-    return model, result.allocation.total_flops <= result.allocation.target_flops
+    a = result.allocation
+    u = a.uniform
+    plan = {"plan_loss": a.loss, "uniform_plan": u.get("plan", ""), "uniform_loss": u.get("loss", ""),
+            "uniform_taken": u.get("taken", "")}  # fmt: skip
+    return model, a.total_flops <= a.target_flops, plan
 
 
 def _tl_convs(model) -> list[str]:
@@ -97,13 +116,14 @@ def tltorch_at(base, target: float, x: torch.Tensor) -> tuple[torch.nn.Module, b
 def run(name, base, target, variant, test, assets, quick) -> dict:
     x, y = test
     start = time.perf_counter()
+    plan: dict = {}
     if variant == "ours, data-free":
-        model, reached = ours(base, target, None)
+        model, reached, plan = ours(base, target, None)
     elif variant == "ours, synthetic":
         made, _ = synthesize_images(base, SHAPE, 32 if quick else 256)
-        model, reached = ours(base, target, made)
+        model, reached, plan = ours(base, target, made)
     elif variant == "ours, 512 real images":
-        model, reached = ours(base, target, calib_images(assets, 512, 0))
+        model, reached, plan = ours(base, target, calib_images(assets, 512, 0))
     else:
         model, reached = tltorch_at(base, target, x)
     seconds = time.perf_counter() - start
@@ -111,7 +131,7 @@ def run(name, base, target, variant, test, assets, quick) -> dict:
         ratio = count_flops(base, x[:1])[0] / count_flops(model, x[:1])[0]
         top1 = 100 * evaluate(model, x, y)["top1"]
     return {"model": name, "target": target, "variant": variant, "flops_ratio": ratio,
-            "reached": reached, "top1": top1, "seconds": seconds}  # fmt: skip
+            "reached": reached, "top1": top1, "seconds": seconds, **plan}  # fmt: skip
 
 
 def write(rows: list[dict], out: Path, originals: dict, peer: bool) -> None:
@@ -130,14 +150,24 @@ def write(rows: list[dict], out: Path, originals: dict, peer: bool) -> None:
         "*synthetic*, making the images included)."
         + ("" if peer else " TensorLy-Torch was not installed: its rows are missing."),
         "",
-        "| model | FLOPs target | variant | FLOPs | top-1 | drop | seconds |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "*plan loss*: the plan's predicted loss (its criterion: `energy` data-free, else `output`); "
+        "*uniform baseline*: the best uniform plan under the same budget and its loss by the same "
+        "criterion, which the planner takes instead when lower (`decouple/plan/uniform.py`).",
+        "",
+        "| model | FLOPs target | variant | FLOPs | top-1 | drop | seconds | plan loss | "
+        "uniform baseline (loss) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         reach = "" if r["reached"] else " (not reached)"
+        loss = f"{r['plan_loss']:.4g}" if r.get("plan_loss", "") != "" else ""
+        uni = ""
+        if r.get("uniform_plan"):
+            taken = ", taken" if r["uniform_taken"] else ""
+            uni = f"{r['uniform_plan']} ({r['uniform_loss']:.4g}{taken})"
         lines.append(
             f"| {r['model']} | {r['target']} | {r['variant']} | {r['flops_ratio']:.2f}×{reach} | "
-            f"{r['top1']:.2f} % | {r['drop']:+.2f} | {r['seconds']:.0f} |"
+            f"{r['top1']:.2f} % | {r['drop']:+.2f} | {r['seconds']:.0f} | {loss} | {uni} |"
         )
     (out / "data_free.md").write_text("\n".join(lines) + "\n")
 

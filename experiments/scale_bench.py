@@ -23,7 +23,8 @@ Writes ``results/scale.csv`` after every run (a rerun skips the rows already the
 
 It takes about an hour on 2 CPU cores. ``--planner`` runs the default planner's rows instead
 (``--target-flops 0.5`` and ``--target-latency 0.6 --runtime onnxruntime``, 512 calibration
-images; ``--budgets flops`` for one; ``--device cuda --tag _cuda`` on a GPU) into
+images; ``--budgets flops`` for one; ``--device cuda --tag _cuda`` on a GPU, where the latency
+budget is timed in eager PyTorch) into
 ``results/scale_planner*.csv``; every run rewrites ``results/scale.md`` from all the csv files.
 """
 
@@ -198,6 +199,14 @@ PLANNER_RUNS = {  # the default planner (auto, output criterion) at ImageNet siz
 }
 
 
+def planner_flags(budget: str, device: str) -> list[str]:
+    """The budget's flags; on a GPU latency is timed in eager PyTorch there (onnxruntime
+    times the CPU only)."""
+    if device == "cuda" and budget == "latency":
+        return ["--target-latency", "0.6", "--runtime", "eager"]
+    return PLANNER_RUNS[budget]
+
+
 def bench_planner(args) -> list[dict]:
     """The default path: ``--target-flops 0.5`` and ``--target-latency 0.6 --runtime
     onnxruntime`` with ``--calib-size`` images, per model; wall time, peak RSS and every
@@ -223,7 +232,7 @@ def bench_planner(args) -> list[dict]:
             out.parent.mkdir(exist_ok=True)
             cmd = [
                 sys.executable, "-m", "decouple", str(ckpt), "--arch", name,
-                *PLANNER_RUNS[budget], "--calib", str(work / "calib"), "--calib-size", str(n),
+                *planner_flags(budget, args.device), "--calib", str(work / "calib"), "--calib-size", str(n),
                 "--batch-size", str(args.batch_size), "--device", args.device,
                 "--out", str(out), "--force", "--allow-miss",  # random weights, as above
             ]  # fmt: skip
@@ -270,7 +279,7 @@ def planner_lines(rows: list[dict]) -> list[str]:
     ]
     for r in rows:
         lines.append(
-            f"| {r['model']} | {' '.join(PLANNER_RUNS[r['budget']])} | {r['device']} | "
+            f"| {r['model']} | {' '.join(planner_flags(r['budget'], r['device']))} | {r['device']} | "
             f"{r['calib_images']} | {r['peak_rss_gb']} | {r['wall_s']} | {r['calibration_s']} | "
             f"{r['calibration_per_forward']} | {r['flops_ratio']} |"
         )
@@ -279,7 +288,7 @@ def planner_lines(rows: list[dict]) -> list[str]:
         stages = json.loads(r["stages"])
         top = sorted(stages.items(), key=lambda kv: -kv[1])
         lines.append(
-            f"- {r['model']} `{' '.join(PLANNER_RUNS[r['budget']])}` on {r['device']}: "
+            f"- {r['model']} `{' '.join(planner_flags(r['budget'], r['device']))}` on {r['device']}: "
             + ", ".join(f"{k} {v:.0f} s" for k, v in top if v >= 1)
             + (f"; peak memory reached in {r['peak_stage']}" if r.get("peak_stage") else "")
             + "."

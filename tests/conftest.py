@@ -62,6 +62,13 @@ def _private_tmp(tmp_path_factory):
     shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Each test caches ``--calib synthetic`` images in a folder of its own: never the user's
+    ``~/.cache``, and no test reads what another made."""
+    monkeypatch.setenv("DECOUPLE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture(scope="session")
 def cifar_assets():
     """The ``cifar10`` assets folder; skips without it, but fails where CI demands it."""

@@ -212,8 +212,9 @@ class Moments:
         """Summed squared error per output channel of kernel ``weight`` ``(N, C/g, kh, kw)``."""
         g = self.xx.shape[0]
         n = weight.shape[0]
-        w = weight.detach().double().reshape(g, n // g, -1)
-        b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.detach().double()
+        # the moments live on the CPU (float64), wherever the model runs
+        w = weight.detach().double().cpu().reshape(g, n // g, -1)
+        b = torch.zeros(n, dtype=torch.float64) if bias is None else bias.detach().double().cpu()
         w = torch.cat([w, b.reshape(g, n // g, 1)], dim=2)  # (g, N/g, F+1)
         quad = torch.einsum("gnf,gfe,gne->gn", w, self.xx, w)
         cross = torch.einsum("gnf,gfn->gn", w, self.xy)

@@ -46,13 +46,14 @@ class Factors:
     @classmethod
     def from_decoupling(cls, dec: Decoupling, bias: torch.Tensor | None) -> Factors:
         s, t, kh, kw = dec.depthwise.shape
-        b = None if bias is None else bias.detach().double().clone()
+        # copies on the CPU, beside the moments they are refit against (the model may be on a GPU)
+        b = None if bias is None else bias.detach().double().cpu().clone()
         return cls(
             dec.order,
             dec.groups,
             dec.weight_shape,
-            dec.depthwise.reshape(s, t, kh * kw).clone(),
-            dec.pointwise.clone(),
+            dec.depthwise.reshape(s, t, kh * kw).cpu().clone(),
+            dec.pointwise.cpu().clone(),
             b,
         )
 

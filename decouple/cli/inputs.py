@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,19 +54,36 @@ def synthetic_count(args: argparse.Namespace, shape: tuple[int, ...]) -> int | N
 
 def synthetic_calib(args: argparse.Namespace, model, shape: tuple[int, ...], count: int) -> Images:
     """ZeroQ images made from ``model``'s BatchNorm statistics (:mod:`decouple.calibrate.synthetic`)."""
-    from ..calibrate.synthetic import synthesize_images
+    from ..calibrate.synthetic import LEARNING_RATE, STEPS, synthesize_images
+    from ..io import synthetic_cache
     from ..nn.stopwatch import stage
 
     if count < 1:
         raise InputError(f"--calib synthetic:{count}: make at least one image")
-    try:
-        with stage("synthesizing images"):
-            x, info = synthesize_images(model, shape, count, progress=not args.quiet)
-    except ValueError as e:
-        raise InputError(f"--calib synthetic: {e}") from None
+    settings = {"count": count, "seed": 0, "steps": STEPS, "lr": LEARNING_RATE, "batch": 64}
+    folder = synthetic_cache.cache_dir()
+    path = folder / f"{synthetic_cache.cache_key(model, shape, settings)}.pt" if folder else None
+    hit = synthetic_cache.load(path, count, shape) if path else None
+    if hit is not None:
+        x, info = hit
+        info["cached"] = str(path)
+    else:
+        try:
+            with stage("synthesizing images"):
+                x, made = synthesize_images(model, shape, count, progress=not args.quiet)
+        except ValueError as e:
+            raise InputError(f"--calib synthetic: {e}") from None
+        info = made.to_dict() | {"cached": None}
+        if path is not None:
+            try:
+                synthetic_cache.store(path, x, made.to_dict())
+            except OSError as e:  # a read-only home: the run goes on, uncached
+                print(f"decouple: note: the synthetic images are not cached ({path.parent}: "
+                      f"{e.strerror or e})", file=sys.stderr)  # fmt: skip
+    x = x.cpu()  # where images read from files are too
     data = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
     name = f"{count} images synthesized from the model's BatchNorm statistics"
-    return Images(name, loader(data, args.batch_size), count, info.to_dict())
+    return Images(name, loader(data, args.batch_size), count, info)
 
 
 PREPROCESS_FLAGS = ("resize", "crop", "mean", "std")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .uniform import best_uniform
+
 MIN_SAVING = 0.1  # a rank must save at least this fraction of a layer's FLOPs to be offered
 
 
@@ -50,6 +52,9 @@ class Allocation:
     unit: str = "FLOPs"  # or "ns": a latency budget, costs measured per layer
     # producer -> (chain, channels kept): chains pruned (the producer's option is "prune")
     pruned: dict = field(default_factory=dict)
+    # the best uniform plan under the same budget (decouple.plan.uniform): label, loss, and
+    # whether it was taken because its loss beat the per-layer allocation's
+    uniform: dict = field(default_factory=dict)
 
     @property
     def total_flops(self) -> int:
@@ -145,7 +150,26 @@ def allocate(
             f"kept, refit on the {len(keep)} of {chain.width} channels {n} keeps"
         )
     plan.pruned = pruned
-    return plan
+    return _against_uniform(plan, options, fixed_flops, target_flops, unit)
+
+
+def _against_uniform(plan: Allocation, options, fixed: int, target: int, unit: str) -> Allocation:
+    """``plan``, or the best uniform plan where that one's loss is lower (never worse than the
+    obvious baseline, judged by the planner's own loss)."""
+    uniform = best_uniform(options, fixed, target)
+    if uniform is None:
+        return plan
+    taken = uniform.loss < plan.loss * (1 - 1e-9)
+    record = {"plan": uniform.label, "loss": uniform.loss, "cost": uniform.cost, "taken": taken}
+    if not taken:
+        plan.uniform = record
+        return plan
+    choice = {n: uniform.choice[n] for n in options}
+    out = _explained(options, choice, fixed, target, unit)
+    why = f"{uniform.label}: loss {uniform.loss:.4g}, below the per-layer allocation's {plan.loss:.4g}"
+    out.reasons = {n: f"{r}; {why}" for n, r in out.reasons.items()}
+    out.uniform = record
+    return out
 
 
 def _greedy(slots: dict, fixed_flops: int, target_flops: int) -> dict:

@@ -286,7 +286,8 @@ class FactorCache:
         elif key not in self._memo:
             self._memo[key] = factor_conv(conv, method, rank, energy, order, options)
         hit = self._memo[key]
-        return replace(hit, layer=copy.deepcopy(hit.layer))
+        # the fingerprint ignores the device: a hit computed for a copy elsewhere moves to conv's
+        return replace(hit, layer=copy.deepcopy(hit.layer).to(conv.weight.device))
 
     def __len__(self) -> int:
         return len(self._memo)
