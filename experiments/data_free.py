@@ -7,21 +7,22 @@ On the shared pretrained CIFAR-10 ResNet-20, ResNet-32 and MobileNetV2-style net
   the ``energy`` criterion);
 * **ours, synthetic**: ``--calib synthetic`` (256 images made from the model's BatchNorm
   statistics, ZeroQ, :mod:`decouple.calibrate.synthetic`; then the calibrated default path:
-  ``output`` criterion, ``--refit auto``, pruning); the seconds include making them;
+  ``output`` criterion, ``--refit auto``, pruning), on 3 seeds of the starting noise; the
+  images are made once per model and seed and used at both targets (their cost apart);
 * **ours, 512 real images**: ``--calib`` with a seeded sample of 512 JPEG test images of index
-  ≥ 1017 (the reference synthetic calibration is judged against);
+  ≥ 1017, 3 seeded draws (the reference synthetic calibration is judged against);
 * **TensorLy-Torch uniform CP** (``tltorch.FactorizedConv.from_conv``, ``factorization="CP"``,
   ``implementation="factorized"``, the kernel decomposed): every conv with ``groups=1`` but the
   3-channel stem at one parameter fraction, found by bisection so that the whole model's FLOPs
   (``FlopCounterMode``) meet the target; skipped when ``tensorly-torch`` is not installed
   (the ``peers`` extra, for this experiment only).
 
-Run (needs ../shared/assets; about 15 minutes on 2 cores)::
+Run (needs ../shared/assets; about 25 minutes on 2 cores)::
 
     pip install -e '.[dev,vision,peers]' && python experiments/data_free.py
 
 → ``results/data_free.md``, ``results/data_free.csv``. ``--quick``: ResNet-20 at 2× only, 32
-synthetic images, into a temporary folder.
+synthetic images, one seed, into a temporary folder; ``--seeds N`` samples per seeded variant.
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ FIELDS = [
     "model",
     "target",
     "variant",
+    "seed",
     "flops_ratio",
     "reached",
     "top1",
     "drop",
     "seconds",
+    "making_s",
     "plan_loss",
     "uniform_plan",
     "uniform_loss",
@@ -113,28 +116,51 @@ def tltorch_at(base, target: float, x: torch.Tensor) -> tuple[torch.nn.Module, b
     return model, count_flops(model, x[:1])[0] / f0 <= target * 1.001
 
 
-def run(name, base, target, variant, test, assets, quick) -> dict:
+def run(name, base, target, variant, seed, test, assets, made) -> dict:
+    """One row: ``variant`` of ``name`` at ``target`` (``seed``: the synthetic or real sample's;
+    ``made``: the synthetic images of that seed, already made, and the seconds they took)."""
     x, y = test
     start = time.perf_counter()
     plan: dict = {}
+    making = ""
     if variant == "ours, data-free":
         model, reached, plan = ours(base, target, None)
     elif variant == "ours, synthetic":
-        made, _ = synthesize_images(base, SHAPE, 32 if quick else 256)
-        model, reached, plan = ours(base, target, made)
+        images, making = made
+        model, reached, plan = ours(base, target, images)
     elif variant == "ours, 512 real images":
-        model, reached, plan = ours(base, target, calib_images(assets, 512, 0))
+        model, reached, plan = ours(base, target, calib_images(assets, 512, seed))
     else:
         model, reached = tltorch_at(base, target, x)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         ratio = count_flops(base, x[:1])[0] / count_flops(model, x[:1])[0]
         top1 = 100 * evaluate(model, x, y)["top1"]
-    return {"model": name, "target": target, "variant": variant, "flops_ratio": ratio,
-            "reached": reached, "top1": top1, "seconds": seconds, **plan}  # fmt: skip
+    return {"model": name, "target": target, "variant": variant, "seed": seed,
+            "flops_ratio": ratio, "reached": reached, "top1": top1, "seconds": seconds,
+            "making_s": making, **plan}  # fmt: skip
 
 
-def write(rows: list[dict], out: Path, originals: dict, peer: bool) -> None:
+SEEDED = ("ours, synthetic", "ours, 512 real images")  # one row per sample seed
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """Per (model, target, variant): top-1 and drop, mean and range over its seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["target"], r["variant"]), []).append(r)
+    out = []
+    for (model, target, variant), rs in groups.items():
+        tops = [r["top1"] for r in rs]
+        out.append({"model": model, "target": target, "variant": variant, "seeds": len(rs),
+                    "flops_ratio": sum(r["flops_ratio"] for r in rs) / len(rs),
+                    "reached": all(r["reached"] for r in rs), "top1": sum(tops) / len(rs),
+                    "low": min(tops), "high": max(tops),
+                    "drop": sum(r["drop"] for r in rs) / len(rs)})  # fmt: skip
+    return out
+
+
+def write(rows: list[dict], out: Path, originals: dict, peer: bool, seeds: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "data_free.csv", "w", newline="") as f:
         w = csv.DictWriter(f, FIELDS)
@@ -146,28 +172,50 @@ def write(rows: list[dict], out: Path, originals: dict, peer: bool) -> None:
         "Written by `python experiments/data_free.py` (its docstring says how each variant "
         "runs). Top-1 on the 1,017 exact-pixel CIFAR-10 test images; originals: "
         + ", ".join(f"{k} {v:.2f} %" for k, v in originals.items())
-        + ". *drop* in points against the original; *seconds*: the whole variant (for "
-        "*synthetic*, making the images included)."
-        + ("" if peer else " TensorLy-Torch was not installed: its rows are missing."),
+        + f". *synthetic* and *512 real images* run on {seeds} samples each (seeds 0 to "
+        f"{seeds - 1}: the synthetic images' starting noise, the real images' draw); the "
+        "data-free and TensorLy-Torch variants are deterministic. *drop* in points against the "
+        "original." + ("" if peer else " TensorLy-Torch was not installed: its rows are missing."),
         "",
-        "*plan loss*: the plan's predicted loss (its criterion: `energy` data-free, else `output`); "
-        "*uniform baseline*: the best uniform plan under the same budget and its loss by the same "
-        "criterion, which the planner takes instead when lower (`decouple/plan/uniform.py`).",
+        "## Mean over samples",
         "",
-        "| model | FLOPs target | variant | FLOPs | top-1 | drop | seconds | plan loss | "
-        "uniform baseline (loss) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+        "| model | FLOPs target | variant | samples | FLOPs | top-1 (range) | drop |",
+        "|---|---:|---|---:|---:|---|---:|",
+    ]
+    for r in summary(rows):
+        reach = "" if r["reached"] else " (not reached)"
+        spread = f" ({r['low']:.2f} to {r['high']:.2f})" if r["seeds"] > 1 else ""
+        lines.append(
+            f"| {r['model']} | {r['target']} | {r['variant']} | {r['seeds']} | "
+            f"{r['flops_ratio']:.2f}×{reach} | {r['top1']:.2f} %{spread} | {r['drop']:+.2f} |"
+        )
+    lines += [
+        "",
+        "## Every run",
+        "",
+        "*seconds*: planning, factoring and calibration; *making*: the synthetic images (made "
+        "once per model and seed, used at both targets). *plan loss*: the plan's predicted loss "
+        "(its criterion: `energy` data-free, else `output`); *uniform baseline*: the best "
+        "uniform plan under the same budget and its loss by the same criterion, which the "
+        "planner takes instead when lower (`decouple/plan/uniform.py`).",
+        "",
+        "| model | FLOPs target | variant | seed | FLOPs | top-1 | drop | seconds | making (s) | "
+        "plan loss | uniform baseline (loss) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         reach = "" if r["reached"] else " (not reached)"
         loss = f"{r['plan_loss']:.4g}" if r.get("plan_loss", "") != "" else ""
+        making = f"{r['making_s']:.0f}" if r.get("making_s", "") != "" else ""
         uni = ""
         if r.get("uniform_plan"):
             taken = ", taken" if r["uniform_taken"] else ""
             uni = f"{r['uniform_plan']} ({r['uniform_loss']:.4g}{taken})"
+        seed = r["seed"] if r["variant"] in SEEDED else ""
         lines.append(
-            f"| {r['model']} | {r['target']} | {r['variant']} | {r['flops_ratio']:.2f}×{reach} | "
-            f"{r['top1']:.2f} % | {r['drop']:+.2f} | {r['seconds']:.0f} | {loss} | {uni} |"
+            f"| {r['model']} | {r['target']} | {r['variant']} | {seed} | "
+            f"{r['flops_ratio']:.2f}×{reach} | {r['top1']:.2f} % | {r['drop']:+.2f} | "
+            f"{r['seconds']:.0f} | {making} | {loss} | {uni} |"
         )
     (out / "data_free.md").write_text("\n".join(lines) + "\n")
 
@@ -176,6 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="ResNet-20 at 2x, a temporary folder")
     p.add_argument("--out", default=None)
+    p.add_argument("--seeds", type=int, default=3, help="samples of the seeded variants")
     args = p.parse_args(argv)
     args.out = output_folder(p, args.out, "--quick" if args.quick else None, "data-free-")
     return args
@@ -202,16 +251,24 @@ def main(argv=None) -> None:
     originals = {n: 100 * evaluate(m, *test)["top1"] for n, m in bases.items()}
     variants = ["ours, data-free", "ours, synthetic", "ours, 512 real images"]
     variants += ["TensorLy-Torch uniform CP"] if peer else []
+    seeds = 1 if args.quick else args.seeds
     rows = []
     for name, base in bases.items():
+        made: dict[int, tuple] = {}  # seed -> (images, seconds): made once, used at each target
         for target in TARGETS[:1] if args.quick else TARGETS:
             for variant in variants:
-                row = run(name, base, target, variant, test, assets, args.quick)
-                row["drop"] = row["top1"] - originals[name]
-                rows.append(row)
-                print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
-                      flush=True)  # fmt: skip
-                write(rows, Path(args.out), originals, peer)
+                for seed in range(seeds) if variant in SEEDED else [0]:
+                    if variant == "ours, synthetic" and seed not in made:
+                        start = time.perf_counter()
+                        images, _ = synthesize_images(base, SHAPE, 32 if args.quick else 256,
+                                                      seed=seed)  # fmt: skip
+                        made[seed] = (images, time.perf_counter() - start)
+                    row = run(name, base, target, variant, seed, test, assets, made.get(seed))
+                    row["drop"] = row["top1"] - originals[name]
+                    rows.append(row)
+                    print({k: (round(v, 3) if isinstance(v, float) else v)
+                           for k, v in row.items()}, flush=True)  # fmt: skip
+                    write(rows, Path(args.out), originals, peer, seeds)
     print(f"wrote {args.out}/data_free.md and data_free.csv")
 
 

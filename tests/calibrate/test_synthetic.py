@@ -75,3 +75,20 @@ def test_the_cli_calibrates_on_synthetic_images_and_says_so(tmp_path, capsys):
     )
     assert main([*argv, "--calib", "synthetic:0", "--force"]) == 2
     assert "make at least one image" in capsys.readouterr().err
+
+
+def test_max_change_judges_on_held_out_synthetic_images(tmp_path, capsys):
+    from decouple.cli.run import main
+    from decouple.models import build_model
+
+    torch.manual_seed(0)
+    model = tmp_path / "digits.pt"
+    torch.save(build_model("digits_cnn").eval().state_dict(), model)
+    out = tmp_path / "d.pt"
+    argv = [str(model), "--arch", "digits_cnn", "--max-change", "5", "--calib", "synthetic:16"]
+    code = main([*argv, "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "d.report.json").read_text())
+    change = report["max_change"]
+    assert change["measured_on"] + change["decided_on"] == 16 == report["synthetic_calibration"]["count"]
+    assert change["changed_pct"] <= 5
