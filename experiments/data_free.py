@@ -11,7 +11,7 @@ On the shared pretrained CIFAR-10 ResNet-20, ResNet-32 and MobileNetV2-style net
   images are made once per model and seed and used at both targets (their cost apart);
 * **ours, 512 real images**: ``--calib`` with a seeded sample of 512 JPEG test images of index
   ≥ 1017, 3 seeded draws (the reference synthetic calibration is judged against);
-* **TensorLy-Torch uniform CP** (``tltorch.FactorizedConv.from_conv``, ``factorization="CP"``,
+* **TensorLy-Torch uniform CP**, 3 seeds (``tltorch.FactorizedConv.from_conv``, ``factorization="CP"``,
   ``implementation="factorized"``, the kernel decomposed): every conv with ``groups=1`` but the
   3-channel stem at one parameter fraction, found by bisection so that the whole model's FLOPs
   (``FlopCounterMode``) meet the target; skipped when ``tensorly-torch`` is not installed
@@ -22,7 +22,8 @@ Run (needs ../shared/assets; about 25 minutes on 2 cores)::
     pip install -e '.[dev,vision,peers]' && python experiments/data_free.py
 
 → ``results/data_free.md``, ``results/data_free.csv``. ``--quick``: ResNet-20 at 2× only, 32
-synthetic images, one seed, into a temporary folder; ``--seeds N`` samples per seeded variant.
+synthetic images, one seed, into a temporary folder; ``--seeds N`` samples per seeded variant;
+``--only VARIANT ...`` reruns those variants, keeping the other rows of the csv.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from experiment_io import output_folder
 from mbv2_accuracy import MEAN, ONNX, RESNETS, STD, calib_images, mbv2
@@ -103,9 +105,13 @@ def tltorch_uniform(base, fraction: float, decompose: bool) -> torch.nn.Module:
     return model.eval()
 
 
-def tltorch_at(base, target: float, x: torch.Tensor) -> tuple[torch.nn.Module, bool]:
+def tltorch_at(base, target: float, x: torch.Tensor, seed: int) -> tuple[torch.nn.Module, bool]:
     """Uniform CP at the largest parameter fraction whose FLOPs meet ``target`` (bisection on
-    layers initialised at random: only their shapes count), then decomposed for real."""
+    layers initialised at random: only their shapes count), then decomposed for real. Its CP
+    (tensorly's ``parafac``) fills ranks above a mode's size from NumPy's global random state,
+    so ``seed`` seeds that (and torch's): unseeded, its top-1 moved from run to run."""
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     f0 = count_flops(base, x[:1])[0]
     lo, hi = 0.01, 1.0
     for _ in range(12):
@@ -131,7 +137,7 @@ def run(name, base, target, variant, seed, test, assets, made) -> dict:
     elif variant == "ours, 512 real images":
         model, reached, plan = ours(base, target, calib_images(assets, 512, seed))
     else:
-        model, reached = tltorch_at(base, target, x)
+        model, reached = tltorch_at(base, target, x, seed)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         ratio = count_flops(base, x[:1])[0] / count_flops(model, x[:1])[0]
@@ -141,7 +147,13 @@ def run(name, base, target, variant, seed, test, assets, made) -> dict:
             "making_s": making, **plan}  # fmt: skip
 
 
-SEEDED = ("ours, synthetic", "ours, 512 real images")  # one row per sample seed
+SEEDED = ("ours, synthetic", "ours, 512 real images", "TensorLy-Torch uniform CP")  # a row per seed
+VARIANTS = (
+    "ours, data-free",
+    "ours, synthetic",
+    "ours, 512 real images",
+    "TensorLy-Torch uniform CP",
+)
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -172,10 +184,11 @@ def write(rows: list[dict], out: Path, originals: dict, peer: bool, seeds: int) 
         "Written by `python experiments/data_free.py` (its docstring says how each variant "
         "runs). Top-1 on the 1,017 exact-pixel CIFAR-10 test images; originals: "
         + ", ".join(f"{k} {v:.2f} %" for k, v in originals.items())
-        + f". *synthetic* and *512 real images* run on {seeds} samples each (seeds 0 to "
-        f"{seeds - 1}: the synthetic images' starting noise, the real images' draw); the "
-        "data-free and TensorLy-Torch variants are deterministic. *drop* in points against the "
-        "original." + ("" if peer else " TensorLy-Torch was not installed: its rows are missing."),
+        + f". *synthetic*, *512 real images* and TensorLy-Torch run on {seeds} samples each "
+        f"(seeds 0 to {seeds - 1}: the synthetic images' starting noise, the real images' draw, "
+        "the random columns TensorLy's CP starts from where a rank exceeds a mode); the "
+        "data-free variant is deterministic. *drop* in points against the original."
+        + ("" if peer else " TensorLy-Torch was not installed: its rows are missing."),
         "",
         "## Mean over samples",
         "",
@@ -220,11 +233,38 @@ def write(rows: list[dict], out: Path, originals: dict, peer: bool, seeds: int) 
     (out / "data_free.md").write_text("\n".join(lines) + "\n")
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's csv, typed as :func:`run` makes them."""
+    if not path.exists():
+        return []
+    floats = ("target", "flops_ratio", "top1", "drop", "seconds", "making_s", "plan_loss",
+              "uniform_loss")  # fmt: skip
+    rows = []
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            r = {k: (float(v) if k in floats and v != "" else v) for k, v in r.items()}
+            r["seed"] = int(r["seed"])
+            for k in ("reached", "uniform_taken"):
+                r[k] = {"True": True, "False": False}.get(r[k], r[k])
+            rows.append(r)
+    return rows
+
+
+def in_order(rows: list[dict]) -> list[dict]:
+    """Rows by model (as the script runs them), target (largest first), variant, seed."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    return sorted(rows, key=lambda r: (models.index(r["model"]), -r["target"],
+                                       VARIANTS.index(r["variant"]), r["seed"]))  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="ResNet-20 at 2x, a temporary folder")
     p.add_argument("--out", default=None)
     p.add_argument("--seeds", type=int, default=3, help="samples of the seeded variants")
+    p.add_argument("--only", nargs="+", choices=VARIANTS, default=None,
+                   help="run these variants only; the other variants' rows stay as the csv "
+                        "in --out has them")  # fmt: skip
     args = p.parse_args(argv)
     args.out = output_folder(p, args.out, "--quick" if args.quick else None, "data-free-")
     return args
@@ -249,10 +289,12 @@ def main(argv=None) -> None:
     if args.quick:
         bases = {"cifar_resnet20": bases["cifar_resnet20"]}
     originals = {n: 100 * evaluate(m, *test)["top1"] for n, m in bases.items()}
-    variants = ["ours, data-free", "ours, synthetic", "ours, 512 real images"]
-    variants += ["TensorLy-Torch uniform CP"] if peer else []
+    variants = [v for v in VARIANTS if peer or not v.startswith("TensorLy")]
+    variants = [v for v in variants if args.only is None or v in args.only]
     seeds = 1 if args.quick else args.seeds
-    rows = []
+    kept = [] if args.only is None else read_rows(Path(args.out) / "data_free.csv")
+    kept = [r for r in kept if r["variant"] not in variants]
+    rows: list[dict] = []
     for name, base in bases.items():
         made: dict[int, tuple] = {}  # seed -> (images, seconds): made once, used at each target
         for target in TARGETS[:1] if args.quick else TARGETS:
@@ -268,7 +310,7 @@ def main(argv=None) -> None:
                     rows.append(row)
                     print({k: (round(v, 3) if isinstance(v, float) else v)
                            for k, v in row.items()}, flush=True)  # fmt: skip
-                    write(rows, Path(args.out), originals, peer, seeds)
+                    write(in_order(kept + rows), Path(args.out), originals, peer, seeds)
     print(f"wrote {args.out}/data_free.md and data_free.csv")
 
 

@@ -27,6 +27,7 @@ SMALL_MODES = {
     "mbv2_accuracy": ["--quick"],
     "default_path_cost": ["--quick"],
     "data_free": ["--quick"],
+    "ort_memory": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 

@@ -35,6 +35,32 @@ def _onnx_source(data: bytes | Mapping[str, bytes]):
         yield str(Path(tmp) / _graph_name(data))
 
 
+_SHARED_ARENA: bool | None = None  # whether this process's sessions share one CPU arena
+
+
+def shared_arena(ort) -> bool:
+    """One CPU memory arena for every session of this process, registered on first use.
+
+    Each session otherwise keeps an arena of its own, as large as the largest activations it
+    ever ran: the latency tables time a layer's every option side by side, so at batch 32 and
+    224×224 VGG-16's options held 21.5 GB at once. Only one session runs at a time, so one arena
+    serves them all (``experiments/ort_memory.py``). ``DECOUPLE_ORT_SHARED_ARENA=0`` turns it off.
+    """
+    global _SHARED_ARENA
+    if _SHARED_ARENA is None:
+        _SHARED_ARENA = False
+        if os.environ.get("DECOUPLE_ORT_SHARED_ARENA", "1") != "0":
+            try:
+                info = ort.OrtMemoryInfo(
+                    "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+                )
+                ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+                _SHARED_ARENA = True
+            except Exception:  # noqa: BLE001 - an ORT without it: each session its own arena
+                pass
+    return _SHARED_ARENA
+
+
 def ort_session(data: bytes | str | os.PathLike, threads: int | None = None):
     """An ONNX Runtime CPU session for ``data`` with every graph optimisation on.
 
@@ -57,6 +83,8 @@ def ort_session(data: bytes | str | os.PathLike, threads: int | None = None):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.intra_op_num_threads = threads or torch.get_num_threads()
     opts.log_severity_level = 3  # errors only: the CLI keeps stderr for itself
+    if shared_arena(ort):
+        opts.add_session_config_entry("session.use_env_allocators", "1")
     try:
         source = data if isinstance(data, bytes) else os.fspath(data)
         return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])

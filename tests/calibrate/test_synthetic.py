@@ -90,5 +90,9 @@ def test_max_change_judges_on_held_out_synthetic_images(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "d.report.json").read_text())
     change = report["max_change"]
-    assert change["measured_on"] + change["decided_on"] == 16 == report["synthetic_calibration"]["count"]
+    assert (
+        change["measured_on"] + change["decided_on"]
+        == 16
+        == report["synthetic_calibration"]["count"]
+    )
     assert change["changed_pct"] <= 5

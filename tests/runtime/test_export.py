@@ -251,3 +251,19 @@ def test_weights_past_the_limit_go_to_a_file_beside_the_graph(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="onnx_files"):  # one file cannot hold them
         onnx_bytes(model, x)
     assert list(onnx_files(model, x, "m.onnx")) == ["m.onnx", "m.onnx.data"]
+
+
+def test_onnx_runtime_sessions_share_one_cpu_arena():
+    """Timing a layer's options side by side keeps one arena, not one per session (VGG-16's
+    latency tables held 21.5 GB with one each)."""
+    pytest.importorskip("onnxruntime")
+    from decouple.runtime.export import onnx_bytes
+    from decouple.runtime.onnx_check import ort_session
+
+    conv = nn.Conv2d(3, 4, 3).eval()
+    x = torch.randn(2, 3, 8, 8)
+    sessions = [ort_session(onnx_bytes(conv, x)) for _ in range(2)]
+    for s in sessions:
+        assert s.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+        out = s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(out), conv(x).detach(), rtol=1e-4, atol=1e-5)
