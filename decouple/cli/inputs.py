@@ -61,8 +61,7 @@ def synthetic_calib(args: argparse.Namespace, model, shape: tuple[int, ...], cou
     if count < 1:
         raise InputError(f"--calib synthetic:{count}: make at least one image")
     settings = {"count": count, "seed": 0, "steps": STEPS, "lr": LEARNING_RATE, "batch": 64}
-    folder = synthetic_cache.cache_dir()
-    path = folder / f"{synthetic_cache.cache_key(model, shape, settings)}.pt" if folder else None
+    path = synthetic_cache.path_for(model, shape, settings)
     hit = synthetic_cache.load(path, count, shape) if path else None
     if hit is not None:
         x, info = hit
@@ -73,13 +72,14 @@ def synthetic_calib(args: argparse.Namespace, model, shape: tuple[int, ...], cou
                 x, made = synthesize_images(model, shape, count, progress=not args.quiet)
         except ValueError as e:
             raise InputError(f"--calib synthetic: {e}") from None
-        info = made.to_dict() | {"cached": None}
+        info = made.to_dict()
         if path is not None:
             try:
-                synthetic_cache.store(path, x, made.to_dict())
+                synthetic_cache.store(path, x, info)
             except OSError as e:  # a read-only home: the run goes on, uncached
                 print(f"decouple: note: the synthetic images are not cached ({path.parent}: "
                       f"{e.strerror or e})", file=sys.stderr)  # fmt: skip
+        info = info | {"cached": None}
     x = x.cpu()  # where images read from files are too
     data = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
     name = f"{count} images synthesized from the model's BatchNorm statistics"

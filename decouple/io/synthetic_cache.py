@@ -48,6 +48,12 @@ def cache_key(model: nn.Module, shape: tuple[int, ...], settings: dict) -> str:
     return h.hexdigest()
 
 
+def path_for(model: nn.Module, shape: tuple[int, ...], settings: dict) -> Path | None:
+    """Where the images for these settings are cached, or None when the cache is off."""
+    folder = cache_dir()
+    return None if folder is None else folder / f"{cache_key(model, shape, settings)}.pt"
+
+
 def load(path: Path, count: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, dict] | None:
     """The images and their record from ``path``, or None if it is missing, unreadable or not
     ``count`` images of ``shape``."""

@@ -164,8 +164,7 @@ def _against_uniform(plan: Allocation, options, fixed: int, target: int, unit: s
     if not taken:
         plan.uniform = record
         return plan
-    choice = {n: uniform.choice[n] for n in options}
-    out = _explained(options, choice, fixed, target, unit)
+    out = _explained(options, uniform.choice, fixed, target, unit)  # in the layers' order
     why = f"{uniform.label}: loss {uniform.loss:.4g}, below the per-layer allocation's {plan.loss:.4g}"
     out.reasons = {n: f"{r}; {why}" for n, r in out.reasons.items()}
     out.uniform = record

@@ -168,8 +168,10 @@ def test_cuda_on_a_cpu_machine_is_one_line(tmp_path: Path, capsys) -> None:
 @pytest.mark.skipif(not HAVE_ORT, reason="onnx/onnxruntime not installed (pip install '.[export]')")
 def test_onnx_output_and_onnxruntime_latency(tmp_path: Path, capsys) -> None:
     out = tmp_path / "d.pt"
+    # --allow-miss: which layers stay exact ("not faster than the original conv") follows the
+    # timings, and with none kept rank 2 with the stem wrecks the demo (the wreck check's exit 3)
     code, stdout, err = cli(capsys, "--demo", "--include-stem", "--rank", "2", "--onnx", "--latency",
-                            "--runtime", "onnxruntime", "--out", out)  # fmt: skip
+                            "--runtime", "onnxruntime", "--allow-miss", "--out", out)  # fmt: skip
     assert code == 0, err
     onnx_path = tmp_path / "d.onnx"
     assert onnx_path.is_file() and "wrote onnx" in stdout
