@@ -14,6 +14,8 @@ from torch import nn
 
 from .nn.flops import count_flops
 from .nn.output_diff import compare_models, insensitive_note, summary_lines
+from .nn.stopwatch import timings_line
+from .predicted_speed import predicted_line
 from .surgery.rewrite import LayerRecord
 
 RANDOM_INPUTS = "random Gaussian inputs (no images given; the agreement on real images can differ)"
@@ -169,6 +171,9 @@ class Report:
                 f"{lat['threads']} threads, batch {lat['batch']}; medians, IQR "
                 f"{b['iqr_ms']:.2f} / {a['iqr_ms']:.2f} ms)"
             )
+        pred = self.extra.get("predicted_speed")
+        if pred:
+            lines.append(predicted_line(pred, measured=bool(lat)))
         lalloc = self.extra.get("latency_allocation")
         if lalloc:
             if lalloc["reached"]:
@@ -264,7 +269,7 @@ class Report:
         if self.extra.get("bn_fold_error"):
             lines.append(f"BatchNorm folding not applied: {self.extra['bn_fold_error']}")
         if self.extra.get("timings"):
-            lines.append(_timings_line(self.extra["timings"]))
+            lines.append(timings_line(self.extra["timings"]))
         return lines
 
     def to_text(self) -> str:
@@ -283,20 +288,6 @@ class Report:
         out += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]]
         return "\n".join(out) + "\n"
-
-
-def _timings_line(t: dict) -> str:
-    """``time: 95.2 s until the report (calibration 41.0 s, pricing cp 30.1 s, ...)``: the stages
-    that took at least 1 % of the total, in the order they ran."""
-    total = t["total"]
-    parts = [f"{k} {v:.1f} s" for k, v in t["stages"].items() if v >= 0.01 * total]
-    if t.get("other", 0) >= 0.01 * total:
-        parts.append(f"other {t['other']:.1f} s")
-    line = f"time: {total:.1f} s until the files were written ({', '.join(parts)})"
-    if t.get("peak_rss_gb"):  # the stage that set the peak last holds the highest figure
-        where, gb = max(t["peak_rss_gb"].items(), key=lambda kv: kv[1])
-        line += f"; peak memory {gb:.2f} GB, reached in {where}"
-    return line
 
 
 def _method_text(r: LayerRecord) -> str:

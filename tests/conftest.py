@@ -1,6 +1,7 @@
 """Shared fixtures: the real pretrained CIFAR-10 assets in ../shared/assets (never committed), and
 a fake clock for every test whose answer would otherwise depend on how busy the machine is."""
 
+import json
 import os
 import shutil
 import tempfile
@@ -67,6 +68,32 @@ def _private_cache(tmp_path_factory, monkeypatch):
     """Each test caches ``--calib synthetic`` images in a folder of its own: never the user's
     ``~/.cache``, and no test reads what another made."""
     monkeypatch.setenv("DECOUPLE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="session")
+def _fixed_cost_models(tmp_path_factory):
+    """Cost models with fixed coefficients, one per runtime (JSON, as a user would give them)."""
+    from decouple.runtime.cost_model import FEATURES, CostModel
+
+    coefficients = dict.fromkeys(FEATURES, 0.0)
+    coefficients.update(gmac_dense=6.0, gmac_depthwise=10.0, gmac_grouped=0.2,
+                        gmac_unblocked=10.0, mbyte_grouped=0.2, mbyte_unblocked=0.05,
+                        mbyte_other=0.02, op=0.003)  # fmt: skip
+    models = [
+        CostModel(runtime=r, batch=1, threads=1, processor="fixed", versions="fixed",
+                  coefficients=coefficients, fit_error=0.0, graphs_timed=0).to_dict()
+        for r in ("eager", "channels-last", "onnxruntime")
+    ]  # fmt: skip
+    path = tmp_path_factory.mktemp("cost_models") / "fixed.json"
+    path.write_text(json.dumps(models))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _no_cost_model_fit(_fixed_cost_models, monkeypatch):
+    """Every report predicts speed from fixed cost models: fitting one times graphs for 10-30 s
+    and depends on the machine. Tests of the fit inject a timer."""
+    monkeypatch.setenv("DECOUPLE_COST_MODEL", str(_fixed_cost_models))
 
 
 @pytest.fixture(scope="session")

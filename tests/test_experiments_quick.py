@@ -28,6 +28,8 @@ SMALL_MODES = {
     "default_path_cost": ["--quick"],
     "data_free": ["--quick"],
     "ort_memory": ["--quick"],
+    "cost_model": ["--quick"],
+    "aligned_ranks": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 

@@ -31,6 +31,7 @@ LAYERS = {
     "plan": 4,  # budgets: uses calibration's refits and the runtime's clocks
     "pipeline": 5,
     "report": 5,
+    "predicted_speed": 4,  # the cost model's verdict on a plan, which the report prints
     "agreement": 6,  # --max-change: a search over pipeline runs
     "cli": 7,
 }

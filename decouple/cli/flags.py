@@ -52,6 +52,13 @@ def make_config(args: argparse.Namespace) -> DecoupleConfig:
     data["overrides"] = {**overrides, **{name: "skip" for name in skip_patterns(args.skip)}}
     if args.include_stem:
         data["include_stem"] = True
+    if args.rank_multiple is not None:
+        if not budget:
+            raise InputError(
+                "--rank-multiple shapes the ranks a budget chooses: add --target-flops, "
+                "--target-latency or --max-change"
+            )
+        data["rank_multiple"] = args.rank_multiple
     try:
         config = DecoupleConfig.from_dict(data)
     except (TypeError, ValueError) as e:
@@ -130,24 +137,18 @@ def read_json_file(path: str, what: str) -> object:
 
 
 def make_latency_config(args: argparse.Namespace) -> LatencyConfig | None:
-    """The latency settings, or None when neither --latency nor --target-latency is given."""
-    if not (args.latency or args.target_latency is not None):
-        for flag, value, default in (
-            ("--runtime", args.runtime, "eager"),
-            ("--batch", args.batch, 1),
-            ("--threads", args.threads, None),
-        ):
-            if value != default:
-                raise InputError(f"{flag} sets how latency is measured: add --latency")
-        return None
+    """The latency settings, or None when neither --latency nor --target-latency is given
+    (--runtime, --batch and --threads then say what the predicted speed is for: they are
+    checked all the same)."""
     if args.runtime == "onnxruntime":
         need_export_packages()
     try:
-        return LatencyConfig(
+        config = LatencyConfig(
             runtime=args.runtime, batch=args.batch, device=args.device, threads=args.threads
         )
     except ValueError as e:
         raise InputError(f"latency settings: {e}") from None
+    return config if args.latency or args.target_latency is not None else None
 
 
 def need_export_packages() -> None:

@@ -247,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
         "are kept: they lose most of their kernel at the global T and save little",
     )
     p.add_argument(
+        "--rank-multiple",
+        type=int,
+        metavar="M",
+        help="under a budget, offer CP, Tucker and svd ranks and pruned widths in multiples of "
+        "M only (e.g. 8 or 16: channel counts that ONNX Runtime's blocked layout runs at full "
+        "speed; see results/aligned_ranks.md); default 1, any rank",
+    )
+    p.add_argument(
         "--config",
         metavar="JSON",
         help="a DecoupleConfig JSON file (e.g. per-layer ranks); the flags above override it",

@@ -245,12 +245,17 @@ def _report_and_write(
     from ..nn.stopwatch import stage
     from ..report import build_report
     from ..surgery.recipe import make_recipe
+    from .speed import measure_latency, predict_speed
 
     paths = outputs.paths
     inputs, extra["output_check_inputs"] = checked
     if latency is not None:
         with stage("latency"):
-            extra["latency"] = _measure_latency(original, model, config, shape, latency)
+            extra["latency"] = measure_latency(original, model, config, shape, latency)
+    if args.device == "cpu":  # the cost models describe CPU runtimes
+        with stage("predicted speed"):
+            if (pred := predict_speed(original, model, config, shape, args)) is not None:
+                extra["predicted_speed"] = pred
     payloads = {}
     if args.onnx:
         from ..runtime.export import onnx_files
@@ -336,22 +341,6 @@ def first_images(batches, count: int):
         if n >= count:
             break
     return torch.cat(got)
-
-
-def _measure_latency(original, model, config, shape, latency) -> dict:
-    """Model latency before/after, side by side; the baseline gets the same BN folding, so the
-    speedup is the decoupling's alone."""
-    from ..runtime.latency import compare
-    from ..surgery.bn_fold import fold_batchnorm_
-
-    baseline = copy.deepcopy(original)
-    if config.fold_bn:
-        fold_batchnorm_(baseline)
-    dev = latency.device
-    example = latency.example(shape, next(model.parameters()).dtype)
-    out = compare(baseline.to(dev), copy.deepcopy(model).to(dev), example, latency)
-    out["baseline"] = "the input model" + (" with BatchNorm folded" if config.fold_bn else "")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,26 +14,21 @@ Where: ``$DECOUPLE_CACHE/synthetic`` if set, else ``$XDG_CACHE_HOME/decouple/syn
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .cache import cache_root, write_atomic
 
 FORMAT = 1  # bump when what a cached file holds, or how images are made, changes
 
 
 def cache_dir() -> Path | None:
     """The folder of the cached images, or None when ``DECOUPLE_CACHE=off``."""
-    root = os.environ.get("DECOUPLE_CACHE")
-    if root is not None and root.strip().lower() in ("off", "0", "no", "false"):
-        return None
-    if root:
-        return Path(root).expanduser() / "synthetic"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "decouple" / "synthetic"
+    root = cache_root()
+    return None if root is None else root / "synthetic"
 
 
 def cache_key(model: nn.Module, shape: tuple[int, ...], settings: dict) -> str:
@@ -69,12 +64,6 @@ def load(path: Path, count: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, 
 
 def store(path: Path, x: torch.Tensor, info: dict) -> None:
     """Write ``x`` and ``info`` to ``path`` atomically (never a half-written file there)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"images": x.detach().cpu(), "info": info}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    torch.save({"images": x.detach().cpu(), "info": info}, buffer)
+    write_atomic(path, buffer.getvalue())

@@ -118,3 +118,17 @@ def stage(name: str, announce: bool = True) -> Iterator[None]:
             timings.peaks[name] = now
         if timings.progress and announce and took >= timings.min_seconds:
             print(f"[{timings.total():7.1f} s] {name}: {took:.1f} s", file=sys.stderr, flush=True)
+
+
+def timings_line(t: dict) -> str:
+    """``time: 95.2 s until the report (calibration 41.0 s, pricing cp 30.1 s, ...)``: the stages
+    that took at least 1 % of the total, in the order they ran."""
+    total = t["total"]
+    parts = [f"{k} {v:.1f} s" for k, v in t["stages"].items() if v >= 0.01 * total]
+    if t.get("other", 0) >= 0.01 * total:
+        parts.append(f"other {t['other']:.1f} s")
+    line = f"time: {total:.1f} s until the files were written ({', '.join(parts)})"
+    if t.get("peak_rss_gb"):  # the stage that set the peak last holds the highest figure
+        where, gb = max(t["peak_rss_gb"].items(), key=lambda kv: kv[1])
+        line += f"; peak memory {gb:.2f} GB, reached in {where}"
+    return line

@@ -58,15 +58,17 @@ def factored_options(
     ridge: float = 1e-4,
     cache: FactorCache | None = None,
     options: FactorOptions | None = None,
+    multiple: int = 1,
 ) -> list[Option]:
-    """Options of a CP or Tucker layer: the original conv and every candidate rank, with the
-    kernel error (``moments`` None) or the held-out output error after the last-1×1 refit."""
+    """Options of a CP or Tucker layer: the original conv and every candidate rank (multiples of
+    ``multiple``), with the kernel error (``moments`` None) or the held-out output error after
+    the last-1×1 refit."""
     cache = cache if cache is not None else FactorCache()
     options = options or FactorOptions()
     original = conv_flops(conv, out_hw)
     opts = [Option(0, original, 0.0)]
     bias = None if conv.bias is None else conv.bias.detach().double().cpu()
-    ranks = candidate_ranks(conv, method, "", in_hw, out_hw, (1 - min_saving) * original)
+    ranks = candidate_ranks(conv, method, "", in_hw, out_hw, (1 - min_saving) * original, multiple)
     cache.prefetch(conv, method, [r for r, _ in ranks], options)
     for rank, flops in ranks:
         done = cache.factor(conv, method, rank, None, "dw-pw", options)
@@ -107,14 +109,16 @@ def svd_options(
     moments: tuple[Moments, Moments] | None = None,
     ridge: float = 1e-4,
     cache: FactorCache | None = None,
+    multiple: int = 1,
 ) -> list[Option]:
-    """Options of a low-rank (svd) layer: the original and every candidate rank, priced from one
+    """Options of a low-rank (svd) layer: the original and every candidate rank (multiples of
+    ``multiple``), priced from one
     SVD (kernel energy; kept in ``cache`` for the factoring that follows) or one
     eigendecomposition (held-out output error of the reduced-rank refit calibration will do,
     :func:`~decouple.calibrate.reduced_rank.lowrank_losses`)."""
     original = conv_flops(layer, out_hw)
     opts = [Option(0, original, 0.0)]
-    ranks = candidate_ranks(layer, "svd", "", in_hw, out_hw, (1 - min_saving) * original)
+    ranks = candidate_ranks(layer, "svd", "", in_hw, out_hw, (1 - min_saving) * original, multiple)
     if not ranks:
         return opts
     kernel, groups = kernel_of(layer), geometry_of(layer).groups
@@ -215,7 +219,11 @@ def rank_options(
         c = consumers.get(name)
         if c is not None and name in moments:
             with stage("pricing prune", announce=False):
-                units.append(prune_unit(c, *flops[c], moments[name], w, min_saving, ridge))
+                units.append(
+                    prune_unit(
+                        c, *flops[c], moments[name], w, min_saving, ridge, config.rank_multiple
+                    )
+                )
     announce_group("pricing")  # one line for the per-method stages, entered layer by layer
     return options, total, layers_flops, select_units(units, options)
 
@@ -259,13 +267,13 @@ def moment_chunks(
 
 def _priced(m, o, conv, in_hw, out_hw, min_saving, moments, ridge, cache, config) -> list[Option]:
     """One layer's options in method ``m`` (order ``o``), the original first."""
+    multiple = config.rank_multiple
     if m == "svd":
-        return svd_options(conv, in_hw, out_hw, min_saving, moments, ridge, cache)
+        return svd_options(conv, in_hw, out_hw, min_saving, moments, ridge, cache, multiple)
     if m == "nd":
         return nd_options(conv, o, in_hw, out_hw, min_saving, moments, ridge)
-    return factored_options(
-        conv, m, in_hw, out_hw, min_saving, moments, ridge, cache, config.factor_options()
-    )
+    return factored_options(conv, m, in_hw, out_hw, min_saving, moments, ridge, cache,
+                            config.factor_options(), multiple)  # fmt: skip
 
 
 def allocated_config(config: DecoupleConfig, choice: dict[str, Option | int]) -> DecoupleConfig:

@@ -75,12 +75,13 @@ def select_units(units: list[ChainUnit], options: dict[str, list[Option]]) -> li
     return sorted(out, key=units.index)
 
 
-def candidate_widths(width: int, max_fraction: float) -> list[int]:
-    """Widths ``k`` with ``k ≤ max_fraction · width``: all when few, else an even grid."""
-    top = int(max_fraction * width)
+def candidate_widths(width: int, max_fraction: float, multiple: int = 1) -> list[int]:
+    """Widths ``k`` with ``k ≤ max_fraction · width``, multiples of ``multiple``: all when few,
+    else an even grid."""
+    top = int(max_fraction * width) // multiple * multiple
     if top < 1:
         return []
-    step = max(1, -(-top // MAX_WIDTHS))
+    step = multiple * max(1, -(-(top // multiple) // MAX_WIDTHS))
     return sorted({*range(step, top + 1, step), top})
 
 
@@ -92,11 +93,13 @@ def prune_unit(
     weight: float,
     min_saving: float,
     ridge: float,
+    multiple: int = 1,
 ) -> ChainUnit:
-    """The chain's pruning options, from its consumer's fit and held-out moments."""
+    """The chain's pruning options (widths in multiples of ``multiple``), from its consumer's
+    fit and held-out moments."""
     fit, val = moments
     full = ends_flops + mids_flops
-    widths = candidate_widths(chain.width, 1 - min_saving)
+    widths = candidate_widths(chain.width, 1 - min_saving, multiple)
     if not widths:
         return ChainUnit(chain, [], [], full)
     order = elimination_order(fit, ridge)

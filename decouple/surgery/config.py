@@ -43,10 +43,12 @@ CONFIG_KEYS = (
     "cp_max_iter",
     "seed",
     "include_stem",
+    "rank_multiple",
 )
 # A conv reading at most this many channels is a stem (RGB, grey, RGBA): decoupling it at the
 # global T wrecks it (a 7x7 stem keeps 2 of 49 terms) and saves little, so it is kept by default.
 STEM_MAX_CHANNELS = 4
+MAX_RANK_MULTIPLE = 1024  # no blocked layout is wider; a larger multiple is a typo
 _SHORT_FORMS = "'skip', an int rank, a float energy or a dict"
 
 
@@ -136,6 +138,12 @@ class DecoupleConfig:
         :data:`STEM_MAX_CHANNELS` input channels is kept (``"kept: stem ..."``) unless an
         override gives it a rank, energy or method: at the global ``T`` it loses most of its
         kernel (a 7×7 stem keeps 2 of 49 terms) for a small saving.
+    rank_multiple : int
+        Under a budget, CP, Tucker and svd ranks and pruned widths are offered in multiples of
+        this only (each rank of the planner's grid rounded to the nearest multiple), so that
+        every channel count a plan makes suits the runtimes' blocked layouts (ONNX Runtime's
+        NCHWc: ``results/aligned_ranks.md``). 1 (default): any rank. Fixed ranks (``rank``,
+        overrides) are taken as given.
 
     Layers matched by no override when neither ``rank`` nor ``energy`` is set are left as they are,
     so a mapping of names to ranks alone is a complete per-layer config.
@@ -150,6 +158,7 @@ class DecoupleConfig:
     cp_max_iter: int = CP_MAX_ITER
     seed: int = 0
     include_stem: bool = False
+    rank_multiple: int = 1
 
     def __post_init__(self) -> None:
         check_rank(self.rank)
@@ -166,6 +175,7 @@ class DecoupleConfig:
         check_int(self.seed, "seed", 0, MAX_SEED)
         check_bool(self.fold_bn, "fold_bn")
         check_bool(self.include_stem, "include_stem")
+        check_int(self.rank_multiple, "rank_multiple", 1, MAX_RANK_MULTIPLE)
         # Stored as a tuple of pairs so the config stays hashable and ordered.
         object.__setattr__(self, "overrides", _override_pairs(self.overrides))
 
@@ -224,6 +234,7 @@ class DecoupleConfig:
             "cp_max_iter": self.cp_max_iter,
             "seed": self.seed,
             "include_stem": self.include_stem,
+            "rank_multiple": self.rank_multiple,
         }
 
     @classmethod

@@ -183,19 +183,25 @@ def recipe_entry(layer: nn.Module) -> dict:
     return {"method": "tucker", "ranks": list(layer.ranks)}
 
 
-def candidate_ranks(conv: nn.Conv2d, method: str, order: str, in_hw, out_hw, max_cost: float):
+def candidate_ranks(
+    conv: nn.Conv2d, method: str, order: str, in_hw, out_hw, max_cost: float, multiple: int = 1
+):
     """Ranks the allocator may choose for ``conv``: ``[(rank, flops), …]``, each ``<= max_cost``.
 
     nd offers every ``T``; Tucker every useful ``r`` on a grid of about 16 cost levels; CP (whose
     ALS is the expensive part) ranks at 8 cost levels, 10 % to 90 % of ``max_cost``; svd (one
-    SVD prices every rank) :data:`SVD_LEVELS` ranks evenly spaced up to ``max_cost``.
+    SVD prices every rank) :data:`SVD_LEVELS` ranks evenly spaced up to ``max_cost``. With
+    ``multiple`` > 1, CP, Tucker and svd ranks are rounded to the nearest multiple of it that
+    the grid's top allows (Tucker clips a rank to each mode's size, which is the layer's own
+    channel count), duplicates dropped.
     """
     geometry = geometry_of(conv)
     if method == "svd":
         unit = factored_flops(geometry, method, order, 1, in_hw, out_hw)
         top = min(int(max_cost // unit), lowrank_max_rank(tuple(kernel_of(conv).shape),
                                                           geometry.groups))  # fmt: skip
-        ranks = sorted({max(1, round(top * i / SVD_LEVELS)) for i in range(1, SVD_LEVELS + 1)})
+        ranks = {max(1, round(top * i / SVD_LEVELS)) for i in range(1, SVD_LEVELS + 1)}
+        ranks = sorted(_aligned(ranks, multiple, top))
         return [(r, f) for r in ranks if top >= 1 and (f := r * unit) <= max_cost]
     if method == "nd":
         top = max_rank(tuple(conv.weight.shape), order, conv.groups)  # no SVD needed
@@ -215,12 +221,23 @@ def candidate_ranks(conv: nn.Conv2d, method: str, order: str, in_hw, out_hw, max
         top = min(int(max_cost // unit), cp_max_rank(tuple(conv.weight.shape), conv.groups))
         levels = (0.1, 0.2, 0.3, 0.4, 0.5, 0.65, 0.8, 0.9)
         ranks = sorted({max(1, int(lv * top)) for lv in levels}) if top >= 1 else []
+    if method != "nd":
+        ranks = sorted(_aligned(ranks, multiple, top))
     out = []
     for r in ranks:
         f = factored_flops(conv, method, order, r, in_hw, out_hw)
         if f <= max_cost:
             out.append((r, f))
     return out
+
+
+def _aligned(ranks, multiple: int, top: int) -> set[int]:
+    """Each rank rounded to the nearest multiple of ``multiple`` that is at most ``top`` (none
+    when ``top`` is below ``multiple``)."""
+    if multiple <= 1:
+        return set(ranks)
+    highest = top // multiple * multiple
+    return {min(max(multiple, multiple * round(r / multiple)), highest) for r in ranks} - {0}
 
 
 def is_factored(module: nn.Module) -> bool:

@@ -138,8 +138,8 @@ def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys, fake_cl
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--rank", "2", "--runtime", "onnxruntime"], "add --latency"),
-        (["--rank", "2", "--batch", "8"], "add --latency"),
+        (["--rank", "2", "--batch", "0"], "batch"),  # checked without --latency too
+        (["--rank", "2", "--rank-multiple", "8"], "--rank-multiple"),  # needs a budget
         (["--rank", "2", "--latency", "--batch", "0"], "batch"),
         (["--rank", "2", "--latency", "--threads", "0"], "threads"),
         (["--target-latency", "0"], "--target-latency"),
@@ -211,3 +211,21 @@ def test_onnx_over_the_protobuf_limit_writes_its_weights_beside(tmp_path, capsys
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_ORT, reason="onnx/onnxruntime not installed (pip install '.[export]')")
+def test_every_report_predicts_speed_from_the_cost_model(tmp_path: Path, capsys, monkeypatch):
+    code, out, _ = cli(capsys, "--demo", "--target-flops", "0.5", "--runtime", "onnxruntime",
+                       "--batch", "4", "--out", tmp_path / "d.pt")  # fmt: skip
+    assert code == 0
+    report = json.loads((tmp_path / "d.report.json").read_text())
+    pred = report["predicted_speed"]
+    assert (pred["runtime"], pred["batch"]) == ("onnxruntime", 4) and "latency" not in report
+    assert pred["speedup"] == pytest.approx(pred["before_ms"] / pred["after_ms"])
+    assert "DECOUPLE_COST_MODEL=" in pred["source"]
+    line = next(x for x in out.splitlines() if x.startswith("predicted speed:"))
+    assert ("SLOWER" in line) == (pred["speedup"] < 1)
+    monkeypatch.setenv("DECOUPLE_COST_MODEL", "off")
+    code, out, _ = cli(capsys, "--demo", "--target-flops", "0.5", "--out", tmp_path / "e.pt")
+    assert code == 0 and "predicted speed" not in out
+    assert "predicted_speed" not in json.loads((tmp_path / "e.report.json").read_text())

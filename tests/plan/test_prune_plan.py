@@ -107,6 +107,10 @@ def test_candidate_widths_stay_under_the_saving_floor():
     big = candidate_widths(1000, 0.9)
     assert big[-1] == 900 and len(big) <= 50 and big == sorted(set(big))
     assert candidate_widths(1, 0.9) == []
+    assert candidate_widths(20, 0.9, 8) == [8, 16]  # --rank-multiple 8: whole blocks only
+    aligned = candidate_widths(1000, 0.9, 8)
+    assert aligned[-1] == 896 and all(k % 8 == 0 for k in aligned) and len(aligned) <= 50
+    assert candidate_widths(10, 0.9, 16) == []
 
 
 def test_compress_is_deterministic_with_pruning():
