@@ -9,10 +9,11 @@ predicted against measured time over the original and the plans, and each plan's
 measured speedup, and whether the prediction said "slower than the original" when it was.
 
 Models: the shared CIFAR-10 ResNet-20/32 and the MobileNetV2-style network (real weights, from
-``../shared/assets``), batch 1 and 32; torchvision's ResNet-18, ResNet-50 and VGG-16 at 224²
-(weights=None: speed does not depend on the values), batch 1.
+``../shared/assets``), batch 1 and 32, in ONNX Runtime and eager PyTorch; torchvision's
+ResNet-18, ResNet-50 and VGG-16 at 224² (weights=None: speed does not depend on the values),
+batch 1, in ONNX Runtime.
 
-Run (needs ../shared/assets and the vision extra; about 25 minutes on 2 cores, nothing else
+Run (needs ../shared/assets and the vision extra; about 30 minutes on 2 cores, nothing else
 running)::
 
     pip install -e '.[dev,vision]' && python experiments/cost_model.py
@@ -47,7 +48,7 @@ from decouple.runtime.latency import cpu_name, measure
 from decouple.surgery.bn_fold import fold_batchnorm_
 from decouple.surgery.methods import FactorCache
 
-FIELDS = ["model", "batch", "plan", "flops_ratio", "top1", "predicted_ms", "measured_ms",
+FIELDS = ["model", "runtime", "batch", "plan", "flops_ratio", "top1", "predicted_ms", "measured_ms",
           "predicted_speedup", "measured_speedup"]  # fmt: skip
 CIFAR = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet32": "resnet32-d509ac18.th"}
 MBV2_ONNX = "mbv2_tinymlperf_alibaba_cifar10.onnx"
@@ -95,15 +96,18 @@ def plans(name: str, model, shape) -> dict:
     return out
 
 
-def runs(quick: bool, assets: Path) -> list[tuple[str, object, tuple, tuple[int, ...]]]:
-    """(name, model, input shape, batches) of every model."""
+def runs(quick: bool, assets: Path) -> list[tuple[str, object, tuple, tuple]]:
+    """(name, model, input shape, (runtime, batch) pairs) of every model."""
     if quick:
-        return [("cifar_resnet20", cifar_models(assets)["cifar_resnet20"], (3, 32, 32), (32,))]
+        r20 = cifar_models(assets)["cifar_resnet20"]
+        return [("cifar_resnet20", r20, (3, 32, 32), (("onnxruntime", 32),))]
     import torchvision
 
-    out = [(n, m, (3, 32, 32), (1, 32)) for n, m in cifar_models(assets).items()]
+    cifar = tuple((r, b) for r in ("onnxruntime", "eager") for b in (1, 32))
+    out = [(n, m, (3, 32, 32), cifar) for n, m in cifar_models(assets).items()]
     for n in ("resnet18", "resnet50", "vgg16"):
-        out.append((n, getattr(torchvision.models, n)(weights=None).eval(), (3, 224, 224), (1,)))
+        model = getattr(torchvision.models, n)(weights=None).eval()
+        out.append((n, model, (3, 224, 224), (("onnxruntime", 1),)))
     return out
 
 
@@ -126,7 +130,7 @@ def main(argv=None) -> None:
     exact = load_cifar10_exact(assets / "test_batch.truncated_first_3145728_bytes")
     test = (exact.as_float(MEAN, STD), exact.labels)
     rows, fits = [], {}
-    for name, model, shape, batches in runs(args.quick, assets):
+    for name, model, shape, settings in runs(args.quick, assets):
         start = time.perf_counter()
         decoupled = plans(name, model, shape)
         print(f"{name}: {len(decoupled)} plans in {time.perf_counter() - start:.0f} s", flush=True)
@@ -142,39 +146,45 @@ def main(argv=None) -> None:
             if name.startswith("cifar")
             else {}
         )
-        for batch in batches:
-            if batch not in fits:
+        for runtime, batch in settings:
+            if (runtime, batch) not in fits:
                 start = time.perf_counter()
-                fits[batch] = (fit_cost_model("onnxruntime", batch), time.perf_counter() - start)
-            cm = fits[batch][0]
+                fitted = fit_cost_model(runtime, batch)
+                fits[runtime, batch] = (fitted, time.perf_counter() - start)
+            cm = fits[runtime, batch][0]
             x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
-            predicted = {k: cm.predict_ms(census(m, x, "onnxruntime")) for k, m in models.items()}
+            predicted = {k: cm.predict_ms(census(m, x, runtime)) for k, m in models.items()}
             measured = dict.fromkeys(models, float("inf"))
             for _ in range(2):  # two interleaved rounds, the better of each
-                for k in progress(list(models), f"{name} batch {batch}"):
-                    ms = measure(models[k], x, "onnxruntime", min_run_time=0.5).median_ms
+                for k in progress(list(models), f"{name} {runtime} batch {batch}"):
+                    ms = measure(models[k], x, runtime, min_run_time=0.5).median_ms
                     measured[k] = min(measured[k], ms)
             for k in models:
                 rows.append({
-                    "model": name, "batch": batch, "plan": k, "flops_ratio": flops[k],
+                    "model": name, "runtime": runtime, "batch": batch, "plan": k,
+                    "flops_ratio": flops[k],
                     "top1": top1.get(k, ""),
                     "predicted_ms": predicted[k], "measured_ms": measured[k],
                     "predicted_speedup": predicted["original"] / predicted[k],
                     "measured_speedup": measured["original"] / measured[k],
                 })  # fmt: skip
-            print(f"{name} batch {batch}: Spearman "
+            print(f"{name} {runtime} batch {batch}: Spearman "
                   f"{spearmanr(list(predicted.values()), list(measured.values()))[0]:.3f}",
                   flush=True)  # fmt: skip
         write(rows, fits, Path(out))
     print(f"wrote {out}/cost_model.md and cost_model.csv")
 
 
+def _key(r: dict) -> tuple:
+    return r["model"], r["runtime"], r["batch"]
+
+
 def _groups(rows):
     keys = []
     for r in rows:
-        if (r["model"], r["batch"]) not in keys:
-            keys.append((r["model"], r["batch"]))
-    return [(k, [r for r in rows if (r["model"], r["batch"]) == k]) for k in keys]
+        if _key(r) not in keys:
+            keys.append(_key(r))
+    return [(k, [r for r in rows if _key(r) == k]) for k in keys]
 
 
 def write(rows: list[dict], fits: dict, out: Path) -> None:
@@ -184,45 +194,50 @@ def write(rows: list[dict], fits: dict, out: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     lines = [
-        "# The latency cost model against the clock (ONNX Runtime)",
+        "# The latency cost model against the clock (ONNX Runtime, eager PyTorch)",
         "",
         "Written by `python experiments/cost_model.py`. The cost model "
-        "(`decouple/runtime/cost_model.py`) is fitted once per batch size by its micro-benchmark "
-        f"on this machine ({cpu_name()}, {torch.get_num_threads()} threads); every plan, and "
-        "the BN-folded original, is exported and timed in ONNX Runtime (best median of two "
-        "interleaved rounds). *Spearman*: rank correlation of predicted and measured time over "
-        "the original and the plans of one model and batch. *Slower, said*: plans measured "
+        "(`decouple/runtime/cost_model.py`) is fitted once per runtime and batch size by its "
+        f"micro-benchmark on this machine ({cpu_name()}, {torch.get_num_threads()} threads); "
+        "every plan, and the BN-folded original, is timed in the runtime (ONNX Runtime: exported "
+        "first; best median of two interleaved rounds). *Spearman*: rank correlation of "
+        "predicted and measured time over the original and the plans of one model, runtime and "
+        "batch. *Slower, said*: plans measured "
         "slower than the original, and how many of them the prediction called slower.",
         "",
-        "| batch | fit: graphs timed | fit: median relative error | fit: seconds |",
-        "|---:|---:|---:|---:|",
+        "| runtime | batch | fit: graphs timed | fit: median relative error | fit: seconds |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for b, (cm, sec) in sorted(fits.items()):
-        lines.append(f"| {b} | {cm.graphs_timed} | {100 * cm.fit_error:.1f} % | {sec:.0f} |")
-    lines += ["", "| model | batch | plans | Spearman | median error of predicted speedup | "
-              "slower, said |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    every_p, every_m = [], []
-    for (model, batch), rs in _groups(rows):
+    for (rt, b), (cm, sec) in sorted(fits.items()):
+        lines.append(f"| {rt} | {b} | {cm.graphs_timed} | {100 * cm.fit_error:.1f} % | "
+                     f"{sec:.0f} |")  # fmt: skip
+    lines += ["", "| model | runtime | batch | plans | Spearman | median error of predicted "
+              "speedup | slower, said |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    every: dict[str, tuple[list, list]] = {}
+    for (model, runtime, batch), rs in _groups(rows):
         rho = spearmanr([r["predicted_ms"] for r in rs], [r["measured_ms"] for r in rs])[0]
         errs = sorted(abs(r["predicted_speedup"] / r["measured_speedup"] - 1)
                       for r in rs if r["plan"] != "original")  # fmt: skip
         slow = [r for r in rs if r["plan"] != "original" and r["measured_speedup"] < 1]
         said = sum(r["predicted_speedup"] < 1 for r in slow)
-        lines.append(f"| {model} | {batch} | {len(rs) - 1} | {rho:.3f} | "
+        lines.append(f"| {model} | {runtime} | {batch} | {len(rs) - 1} | {rho:.3f} | "
                      f"{100 * errs[len(errs) // 2]:.1f} % | {len(slow)}, {said} said |")  # fmt: skip
-        every_p += [r["predicted_speedup"] for r in rs if r["plan"] != "original"]
-        every_m += [r["measured_speedup"] for r in rs if r["plan"] != "original"]
-    if len(every_p) > 2:
-        lines += ["", f"Over every plan of every model and batch, the Spearman rank correlation "
-                  f"of predicted and measured speedup is {spearmanr(every_p, every_m)[0]:.3f} "
-                  f"({len(every_p)} plans)."]  # fmt: skip
+        p, m = every.setdefault(runtime, ([], []))
+        p += [r["predicted_speedup"] for r in rs if r["plan"] != "original"]
+        m += [r["measured_speedup"] for r in rs if r["plan"] != "original"]
+    for runtime, (p, m) in every.items():
+        if len(p) > 2:
+            lines += ["", f"{runtime}: over every plan of every model and batch, the Spearman "
+                      f"rank correlation of predicted and measured speedup is "
+                      f"{spearmanr(p, m)[0]:.3f} ({len(p)} plans)."]  # fmt: skip
     lines += ["", "## Every plan", "", "*top-1*: on the 1,017 exact-pixel CIFAR-10 test images, "
-              "data-free (no calibration).", "", "| model | batch | plan | FLOPs | top-1 | "
-              "predicted ms | measured ms | predicted speedup | measured speedup |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+              "data-free (no calibration).", "", "| model | runtime | batch | plan | FLOPs | "
+              "top-1 | predicted ms | measured ms | predicted speedup | measured speedup |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         top1 = f"{r['top1']:.2f} %" if r["top1"] != "" else "–"
-        lines.append(f"| {r['model']} | {r['batch']} | {r['plan']} | {r['flops_ratio']:.2f}× | "
+        lines.append(f"| {r['model']} | {r['runtime']} | {r['batch']} | {r['plan']} | "
+                     f"{r['flops_ratio']:.2f}× | "
                      f"{top1} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} | "
                      f"{r['predicted_speedup']:.2f}× | {r['measured_speedup']:.2f}× |")  # fmt: skip
     (out / "cost_model.md").write_text("\n".join(lines) + "\n")
