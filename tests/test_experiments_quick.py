@@ -30,6 +30,7 @@ SMALL_MODES = {
     "ort_memory": ["--quick"],
     "cost_model": ["--quick"],
     "aligned_ranks": ["--quick"],
+    "runtimes": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 
