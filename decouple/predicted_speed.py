@@ -95,7 +95,7 @@ def predict_speed(
 def predicted_line(pred: dict, measured: bool) -> str:
     """The cost model's verdict on the plan, in one line; a plan predicted slower says so."""
     line = (
-        f"predicted speed: {_faster(pred['speedup'])} ({pred['before_ms']:.2f} -> "
+        f"predicted speed: {faster(pred['speedup'])} ({pred['before_ms']:.2f} -> "
         f"{pred['after_ms']:.2f} ms; cost model of {pred['runtime']}, batch {pred['batch']}, "
         f"{pred['threads']} threads, median fit error {100 * pred['fit_error']:.0f} %)"
     )
@@ -112,5 +112,6 @@ def predicted_line(pred: dict, measured: bool) -> str:
     return line
 
 
-def _faster(speedup: float) -> str:
+def faster(speedup: float) -> str:
+    """``1.25x faster`` or ``1.33x slower``."""
     return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"

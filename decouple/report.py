@@ -15,7 +15,7 @@ from torch import nn
 from .nn.flops import count_flops
 from .nn.output_diff import compare_models, insensitive_note, summary_lines
 from .nn.stopwatch import timings_line
-from .predicted_speed import predicted_line
+from .predicted_speed import faster, predicted_line
 from .surgery.rewrite import LayerRecord
 
 RANDOM_INPUTS = "random Gaussian inputs (no images given; the agreement on real images can differ)"
@@ -167,7 +167,7 @@ class Report:
                 device += f" ({lat['processor']})"
             lines.append(
                 f"latency: {b['median_ms']:.2f} ms -> {a['median_ms']:.2f} ms "
-                f"({_faster(lat['speedup'])}; {lat['runtime']} on {device}, "
+                f"({faster(lat['speedup'])}; {lat['runtime']} on {device}, "
                 f"{lat['threads']} threads, batch {lat['batch']}; medians, IQR "
                 f"{b['iqr_ms']:.2f} / {a['iqr_ms']:.2f} ms)"
             )
@@ -293,10 +293,6 @@ class Report:
 def _method_text(r: LayerRecord) -> str:
     method = r.method or "nd"
     return f"nd {r.order}" if method == "nd" else method
-
-
-def _faster(speedup: float) -> str:
-    return f"{speedup:.2f}x faster" if speedup >= 1 else f"{1 / speedup:.2f}x slower"
 
 
 def _ms(before: float | None, after: float | None) -> str:

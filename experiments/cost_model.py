@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from experiment_io import output_folder, progress
+from experiment_io import progress, quick_or_full
 from scipy.stats import spearmanr
 
 from decouple import DecoupleConfig
@@ -112,12 +112,7 @@ def runs(quick: bool, assets: Path) -> list[tuple[str, object, tuple, tuple]]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one small run, a temporary folder")
-    p.add_argument("--out", help="output folder (default results/; --quick: a temporary one)")
-    args = p.parse_args(argv)
-    args.out = output_folder(p, args.out, "--quick" if args.quick else None, "cost_model-")
-    return args
+    return quick_or_full(__doc__, "cost_model-", argv)
 
 
 def main(argv=None) -> None:

@@ -49,6 +49,17 @@ def output_folder(
     return Path(out)
 
 
+def quick_or_full(doc: str, prefix: str, argv=None) -> argparse.Namespace:
+    """The arguments of a script whose only options are ``--quick`` and ``--out``; ``out``
+    resolved by :func:`output_folder`."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one small run, a temporary folder")
+    p.add_argument("--out", help="output folder (default results/; --quick: a temporary one)")
+    args = p.parse_args(argv)
+    args.out = output_folder(p, args.out, "--quick" if args.quick else None, prefix)
+    return args
+
+
 def progress(items: Iterable, desc: str, total: int | None = None, every: float = 5.0) -> Iterator:
     """Iterate ``items``, showing progress (see the module docstring)."""
     if total is None and hasattr(items, "__len__"):

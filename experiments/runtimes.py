@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from experiment_io import output_folder, progress
+from experiment_io import progress, quick_or_full
 
 from decouple import DecoupleConfig
 from decouple.io.checkpoint import load_model
@@ -96,12 +96,7 @@ def available(runtime: str) -> bool:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="one small run, a temporary folder")
-    p.add_argument("--out", help="output folder (default results/; --quick: a temporary one)")
-    args = p.parse_args(argv)
-    args.out = output_folder(p, args.out, "--quick" if args.quick else None, "runtimes-")
-    return args
+    return quick_or_full(__doc__, "runtimes-", argv)
 
 
 def main(argv=None) -> None:

@@ -6,29 +6,31 @@ from __future__ import annotations
 import copy
 
 
-def measure_latency(original, model, config, shape, latency) -> dict:
-    """Model latency before/after, side by side; the baseline gets the same BN folding, so the
-    speedup is the decoupling's alone."""
-    from ..runtime.latency import compare
+def baseline(original, config):
+    """A copy of the input model with the same BN folding as the decoupled one."""
     from ..surgery.bn_fold import fold_batchnorm_
 
-    baseline = copy.deepcopy(original)
+    model = copy.deepcopy(original)
     if config.fold_bn:
-        fold_batchnorm_(baseline)
+        fold_batchnorm_(model)
+    return model
+
+
+def measure_latency(original, model, config, shape, latency) -> dict:
+    """Model latency before/after, side by side, against :func:`baseline`."""
+    from ..runtime.latency import compare
+
     dev = latency.device
     example = latency.example(shape, next(model.parameters()).dtype)
-    out = compare(baseline.to(dev), copy.deepcopy(model).to(dev), example, latency)
+    out = compare(baseline(original, config).to(dev), copy.deepcopy(model).to(dev), example,
+                  latency)  # fmt: skip
     out["baseline"] = "the input model" + (" with BatchNorm folded" if config.fold_bn else "")
     return out
 
 
 def predict_speed(original, model, config, shape, args) -> dict | None:
-    """The cost model's predicted speedup, against the same BN-folded baseline as
-    :func:`measure_latency`."""
+    """The cost model's predicted speedup against :func:`baseline`."""
     from ..predicted_speed import predict_speed as predict
-    from ..surgery.bn_fold import fold_batchnorm_
 
-    baseline = copy.deepcopy(original)
-    if config.fold_bn:
-        fold_batchnorm_(baseline)
-    return predict(baseline, model, shape, args.runtime, args.batch, args.threads)
+    return predict(baseline(original, config), model, shape, args.runtime, args.batch,
+                   args.threads)  # fmt: skip

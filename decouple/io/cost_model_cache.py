@@ -9,7 +9,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .cache import cache_root, write_atomic
+from .cache import cache_root, read_json, write_atomic
 
 
 def path_for(key: dict) -> Path | None:
@@ -22,13 +22,7 @@ def path_for(key: dict) -> Path | None:
     return root / "cost_models" / f"{digest}.json"
 
 
-def load(path: Path) -> dict | None:
-    """The cached dict at ``path``, or None if it is missing or unreadable."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+load = read_json  # the cached dict at a path, or None if it is missing or unreadable
 
 
 def store(path: Path, data: dict) -> None:

@@ -32,6 +32,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import read_json
+
 NEW, PREVIOUS = "new", "previous"  # staging subfolders: the files to move in, replaced files
 OWNER, JOURNAL = "owner.json", "journal.json"
 _STAGING = re.compile(r"\.(?P<name>.+)\.staging-(?P<pid>\d+)-[^/]*")
@@ -124,14 +126,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 def staging_folders(folder: Path) -> list[Path]:
     """The staging folders in ``folder`` (of live and dead runs alike)."""
     try:
@@ -142,7 +136,7 @@ def staging_folders(folder: Path) -> list[Path]:
 
 
 def _owner(stage: Path) -> tuple[int, str | None]:
-    owner = _read(stage / OWNER) or {}
+    owner = read_json(stage / OWNER) or {}
     pid = owner.get("pid")
     if not isinstance(pid, int):
         pid = int(_STAGING.fullmatch(stage.name)["pid"])
@@ -208,7 +202,7 @@ def recover(stage: Path) -> Recovery:
         return Recovery(stage, "left alone", f"{stage}: a run on {host} (pid {pid}); left alone")
     if _alive(pid):
         return Recovery(stage, "left alone", f"{stage}: run {pid} is still running; left alone")
-    journal = _read(stage / JOURNAL)
+    journal = read_json(stage / JOURNAL)
     if journal is None:
         previous = stage / PREVIOUS
         if previous.is_dir() and any(previous.iterdir()):  # an older layout: keep the user's files
@@ -255,7 +249,7 @@ def recover_folder(
     done = []
     for stage in staging_folders(folder):
         if wanted is not None:
-            journal = _read(stage / JOURNAL)
+            journal = read_json(stage / JOURNAL)
             if _valid(journal):
                 touched = {Path(f[1]) for f in journal["files"]}
             else:

@@ -20,6 +20,7 @@ ranks plans before anything is exported; the clock (``--latency``) stays the tru
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import platform
 import weakref
@@ -97,6 +98,7 @@ def _mbyte(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 1e6
 
 
+@functools.cache  # read once: census asks for every conv
 def block_size() -> int:
     """Channels per block of ONNX Runtime's NCHWc layout on this CPU (MLAS: 16 with AVX-512,
     else 8)."""
@@ -130,7 +132,7 @@ def _record(func, args, kwargs, out, runtime: str) -> OpRecord | None:
     moved = _mbyte(_tensors((args, kwargs))) + _mbyte(_tensors(out))
     name = str(func.overloadpacket.__name__)
     if func in _CONVS:
-        weight, groups = args[1], args[-1]
+        weight, groups = args[1], args[8]  # both overloads: (input, weight, ..., groups, ...)
         macs = out.numel() * math.prod(weight.shape[1:]) / 1e9
         if runtime == "onnxruntime":
             blocked = _blocked_conv(args[0], weight, out, block_size())
