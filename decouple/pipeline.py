@@ -2,7 +2,8 @@
 
 ``compress_`` strings together :func:`~decouple.surgery.fold_batchnorm_`, a budget from
 :mod:`decouple.plan` (when a FLOPs or latency target is given), :func:`~decouple.surgery.decouple_`,
-:func:`~decouple.calibrate.calibrate_` (when calibration images are given) and
+:func:`~decouple.calibrate.calibrate_` (when calibration images are given; without them,
+:func:`~decouple.calibrate.correct_biases_`) and
 :mod:`decouple.runtime.realize` (when realizations are timed), and returns what each step did.
 The CLI and the experiments both call it.
 """
@@ -14,21 +15,24 @@ import gc
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from .calibrate.layerwise import REFIT_MODES, CalibrationRecord, calibrate_
+from .calibrate.bn_bias import SAMPLES as BIAS_SAMPLES
+from .calibrate.bn_bias import BiasCorrection, bn_input_means, correct_biases_
+from .calibrate.layerwise import REFIT_MODES, calibrate_
 from .calibrate.spill import release_memory
 from .nn.decoupled import DecoupledConv2d
 from .nn.flops import count_flops
 from .nn.guards import check_module, type_error
 from .nn.stopwatch import stage
 from .nn.transaction import transaction
-from .plan.allocate import MIN_SAVING, Allocation
+from .pipeline_result import CompressResult, TargetMissed, flops_missed, latency_missed
+from .plan.allocate import MIN_SAVING
 from .plan.flops_budget import plan_ranks
-from .plan.latency_budget import LatencyPlan, plan_latency
+from .plan.latency_budget import plan_latency
 from .plan.losses import probe_shapes
 from .plan.options import allocated_config
 from .runtime.latency import LatencyConfig
@@ -41,83 +45,9 @@ from .surgery.methods import FactorCache, is_factored, recipe_entry
 from .surgery.rewrite import LayerRecord, decouplable_convs, decouple_with_fold_info, fused_record
 from .surgery.sites import NO_RULE, check_sites, conv_sites
 
+__all__ = ["CompressResult", "TargetMissed", "compress_"]
+
 NOT_CALLED = "kept: never called by the forward pass (an auxiliary head in eval mode, or a layer whose parent reads its weights)"
-
-
-class TargetMissed(ValueError):
-    """The budget asked of :func:`compress_` is out of reach and ``allow_miss`` is False.
-
-    ``budget`` names it (``target_flops=0.5``); ``reachable`` says what the closest plan keeps,
-    and what the planner's own loss predicts it costs. The model is left as it was.
-    """
-
-    def __init__(self, budget: str, reachable: str) -> None:
-        super().__init__(f"{budget} is out of reach: {reachable}")
-        self.budget, self.reachable = budget, reachable
-
-
-def _flops_missed(a: Allocation, target: float) -> TargetMissed:
-    base = a.target_flops / target  # the model's FLOPs the fraction is of
-    return TargetMissed(
-        f"target_flops={target:g}",
-        f"the cheapest plan keeps {100 * a.total_flops / base:.1f} % of the FLOPs; its predicted loss "
-        f"({a.criterion} criterion) is {a.loss:.4g}",
-    )
-
-
-def _latency_missed(p: LatencyPlan, target: float) -> TargetMissed:
-    return TargetMissed(
-        f"target_latency={target:g}",
-        f"the fastest plan timed keeps {100 * p.measured_ms / p.model_ms:.1f} % of the measured latency "
-        f"({p.measured_ms:.2f} of {p.model_ms:.2f} ms); its predicted loss "
-        f"({p.allocation.criterion} criterion) is {p.allocation.loss:.4g}",
-    )
-
-
-@dataclass
-class CompressResult:
-    """Records of every step of :func:`compress_`."""
-
-    records: list[LayerRecord]
-    fold_error: str | None = None
-    allocation: Allocation | None = None
-    calibration: list[CalibrationRecord] = field(default_factory=list)
-    latency_plan: LatencyPlan | None = None
-    realizations: dict[str, RealizationChoice] = field(default_factory=dict)
-    whole_model_ms: dict[str, float] = field(default_factory=dict)  # confirm_on_model_
-    calibration_seconds: float | None = None
-
-    def extra(self) -> dict:
-        """What the report adds beside the per-layer table."""
-        out: dict = {}
-        if self.fold_error:
-            out["bn_fold_error"] = self.fold_error
-        if self.latency_plan is not None:
-            out["latency_allocation"] = self.latency_plan.to_dict()
-        elif self.allocation is not None:
-            a = self.allocation
-            out["allocation"] = {
-                "criterion": a.criterion,
-                "target_flops": a.target_flops,
-                "planned_flops": a.total_flops,
-                "reached": a.total_flops <= a.target_flops,
-                "ranks": a.ranks(),
-                "methods": a.methods(),
-                "predicted_loss": a.loss,
-                "uniform_baseline": a.uniform,
-                "reasons": a.reasons,
-            }
-        if self.calibration:
-            out["calibration"] = [c.to_dict() for c in self.calibration]
-            out["calibration_seconds"] = self.calibration_seconds
-        if self.realizations:
-            out["realizations"] = {n: c.to_dict() for n, c in self.realizations.items()}
-        if self.whole_model_ms:
-            out["realization_check"] = {
-                "whole_model_ms": self.whole_model_ms,
-                "kept": min(self.whole_model_ms, key=self.whole_model_ms.get),
-            }
-        return out
 
 
 def compress_(
@@ -137,6 +67,7 @@ def compress_(
     realize: bool = False,
     prune: bool = True,
     allow_miss: bool = True,
+    bias_correction: bool = True,
 ) -> CompressResult:
     """Fold BN, optionally allocate ranks under a budget, decouple, optionally calibrate, optionally
     give every layer its fastest realization; in place.
@@ -183,6 +114,11 @@ def compress_(
         When the budget is out of reach, go on with the closest plan (the result says it was
         missed); False raises :class:`TargetMissed` as soon as the plan is known, with the
         model as it was.
+    bias_correction : bool, default True
+        Without ``calib_images``: add to every factored layer's bias the mean error its
+        approximation makes, estimated from the model's own BatchNorm statistics
+        (:mod:`decouple.calibrate.bn_bias`; data-free, one pass of noise). With images the
+        refit corrects the bias instead.
 
     Raises
     ------
@@ -204,16 +140,23 @@ def compress_(
         return _compress(
             model, config, input_shape, target_flops, criterion, calib_images, refit, ridge,
             min_saving, progress, cache, target_latency, latency, realize, prune, allow_miss,
+            bias_correction,
         )  # fmt: skip
 
 
 def _compress(
     model, config, input_shape, target_flops, criterion, calib_images, refit, ridge, min_saving,
-    progress, cache, target_latency, latency, realize, prune, allow_miss,
+    progress, cache, target_latency, latency, realize, prune, allow_miss, bias_correction,
 ) -> CompressResult:  # fmt: skip
     """:func:`compress_` once its inputs are checked, inside its transaction."""
     latency = latency or LatencyConfig()
     cache = cache if cache is not None else FactorCache()
+    means, means_seconds = None, 0.0
+    if bias_correction and calib_images is None:  # before folding: it reads the BatchNorms
+        start = time.perf_counter()
+        with stage("BatchNorm statistics"):
+            means = bn_input_means(model, input_shape, seed=config.seed)
+        means_seconds = time.perf_counter() - start
     fold_error = None
     folded: dict[str, str] = {}
     if config.fold_bn:
@@ -235,7 +178,7 @@ def _compress(
         )  # fmt: skip
         allocation = lplan.allocation
         if not allow_miss and lplan.measured_ms > lplan.target_ms:
-            raise _latency_missed(lplan, target_latency)
+            raise latency_missed(lplan, target_latency)
     elif target_flops is not None:
         # Energy by default: with calibration it kept as much accuracy as the data criterion on
         # the CIFAR ResNets (results/README.md), at a fraction of the cost.
@@ -247,7 +190,7 @@ def _compress(
             baseline_flops=baseline_flops,
         )  # fmt: skip
         if not allow_miss and allocation.total_flops > allocation.target_flops:
-            raise _flops_missed(allocation, target_flops)
+            raise flops_missed(allocation, target_flops)
     uncalled: set[str] = set()
     if allocation is not None:
         plain = allocated_config(plain, allocation.choice)
@@ -278,6 +221,11 @@ def _compress(
             r.reason = allocation.reasons[r.name]
         elif r.name in uncalled or (allocation is not None and r.reason == NO_RULE):
             r.reason = NOT_CALLED  # the budget never saw it run, or the probe above
+    corrected = None
+    if means is not None:
+        with stage("bias correction"):
+            corrected = _correct_biases_(model, originals, means, fused)
+        corrected.seconds += means_seconds
     calibration, seconds = [], None
     if calib_images is not None and refit != "none":
         # The factors of every rank priced are no longer needed here (a caller's cache keeps its
@@ -340,8 +288,23 @@ def _compress(
                 layer = model.get_submodule(name)
                 _note_latency(rec, layer, c.original_ms, c.best_ms, c.chosen)
     return CompressResult(
-        records, fold_error, allocation, calibration, lplan, choices, whole, seconds
+        records, fold_error, allocation, calibration, lplan, choices, whole, seconds, corrected
     )
+
+
+def _correct_biases_(model, originals, means, fused) -> BiasCorrection:
+    """:func:`correct_biases_` with each fused conv read as the first conv of its chain (whose
+    input it now reads); a record saying why when there are no statistics at all."""
+    if not means:
+        return BiasCorrection(reason="no BatchNorm statistics (none in the model, or its forward "
+                              "pass failed on the draws)", samples=BIAS_SAMPLES)  # fmt: skip
+    means = dict(means)
+    for a, b in fused.items():  # in the order fused: A→B, then B→C
+        if a in means:
+            means[b] = means[a]
+        else:
+            means.pop(b, None)
+    return correct_biases_(model, originals, means, BIAS_SAMPLES)
 
 
 def _fuse_linear_(model: nn.Module, config: DecoupleConfig, input_shape) -> tuple:

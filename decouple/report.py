@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .calibrate.bn_bias import bias_correction_line
 from .nn.flops import count_flops
 from .nn.output_diff import compare_models, insensitive_note, summary_lines
 from .nn.stopwatch import timings_line
@@ -252,6 +253,9 @@ class Report:
                 f"calibration: {len(calib)} layers refit on {self.extra.get('calibration_images', '?')} "
                 f"images ({kinds}); mean held-out layer error {before:.3f} -> {after:.3f}"
             )
+        bias = self.extra.get("bias_correction")
+        if bias and self.decoupled:
+            lines.append(bias_correction_line(bias))
         made = self.extra.get("synthetic_calibration")
         if made:  # --calib synthetic: no image of the user's was seen
             lines.append(

@@ -4,7 +4,9 @@ On the shared pretrained CIFAR-10 ResNet-20, ResNet-32 and MobileNetV2-style net
 2.5× fewer FLOPs (``--target-flops 0.5`` and ``0.4``), top-1 on the 1,017 exact-pixel test images:
 
 * **ours, data-free**: ``compress_`` as the CLI runs it without ``--calib`` (``--method auto``,
-  the ``energy`` criterion);
+  the ``energy`` criterion, each factored layer's bias corrected from the BatchNorm statistics,
+  :mod:`decouple.calibrate.bn_bias`); **no bias correction**: the same plan as factored
+  (``--no-bias-correction``);
 * **ours, synthetic**: ``--calib synthetic`` (256 images made from the model's BatchNorm
   statistics, ZeroQ, :mod:`decouple.calibrate.synthetic`; then the calibrated default path:
   ``output`` criterion, ``--refit auto``, pruning), on 3 seeds of the starting noise; the
@@ -21,7 +23,13 @@ Run (needs ../shared/assets; about 25 minutes on 2 cores)::
 
     pip install -e '.[dev,vision,peers]' && python experiments/data_free.py
 
-→ ``results/data_free.md``, ``results/data_free.csv``. ``--quick``: ResNet-20 at 2× only, 32
+A second table asks whether the data-free loss ranks plans as top-1 does: every data-free plan
+of each method (network decoupling in both orders, CP, Tucker-2, ``auto``; on the
+MobileNetV2-style network ``svd`` and ``auto``) at 0.7, 0.5 and 0.4 of the FLOPs, with and without
+the bias correction, and the Spearman correlation of the plans' predicted loss with their top-1
+(``--ranking-only`` runs that table alone).
+
+→ ``results/data_free.md``, ``results/data_free.csv``, ``results/data_free_ranking.csv``. ``--quick``: ResNet-20 at 2× only, 32
 synthetic images, one seed, into a temporary folder; ``--seeds N`` samples per seeded variant;
 ``--only VARIANT ...`` reruns those variants, keeping the other rows of the csv.
 """
@@ -39,6 +47,7 @@ import numpy as np
 import torch
 from experiment_io import output_folder
 from mbv2_accuracy import MEAN, ONNX, RESNETS, STD, calib_images, mbv2
+from scipy.stats import spearmanr
 
 from decouple import DecoupleConfig, count_flops
 from decouple.calibrate.synthetic import synthesize_images
@@ -47,6 +56,7 @@ from decouple.io.evaluate import evaluate
 from decouple.io.images import load_cifar10_exact, shared_assets_dir
 from decouple.nn.discover import is_plain_conv2d
 from decouple.pipeline import compress_
+from decouple.surgery.methods import FactorCache
 
 FIELDS = [
     "model",
@@ -68,13 +78,16 @@ TARGETS = (0.5, 0.4)
 SHAPE = (3, 32, 32)
 
 
-def ours(base, target: float, calib: torch.Tensor | None) -> tuple[torch.nn.Module, bool, dict]:
+def ours(
+    base, target: float, calib: torch.Tensor | None, bias_correction: bool = True
+) -> tuple[torch.nn.Module, bool, dict]:
     """The compressed copy, whether it reached the target, and its plan's loss beside the best
     uniform plan's (the baseline the planner compares it with, by the same loss)."""
     model = copy.deepcopy(base)
     result = compress_(
         model, DecoupleConfig(method="auto"), SHAPE, target_flops=target,
         criterion="output" if calib is not None else "energy", calib_images=calib,
+        bias_correction=bias_correction,
     )  # fmt: skip
     a = result.allocation
     u = a.uniform
@@ -131,6 +144,8 @@ def run(name, base, target, variant, seed, test, assets, made) -> dict:
     making = ""
     if variant == "ours, data-free":
         model, reached, plan = ours(base, target, None)
+    elif variant == "ours, data-free, no bias correction":
+        model, reached, plan = ours(base, target, None, bias_correction=False)
     elif variant == "ours, synthetic":
         images, making = made
         model, reached, plan = ours(base, target, images)
@@ -149,6 +164,7 @@ def run(name, base, target, variant, seed, test, assets, made) -> dict:
 
 SEEDED = ("ours, synthetic", "ours, 512 real images", "TensorLy-Torch uniform CP")  # a row per seed
 VARIANTS = (
+    "ours, data-free, no bias correction",
     "ours, data-free",
     "ours, synthetic",
     "ours, 512 real images",
@@ -172,7 +188,9 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write(rows: list[dict], out: Path, originals: dict, peer: bool, seeds: int) -> None:
+def write(
+    rows: list[dict], out: Path, originals: dict, peer: bool, seeds: int, ranking: list[dict]
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "data_free.csv", "w", newline="") as f:
         w = csv.DictWriter(f, FIELDS)
@@ -187,7 +205,7 @@ def write(rows: list[dict], out: Path, originals: dict, peer: bool, seeds: int) 
         + f". *synthetic*, *512 real images* and TensorLy-Torch run on {seeds} samples each "
         f"(seeds 0 to {seeds - 1}: the synthetic images' starting noise, the real images' draw, "
         "the random columns TensorLy's CP starts from where a rank exceeds a mode); the "
-        "data-free variant is deterministic. *drop* in points against the original."
+        "data-free variants are deterministic. *drop* in points against the original."
         + ("" if peer else " TensorLy-Torch was not installed: its rows are missing."),
         "",
         "## Mean over samples",
@@ -230,6 +248,8 @@ def write(rows: list[dict], out: Path, originals: dict, peer: bool, seeds: int) 
             f"{r['flops_ratio']:.2f}×{reach} | {r['top1']:.2f} % | {r['drop']:+.2f} | "
             f"{r['seconds']:.0f} | {making} | {loss} | {uni} |"
         )
+    if ranking:
+        lines += write_ranking(ranking, out)
     (out / "data_free.md").write_text("\n".join(lines) + "\n")
 
 
@@ -257,6 +277,93 @@ def in_order(rows: list[dict]) -> list[dict]:
                                        VARIANTS.index(r["variant"]), r["seed"]))  # fmt: skip
 
 
+RANK_TARGETS = (0.7, 0.5, 0.4)
+RANK_METHODS = {  # (method, order) of the plans ranked; the MobileNetV2-style net's are 1×1
+    "resnet": (("nd", "dw-pw"), ("nd", "pw-dw"), ("cp", "dw-pw"), ("tucker", "dw-pw"),
+               ("auto", "dw-pw")),
+    "mbv2": (("svd", "dw-pw"), ("auto", "dw-pw")),
+}  # fmt: skip
+RANK_FIELDS = ["model", "method", "target", "bias_correction", "flops_ratio", "loss", "top1"]
+
+
+def ranking_rows(name: str, base, test) -> list[dict]:
+    """Every data-free plan of :data:`RANK_METHODS` at :data:`RANK_TARGETS`, with and without
+    the bias correction: its predicted loss (``energy``) and its top-1."""
+    x, y = test
+    cache = FactorCache()  # CP/Tucker factored once per model, for every target
+    rows = []
+    for method, order in RANK_METHODS["mbv2" if name == "mbv2" else "resnet"]:
+        for target in RANK_TARGETS:
+            for corrected in (False, True):
+                model = copy.deepcopy(base)
+                result = compress_(model, DecoupleConfig(method=method, order=order), SHAPE,
+                                   target_flops=target, cache=cache,
+                                   bias_correction=corrected)  # fmt: skip
+                with torch.no_grad():
+                    ratio = count_flops(base, x[:1])[0] / count_flops(model, x[:1])[0]
+                label = method if method != "nd" else f"nd {order}"
+                rows.append({"model": name, "method": label, "target": target,
+                             "bias_correction": corrected, "flops_ratio": ratio,
+                             "loss": result.allocation.loss,
+                             "top1": 100 * evaluate(model, x, y)["top1"]})  # fmt: skip
+                print(rows[-1], flush=True)
+    return rows
+
+
+def ranking_lines(rows: list[dict]) -> list[dict]:
+    """Per model and correction: the Spearman correlation of the plans' predicted loss with
+    their top-1 drop (1: the loss orders the plans exactly as top-1 does)."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for corrected in (False, True):
+            pts = [r for r in rows if r["model"] == model and r["bias_correction"] == corrected]
+            rho = spearmanr([r["loss"] for r in pts], [-r["top1"] for r in pts])[0]
+            best = max(pts, key=lambda r: r["top1"])
+            out.append({"model": model, "corrected": corrected, "plans": len(pts), "rho": rho,
+                        "mean": sum(r["top1"] for r in pts) / len(pts), "best": best})  # fmt: skip
+    return out
+
+
+def write_ranking(rows: list[dict], out: Path) -> list[str]:
+    """``data_free_ranking.csv``, and the lines of its section in ``data_free.md``."""
+    with open(out / "data_free_ranking.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, RANK_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        "",
+        "## Does the data-free loss rank plans as top-1 does?",
+        "",
+        "Every data-free plan of each method (`nd` in both orders, `cp`, `tucker`, `auto`; on "
+        "the MobileNetV2-style network `svd` and `auto`) at "
+        + ", ".join(str(t) for t in RANK_TARGETS)
+        + " of the FLOPs, as factored and with the bias correction (the same plans: the "
+        "correction changes biases, not ranks). *Spearman*: of the plans' predicted loss "
+        "(`energy`) with their top-1 drop; *mean top-1*: over the model's plans. Rows in "
+        "`results/data_free_ranking.csv`.",
+        "",
+        "| model | bias correction | plans | Spearman | mean top-1 | best plan (top-1) |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in ranking_lines(rows):
+        b = r["best"]
+        lines.append(
+            f"| {r['model']} | {'yes' if r['corrected'] else 'no'} | {r['plans']} | "
+            f"{r['rho']:.3f} | {r['mean']:.2f} % | {b['method']} at {b['target']} "
+            f"({b['top1']:.2f} %) |"
+        )
+    return lines
+
+
+def read_ranking(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{**r, "target": float(r["target"]), "bias_correction": r["bias_correction"] == "True",
+                 "flops_ratio": float(r["flops_ratio"]), "loss": float(r["loss"]),
+                 "top1": float(r["top1"])} for r in csv.DictReader(f)]  # fmt: skip
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="ResNet-20 at 2x, a temporary folder")
@@ -265,6 +372,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=VARIANTS, default=None,
                    help="run these variants only; the other variants' rows stay as the csv "
                         "in --out has them")  # fmt: skip
+    p.add_argument("--ranking-only", action="store_true",
+                   help="only the ranking table; the other rows stay as the csv in --out has "
+                        "them")  # fmt: skip
     args = p.parse_args(argv)
     args.out = output_folder(p, args.out, "--quick" if args.quick else None, "data-free-")
     return args
@@ -292,7 +402,14 @@ def main(argv=None) -> None:
     variants = [v for v in VARIANTS if peer or not v.startswith("TensorLy")]
     variants = [v for v in variants if args.only is None or v in args.only]
     seeds = 1 if args.quick else args.seeds
-    kept = [] if args.only is None else read_rows(Path(args.out) / "data_free.csv")
+    out = Path(args.out)
+    ranking = read_ranking(out / "data_free_ranking.csv")
+    if args.ranking_only:
+        ranking = [r for name, base in bases.items() for r in ranking_rows(name, base, test)]
+        write(read_rows(out / "data_free.csv"), out, originals, peer, seeds, ranking)
+        print(f"wrote {args.out}/data_free.md and data_free_ranking.csv")
+        return
+    kept = [] if args.only is None else read_rows(out / "data_free.csv")
     kept = [r for r in kept if r["variant"] not in variants]
     rows: list[dict] = []
     for name, base in bases.items():
@@ -310,7 +427,10 @@ def main(argv=None) -> None:
                     rows.append(row)
                     print({k: (round(v, 3) if isinstance(v, float) else v)
                            for k, v in row.items()}, flush=True)  # fmt: skip
-                    write(in_order(kept + rows), Path(args.out), originals, peer, seeds)
+                    write(in_order(kept + rows), out, originals, peer, seeds, ranking)
+    if args.only is None and not args.quick:
+        ranking = [r for name, base in bases.items() for r in ranking_rows(name, base, test)]
+        write(in_order(rows), out, originals, peer, seeds, ranking)
     print(f"wrote {args.out}/data_free.md and data_free.csv")
 
 

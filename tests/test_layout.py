@@ -29,6 +29,7 @@ LAYERS = {
     "runtime": 3,
     "io": 3,
     "plan": 4,  # budgets: uses calibration's refits and the runtime's clocks
+    "pipeline_result": 4.5,  # what compress_ returns: above the plans it holds, below compress_
     "pipeline": 5,
     "report": 5,
     "predicted_speed": 4,  # the cost model's verdict on a plan, which the report prints

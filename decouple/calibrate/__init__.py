@@ -1,12 +1,17 @@
 """Calibration without a gradient step: second moments of conv input patches (:mod:`.moments`),
 the closed-form ridge refits they feed (:mod:`.refit`), and ``calibrate_``, which refits every
-factored layer of a model in forward order (:mod:`.layerwise`).
+factored layer of a model in forward order (:mod:`.layerwise`); without images, a bias
+correction from the model's BatchNorm statistics (:mod:`.bn_bias`).
 
 May import :mod:`decouple.factor`, :mod:`decouple.nn` and :mod:`decouple.surgery`.
 """
 
+from .bn_bias import BiasCorrection, bn_input_means, correct_biases_
 from .layerwise import REFIT_MODES, CalibrationRecord, calibrate_
 from .moments import Moments
 from .refit import Factors, refit
 
-__all__ = ["REFIT_MODES", "CalibrationRecord", "Factors", "Moments", "calibrate_", "refit"]
+__all__ = [
+    "REFIT_MODES", "BiasCorrection", "CalibrationRecord", "Factors", "Moments", "bn_input_means",
+    "calibrate_", "correct_biases_", "refit",
+]  # fmt: skip

@@ -42,7 +42,7 @@ class Synthesized:
         return asdict(self)
 
 
-def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+def tracked_batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [
         m
         for m in model.modules()
@@ -54,7 +54,7 @@ def _norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def bn_statistics_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """ZeroQ's loss of the batch ``x``: how far every BatchNorm's batch statistics are from its
     running ones (mean over the layers)."""
-    norms = _norms(model)
+    norms = tracked_batchnorms(model)
     if not norms:
         raise ValueError("the model has no BatchNorm with running statistics to match")
     terms: list[torch.Tensor] = []
@@ -107,7 +107,7 @@ def synthesize_images(
                          f"{batch_size}, {steps}")  # fmt: skip
     if model.training:
         raise ValueError("synthesize_images needs the model in eval mode (model.eval())")
-    norms = _norms(model)
+    norms = tracked_batchnorms(model)
     if not norms:
         raise ValueError("the model has no BatchNorm with running statistics to match")
     p = next(model.parameters())

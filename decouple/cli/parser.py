@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --target-flops and --calib, never prune channels (by default the planner may "
         "drop a layer's output channels where it feeds a 1x1 conv or linear layer, and refit it)",
     )
+    p.add_argument(
+        "--no-bias-correction",
+        action="store_true",
+        help="without --calib, leave the factored layers' biases as factored (by default each "
+        "gets back the mean error its approximation makes, estimated from the model's "
+        "BatchNorm statistics: no images needed)",
+    )
     images = p.add_argument_group(
         "images (--data, --calib): streamed in mini-batches, prepared like the arch's weights"
     )

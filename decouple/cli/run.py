@@ -160,6 +160,7 @@ def _decouple_into(
         "latency": latency,
         "realize": latency is not None,
         "prune": not args.no_prune,
+        "bias_correction": not args.no_bias_correction,
     }
     search = None
     if args.max_change is not None:

@@ -25,6 +25,7 @@ from torch import nn
 from decouple import DecoupleConfig, DecoupledConv2d, decouple_, load_decoupled
 from decouple.cli.run import main
 from decouple.models import build_model
+from decouple.pipeline import compress_
 
 TESTS_DIR = Path(__file__).resolve().parents[1]
 CONVS = ["conv1", "conv2", "conv3", "conv4"]
@@ -188,8 +189,8 @@ def test_reload_round_trip_matches_library(digits_sd: Path, capsys) -> None:
 
     reloaded = load_decoupled(build_model("digits_cnn"), paths["model"])
     assert sum(isinstance(m, DecoupledConv2d) for m in reloaded.modules()) == 4
-    reference = load_digits(digits_sd)
-    decouple_(reference, DecoupleConfig(include_stem=True, rank=2, fold_bn=True))
+    reference = load_digits(digits_sd)  # the CLI's path: data-free, so its biases corrected
+    compress_(reference, DecoupleConfig(include_stem=True, rank=2), DIGITS_SHAPE)
     x = digits_input()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), reference(x), atol=1e-6, rtol=0)
@@ -226,7 +227,7 @@ def test_whole_module_with_trust_pickle(tmp_path: Path, capsys) -> None:
     assert sum(isinstance(m, DecoupledConv2d) for m in loaded.modules()) == 2
 
     reference = torch.load(path, map_location="cpu", weights_only=False).eval()
-    decouple_(reference, DecoupleConfig(include_stem=True, rank=2, fold_bn=True))
+    compress_(reference, DecoupleConfig(include_stem=True, rank=2), (3, 16, 16))
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), reference(x), atol=1e-6, rtol=0)
@@ -320,7 +321,7 @@ def test_order_pw_dw(digits_sd: Path, capsys) -> None:
     assert {r["order"] for r in layers.values()} == {"pw-dw"}
     reloaded = load_decoupled(build_model("digits_cnn"), paths["model"])
     reference = load_digits(digits_sd)
-    decouple_(reference, DecoupleConfig(include_stem=True, rank=2, order="pw-dw", fold_bn=True))
+    compress_(reference, DecoupleConfig(include_stem=True, rank=2, order="pw-dw"), DIGITS_SHAPE)
     x = digits_input()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), reference(x), atol=1e-6, rtol=0)
@@ -490,7 +491,7 @@ def test_demo_without_out_writes_to_a_fresh_temp_dir(
 
     package_files = snapshot(demo.model_path().parent)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    code, stdout, err = cli(capsys, "--demo", "--rank", "2")
+    code, stdout, err = cli(capsys, "--demo", "--rank", "6")
     assert code == 0, err
     written = [line.split()[-1] for line in stdout.splitlines() if line.startswith("wrote ")]
     assert len(written) == 5  # model, recipe, report, markdown, manifest
@@ -935,3 +936,24 @@ def test_subprocess_bad_run(tmp_path: Path) -> None:
     assert_one_line_error(proc.stderr)
     assert proc.stderr.startswith("decouple: error: no such file")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_data_free_bias_correction_is_reported_and_can_be_turned_off(tmp_path: Path, capsys):
+    out = tmp_path / "bc.pt"
+    code, stdout, err = cli(capsys, "--demo", "--rank", "6", "--out", out)
+    assert code == 0, err
+    report = json.loads(out.with_name("bc.report.json").read_text())
+    bc = report["bias_correction"]
+    assert bc["layers"] == ["conv2", "conv3", "conv4"] and bc["samples"] > 0, bc
+    line = next(ln for ln in stdout.splitlines() if ln.startswith("bias correction:"))
+    assert "3 factored layers" in line and "--no-bias-correction" in line
+    off = tmp_path / "off.pt"
+    code, stdout, err = cli(capsys, "--demo", "--rank", "6", "--out", off, "--no-bias-correction")
+    assert code == 0, err
+    assert "bias_correction" not in json.loads(off.with_name("off.report.json").read_text())
+    assert "bias correction:" not in stdout
+    # the two models differ only in the factored layers' biases
+    a, b = (torch.load(p, weights_only=True) for p in (out, off))
+    a, b = a.get("state_dict", a), b.get("state_dict", b)
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.endswith("bias") for k in moved), moved

@@ -57,8 +57,9 @@ def _prices(module: torch.nn.Module) -> float:
 def test_latency_reports_before_after_and_per_layer_times(tmp_path: Path, capsys, fake_clock):
     fake_clock.cost = _prices
     out = tmp_path / "d.pt"
+    # without the data-free bias correction: at rank 2 it makes this demo plan a wreck, refused
     code, stdout, err = cli(capsys, "--demo", "--include-stem", "--rank", "2", "--latency", "--batch", "4",
-                            "--out", out)  # fmt: skip
+                            "--no-bias-correction", "--out", out)  # fmt: skip
     assert code == 0, err
     report = _report(out)
     lat = report["latency"]
@@ -200,7 +201,7 @@ def test_onnx_over_the_protobuf_limit_writes_its_weights_beside(tmp_path, capsys
     code, _, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out)
     assert code == 2 and "--force" in err and "d.onnx.data" in err
     assert not out.exists() and not (tmp_path / "d.onnx").exists()
-    code, stdout, err = cli(capsys, "--demo", "--rank", "2", "--onnx", "--out", out, "--force")
+    code, stdout, err = cli(capsys, "--demo", "--rank", "6", "--onnx", "--out", out, "--force")
     assert code == 0, err
     graph, weights = tmp_path / "d.onnx", tmp_path / "d.onnx.data"
     assert "wrote onnx data" in stdout and weights.stat().st_size > graph.stat().st_size

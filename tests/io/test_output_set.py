@@ -390,14 +390,14 @@ def cli(capsys, *argv: object) -> tuple[int, str, str]:
 
 def test_cli_writes_a_set_that_verifies_and_refuses_tampering(tmp_path, capsys) -> None:
     out = tmp_path / "d.pt"
-    code, stdout, err = cli(capsys, "--demo", "--rank", "2", "--out", out)
+    code, stdout, err = cli(capsys, "--demo", "--rank", "6", "--out", out)
     assert code == 0, err
     manifest = tmp_path / "d.manifest.json"
     assert f"wrote manifest {manifest}" in stdout
     assert json.loads((tmp_path / "d.recipe.json").read_text())["manifest"] == manifest.name
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
     verify_manifest(manifest)
-    assert load_decoupled(build_model("digits_cnn"), out).conv2.rank == 2
+    assert load_decoupled(build_model("digits_cnn"), out).conv2.rank == 6
 
     sd = torch.load(out, weights_only=True)
     key = next(k for k, v in sd.items() if v.is_floating_point())
