@@ -20,7 +20,6 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from .calibrate.bn_bias import SAMPLES as BIAS_SAMPLES
 from .calibrate.bn_bias import BiasCorrection, bn_input_means, correct_biases_
 from .calibrate.layerwise import REFIT_MODES, calibrate_
 from .calibrate.spill import release_memory
@@ -297,14 +296,14 @@ def _correct_biases_(model, originals, means, fused) -> BiasCorrection:
     input it now reads); a record saying why when there are no statistics at all."""
     if not means:
         return BiasCorrection(reason="no BatchNorm statistics (none in the model, or its forward "
-                              "pass failed on the draws)", samples=BIAS_SAMPLES)  # fmt: skip
+                              "pass failed on the draws)")  # fmt: skip
     means = dict(means)
     for a, b in fused.items():  # in the order fused: A→B, then B→C
         if a in means:
             means[b] = means[a]
         else:
             means.pop(b, None)
-    return correct_biases_(model, originals, means, BIAS_SAMPLES)
+    return correct_biases_(model, originals, means)
 
 
 def _fuse_linear_(model: nn.Module, config: DecoupleConfig, input_shape) -> tuple:

@@ -23,7 +23,6 @@ temporary folder.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from experiment_io import quick_or_full
+from experiment_io import quick_or_full, write_csv
 from mbv2_from_onnx import convert
 
 from decouple.io.images import shared_assets_dir
@@ -82,11 +81,7 @@ def run_one(arch: str, target: float, multiple: int, assets: Path) -> dict:
 
 
 def write(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "aligned_ranks.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "aligned_ranks.csv", FIELDS, rows, extra="ignore")
     lines = [
         "# FLOPs plans with ranks in multiples of the runtime's block",
         "",

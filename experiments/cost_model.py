@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from pathlib import Path
 
 import torch
-from experiment_io import progress, quick_or_full
+from experiment_io import progress, quick_or_full, write_csv
 from scipy.stats import spearmanr
 
 from decouple import DecoupleConfig
@@ -183,11 +182,7 @@ def _groups(rows):
 
 
 def write(rows: list[dict], fits: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "cost_model.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "cost_model.csv", FIELDS, rows, extra="ignore")
     lines = [
         "# The latency cost model against the clock (ONNX Runtime, eager PyTorch)",
         "",

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import time
 from pathlib import Path
 
 import torch
-from experiment_io import output_folder, progress
+from experiment_io import output_folder, progress, write_csv
 from torch import nn
 
 from decouple import DecoupleConfig, count_flops
@@ -142,11 +141,7 @@ def measure(name: str, method: str, ort: bool) -> dict:
 
 
 def write(rows: list[dict], out: Path, method: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "coverage.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "coverage.csv", FIELDS, rows)
     lines = [
         "# Coverage: every layer people deploy",
         "",

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from experiment_io import output_folder
+from experiment_io import output_folder, write_csv
 from mbv2_accuracy import MEAN, ONNX, RESNETS, STD, calib_images, mbv2
 from scipy.stats import spearmanr
 
@@ -191,11 +191,7 @@ def summary(rows: list[dict]) -> list[dict]:
 def write(
     rows: list[dict], out: Path, originals: dict, peer: bool, seeds: int, ranking: list[dict]
 ) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "data_free.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "data_free.csv", FIELDS, rows)
     lines = [
         "# No images: data-free plans, synthetic calibration and TensorLy-Torch's uniform CP",
         "",
@@ -326,10 +322,7 @@ def ranking_lines(rows: list[dict]) -> list[dict]:
 
 def write_ranking(rows: list[dict], out: Path) -> list[str]:
     """``data_free_ranking.csv``, and the lines of its section in ``data_free.md``."""
-    with open(out / "data_free_ranking.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, RANK_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "data_free_ranking.csv", RANK_FIELDS, rows)
     lines = [
         "",
         "## Does the data-free loss rank plans as top-1 does?",

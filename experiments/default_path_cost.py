@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from pathlib import Path
 
 import torch
-from experiment_io import output_folder
+from experiment_io import output_folder, write_csv
 from mbv2_accuracy import MEAN, ONNX, STD, calib_images, mbv2
 
 from decouple import DecoupleConfig, count_flops, recording
@@ -102,11 +101,11 @@ def stage_text(stages: dict) -> str:
 
 
 def write(rows: list[dict], out: Path, originals: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "default_path_cost.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows({**r, "stages": stage_text(r["stages"])} for r in rows)
+    write_csv(
+        out / "default_path_cost.csv",
+        FIELDS,
+        [{**r, "stages": stage_text(r["stages"])} for r in rows],
+    )
     default = moments.SAMPLES_PER_FEATURE, moments.MIN_SAMPLES
 
     def per(r) -> str:

@@ -3,6 +3,7 @@
 * :func:`output_folder`: a full run writes into ``results/`` (the committed figures); a quick or
   partial run (``--quick``, ``--smoke``...) writes into a new temporary folder, says where, and
   refuses ``--out results/``, so that its small numbers never replace the committed ones.
+* :func:`write_csv`: a table's rows as CSV, its folder made first.
 * :func:`progress`: wraps a long loop. On a terminal it is a tqdm bar; piped into a file or a CI
   log it prints one plain line every few seconds (items done, elapsed time), also while a single
   item runs for minutes, so a run is never silent.
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import tempfile
 import threading
@@ -21,6 +23,16 @@ from pathlib import Path
 from tqdm import tqdm
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+
+
+def write_csv(path: Path, fields: list[str], rows: Iterable[dict], extra: str = "raise") -> None:
+    """``rows`` into the CSV file ``path`` under the header ``fields`` (its folder made first);
+    ``extra="ignore"`` drops keys the header does not name, otherwise they raise."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fields, extrasaction=extra)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def is_results(folder: Path) -> bool:

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import sys
 import time
 from pathlib import Path
 
 import torch
-from experiment_io import output_folder
+from experiment_io import output_folder, write_csv
 
 from decouple import DecoupleConfig, count_flops
 from decouple.io.checkpoint import load_model
@@ -158,11 +157,7 @@ def summary(rows: list[dict]) -> list[dict]:
 
 
 def write(rows: list[dict], out: Path, originals: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "mbv2.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "mbv2.csv", FIELDS, rows)
     lines = [
         "# 1×1 convs: the shared MobileNetV2-style CIFAR-10 network",
         "",

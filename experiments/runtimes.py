@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import importlib.util
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from experiment_io import progress, quick_or_full
+from experiment_io import progress, quick_or_full, write_csv
 
 from decouple import DecoupleConfig
 from decouple.io.checkpoint import load_model
@@ -145,11 +144,7 @@ def main(argv=None) -> None:
 
 
 def write(rows: list[dict], out: Path, missing: list[str]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "runtimes.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out / "runtimes.csv", FIELDS, rows)
     runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
     lines = [
         "# The same plans in five runtimes",

@@ -55,7 +55,7 @@ class BiasCorrection:
 
     layers: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    samples: int = 0
+    samples: int = SAMPLES  # the draws the means came from (bn_input_means' default)
     seconds: float = 0.0
     reason: str | None = None  # why nothing was corrected at all (no BatchNorm, ...)
 
@@ -210,8 +210,7 @@ def _mean_shift(original: nn.Module, layer: nn.Module, means: InputMeans) -> tor
 def correct_biases_(
     model: nn.Module,
     originals: dict[str, nn.Module],
-    means: dict[str, torch.Tensor],
-    samples: int = SAMPLES,
+    means: dict[str, InputMeans],
 ) -> BiasCorrection:
     """Add ``(W − Ŵ)·μ`` to the bias of every factored layer of ``model``; in place.
 
@@ -225,11 +224,9 @@ def correct_biases_(
     means : dict of str to InputMeans
         Each layer's input channel means (:func:`bn_input_means`, keyed as the layer now reads
         its input: a fused conv by the first conv of its pair).
-    samples : int
-        What the means were estimated from (for the record).
     """
     start = time.perf_counter()
-    done = BiasCorrection(samples=samples)
+    done = BiasCorrection()
     for name, original in originals.items():
         layer = model.get_submodule(name)
         if layer is original or not hasattr(layer, "reconstructed_weight"):
