@@ -6,8 +6,12 @@ Run (needs ../shared/assets; about an hour on 2 cores):
 
 For the shared pretrained CIFAR-10 ResNet-20 and ResNet-32, every method alone (nd dw-pw, nd
 pw-dw, cp, tucker) and ``auto`` (every method priced per layer, one allocation) under FLOPs
-budgets, data-free (energy criterion) and calibrated (512 JPEG test images of index >= 1017; the
-``output`` criterion). Each result: top-1 on the 1,017 exact-pixel test images, FLOPs, and ONNX
+budgets, data-free (energy criterion) and calibrated (``--calib-sizes``, default 512 JPEG test
+images of index >= 1017, a seeded draw; the ``output`` criterion). ``--models mbv2``: the shared
+MobileNetV2-style network, whose only regular k×k conv is its stem (kept), so ``auto`` (``svd``
+on the 1×1 convs and linear layers, and channel pruning when calibrated) and ``svd`` alone.
+``--calib-sizes 2048 --methods auto --resume`` adds calibrated rows on 2,048 images beside
+the others. Each result: top-1 on the 1,017 exact-pixel test images, FLOPs, and ONNX
 Runtime latency at batch 1 and 32 timed side by side with the BN-folded original. Then ``auto``
 under ``--target-latency 0.6`` in ONNX Runtime (batch 1 and 32) and ``--max-change 1``.
 
@@ -32,6 +36,7 @@ from pathlib import Path
 import torch
 from accuracy_sweep import SHAPE, SHARED, load_sets, write_csv
 from experiment_io import output_folder, progress
+from mbv2_accuracy import mbv2
 from scipy.stats import spearmanr
 
 from decouple import DecoupleConfig, count_flops
@@ -56,7 +61,13 @@ METHODS = [
     ("cp", "dw-pw"),
     ("tucker", "dw-pw"),
 ]
-COLORS = {"auto": "C3", "cp": "C1", "nd dw-pw": "C0", "nd pw-dw": "C2", "tucker": "C4"}
+# The MobileNetV2-style network: its regular k×k conv is the stem, so the k×k methods alone
+# change nothing; svd alone is the baseline auto is measured against.
+MBV2_METHODS = [("auto", "dw-pw"), ("svd", "dw-pw")]
+MODELS = {"20": "cifar_resnet20", "32": "cifar_resnet32", "mbv2": "cifar_mbv2"}
+COLORS = {"auto": "C3", "cp": "C1", "nd dw-pw": "C0", "nd pw-dw": "C2", "tucker": "C4",
+          "svd": "C5"}  # fmt: skip
+STYLES = {0: ":x", 512: "-o", 2048: "--s"}  # data-free, and each calibration size
 TIMING = {"min_run_time": 0.5, "layer_rounds": 2, "layer_min_run_time": 0.02}
 
 
@@ -80,8 +91,22 @@ def ort_speedups(baseline, model, batches=(1, 32)) -> dict:
     return out
 
 
+def calib_images(row: dict) -> int:
+    """Calibration images of a row (0: data-free); rows written before the column had 512."""
+    n = row.get("calib_images")
+    if n not in (None, ""):
+        return int(n)
+    return 512 if row["calibrated"] else 0
+
+
+def refit_label(row: dict) -> str:
+    n = calib_images(row)
+    return f"calibrated ({n})" if n else "data-free"
+
+
 def predicted(choice, losses) -> dict:
-    """Each criterion's predicted loss of a plan: the sum of its chosen options' losses."""
+    """Each criterion's predicted loss of a plan: the sum of its chosen options' losses (nan
+    where an option is not among those priced per layer: a pruned chain's)."""
     out = {}
     for crit, options in losses.items():
         total = 0.0
@@ -123,18 +148,25 @@ def run_plan(base, baseline, method, order, budget, calib, images, labels, flops
 
 
 def spearman_rows(rows) -> list[dict]:
+    """Per model and calibration size with at least 3 plans: each criterion's rank correlation
+    with top-1, over the plans it priced (a pruned plan has no per-layer sum: left out)."""
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
-        for calibrated in (False, True):
-            pts = [r for r in rows if r["model"] == model and r["calibrated"] == calibrated
+        for n in sorted({calib_images(r) for r in rows if r["model"] == model}):
+            pts = [r for r in rows if r["model"] == model and calib_images(r) == n
                    and r["scheme"] == "budget"]  # fmt: skip
             if len(pts) < 3:
                 continue
-            row = {"model": model, "calibrated": calibrated, "plans": len(pts)}
+            row = {"model": model, "calibrated": n > 0, "calib_images": n, "plans": len(pts)}
             for crit in CRITERIA:
-                rho = spearmanr([r[f"loss_{crit}"] for r in pts], [r["top1"] for r in pts])[0]
+                got = [r for r in pts if r[f"loss_{crit}"] == r[f"loss_{crit}"]]  # not nan
+                if len(got) < 3:
+                    row[f"rho_{crit}"] = ""
+                    continue
+                rho = spearmanr([r[f"loss_{crit}"] for r in got], [r["top1"] for r in got])[0]
                 row[f"rho_{crit}"] = round(-float(rho), 3)  # higher loss, lower top-1: sign flipped
-            out.append(row)
+            if any(row[f"rho_{c}"] != "" for c in CRITERIA):
+                out.append(row)
     return out
 
 
@@ -151,20 +183,20 @@ def plot(rows, out: Path, targets=()) -> None:
         fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)
         for ax, model in zip(axes[0], models, strict=True):
             base = next(r for r in rows if r["model"] == model and r["scheme"] == "original")
-            for calibrated, style in ((True, "-o"), (False, ":x")):
+            for n in sorted({calib_images(r) for r in rows}, reverse=True):
                 for m in dict.fromkeys(r["method"] for r in rows if r["scheme"] == "budget"):
                     pts = sorted((float(r[x]), float(r["top1"])) for r in rows
                                  if r["model"] == model and r["method"] == m and r["scheme"] == "budget"
-                                 and r["calibrated"] == calibrated)  # fmt: skip
+                                 and calib_images(r) == n)  # fmt: skip
                     if pts:
-                        ax.plot(*zip(*pts, strict=True), style, color=COLORS.get(m),
-                                label=f"{m} ({'calibrated' if calibrated else 'data-free'})")  # fmt: skip
+                        ax.plot(*zip(*pts, strict=True), STYLES.get(n, "-."), color=COLORS.get(m),
+                                label=f"{m} ({f'{n} images' if n else 'data-free'})")  # fmt: skip
             batch = {"speedup_b1": "batch 1", "speedup_b32": "batch 32"}.get(x)
             stars = [(float(t["speedup"]), float(t["top1"])) for t in targets
                      if t["model"] == model and batch and t["run"].endswith(batch)]  # fmt: skip
             if stars:
                 ax.plot(*zip(*stars, strict=True), "*", ms=14, color=COLORS["auto"],
-                        label="auto --target-latency 0.6 (calibrated)")  # fmt: skip
+                        label="auto --target-latency 0.6 (512 images)")  # fmt: skip
             ax.axhline(
                 float(base["top1"]) - 1, color="grey", lw=0.8, ls="--", label="original - 1 pt"
             )
@@ -174,7 +206,11 @@ def plot(rows, out: Path, targets=()) -> None:
             ax.set_ylabel("top-1 (%)")
             ax.set_ylim(max(0, float(base["top1"]) - 25), float(base["top1"]) + 2)
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="lower left")
+        seen = {}  # one legend for every panel's series (the methods differ by network)
+        for ax in axes[0]:
+            for h, lbl in zip(*ax.get_legend_handles_labels(), strict=True):
+                seen.setdefault(lbl, h)
+        axes[0][-1].legend(seen.values(), seen.keys(), fontsize=7, loc="lower left")
         fig.tight_layout()
         fig.savefig(out / f"pareto_{name}.png", dpi=110)
         plt.close(fig)
@@ -186,11 +222,14 @@ def markdown(rows, rho, command: str) -> str:
         "",
         f"Written by `experiments/pareto_sweep.py`; do not edit by hand. Reproduce with `{command}`. "
         "These figures: `--models 20 --threads 1` and `--models 32 --threads 1` run at the same "
-        "time (one core each), then `--report-only`; timings are ratios measured side by side "
+        "time (one core each), then `--calib-sizes 2048 --methods auto --resume` for each, "
+        "`--models mbv2 --calib-sizes 512,2048 --threads 1` alone, then `--report-only`; timings are ratios measured side by side "
         f"in one process, so both sides shared the same load. Machine: {cpu_name()}, "
         f"torch {torch.__version__}. "
-        "Top-1 on the first 1,017 exact-pixel CIFAR-10 test images; calibration on 512 JPEG test "
-        "images of index >= 1017. Data-free plans use the energy criterion, calibrated ones the "
+        "Top-1 on the first 1,017 exact-pixel CIFAR-10 test images; calibration on a seeded draw "
+        "of 512 (or 2,048: *calibrated (2048)*) JPEG test images of index >= 1017. The "
+        "MobileNetV2-style network (*mbv2*): `auto` and `svd` alone, since its only regular "
+        "k×k conv is the stem. Data-free plans use the energy criterion, calibrated ones the "
         "output criterion. The stem (3 input channels) is kept, the default, so each network has "
         "one layer fewer to plan. Speedups: ONNX Runtime (CPU), each plan (its network-decoupled "
         "layers in their fastest realization there) timed side by side with the BN-folded "
@@ -204,18 +243,20 @@ def markdown(rows, rho, command: str) -> str:
             continue
         out.append(
             f"| {r['model']} | {r['method']} | {r['target']} | "
-            f"{'calibrated' if r['calibrated'] else 'data-free'} | {float(r['flops_ratio']):.2f}x | "
+            f"{refit_label(r)} | {float(r['flops_ratio']):.2f}x | "
             f"{r['top1']} | {r['drop']} | {r.get('speedup_b1', '')} | {r.get('speedup_b32', '')} | "
             f"{r.get('chosen', '')} |"
         )
     out += ["", "## Where `auto` wins", "", *wins(rows)]
     out += ["", "## Does the summed loss rank plans as top-1 does?", "",
             "Spearman correlation of minus each criterion's predicted loss with top-1 over the "
-            "budget plans above (1: same order).", "",
+            "budget plans above (1: same order). None on the MobileNetV2-style network: its plans "
+            "prune, or fuse the last block's projection into the tail first, so their layers are "
+            "not the ones priced one by one.", "",
             "| model | refit | plans | " + " | ".join(CRITERIA) + " |",
             "|---|---|---|" + "---|" * len(CRITERIA)]  # fmt: skip
     for r in rho:
-        out.append(f"| {r['model']} | {'calibrated' if r['calibrated'] else 'data-free'} | {r['plans']} | "
+        out.append(f"| {r['model']} | {refit_label(r)} | {r['plans']} | "
                    + " | ".join(str(r[f"rho_{c}"]) for c in CRITERIA) + " |")  # fmt: skip
     out += ["", "![top-1 vs FLOPs](pareto_flops.png)", "",
             "![top-1 vs ONNX Runtime speedup, batch 1](pareto_ort_b1.png)", "",
@@ -228,13 +269,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--assets", type=Path, default=None, help="the shared cifar10 folder")
     ap.add_argument("--budgets", default="0.5,0.4")
-    ap.add_argument("--models", default="20,32", help="depths of the shared checkpoints")
+    ap.add_argument("--models", default="20,32",
+                    help="comma list of 20, 32 (the shared ResNets' depths) and mbv2")  # fmt: skip
+    ap.add_argument("--calib-sizes", default="512",
+                    help="comma list: calibrated runs on each many images (default 512)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="ResNet-20, budget 0.5, 64 images")
     ap.add_argument("--out", type=Path, default=None, help="default results/ (--quick: a temp dir)")
     ap.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads")
     ap.add_argument("--resume", action="store_true", help="keep the rows already in --out's CSVs")
     ap.add_argument("--methods", default=None,
-                    help="comma list of auto, nd-dw-pw, nd-pw-dw, cp, tucker (default: all, auto first)")  # fmt: skip
+                    help="comma list of auto, nd-dw-pw, nd-pw-dw, cp, tucker, svd (default: all, auto first)")  # fmt: skip
     ap.add_argument("--report-only", action="store_true",
                     help="only rebuild pareto.md and the plots from the per-model CSVs in --out")  # fmt: skip
     args = ap.parse_args(argv)
@@ -246,21 +290,30 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    calib_size = 64 if args.quick else 512
+    sizes = [64] if args.quick else [int(n) for n in args.calib_sizes.split(",")]
     budgets = [0.5] if args.quick else [float(b) for b in args.budgets.split(",")]
-    depths = ["20"] if args.quick else args.models.split(",")
+    models = ["20"] if args.quick else args.models.split(",")
+    if unknown := [m for m in models if m not in MODELS]:
+        sys.exit(f"pareto_sweep: unknown --models {','.join(unknown)} (known: {', '.join(MODELS)})")
     command = "python experiments/pareto_sweep.py" + (" --quick" if args.quick else "")
     if args.report_only:
         return report(args.out, command)
-    assets, test, calib_set = load_sets(args.assets, calib_size)
+    assets, test, calib_set = load_sets(args.assets, max(sizes))
     args.out.mkdir(parents=True, exist_ok=True)
-    for file, arch in SHARED:
-        if arch.removeprefix("cifar_resnet") not in depths:
-            continue
+    files = {arch: file for file, arch in SHARED}
+    for arch in (MODELS[m] for m in models):
         meta = get_model_info(arch).meta
         images = test.as_float(meta["mean"], meta["std"])
-        calib = calib_set.as_float(meta["mean"], meta["std"])
-        base, _, _ = load_model(str(assets / file), arch)
+        every = calib_set.as_float(meta["mean"], meta["std"])
+        # each size a seeded draw of its own (as the CLI's --calib-size takes), not a prefix
+        calibs = {n: every if n == len(every) else
+                  load_sets(args.assets, n)[2].as_float(meta["mean"], meta["std"])
+                  for n in sizes}  # fmt: skip
+        calib = calibs[sizes[0]]  # pricing for the predicted losses, and the target runs
+        if arch == "cifar_mbv2":
+            base = mbv2(assets)
+        else:
+            base, _, _ = load_model(str(assets / files[arch]), arch)
         baseline = copy.deepcopy(base)
         fold_batchnorm_(baseline)  # the same free folding, so speedups are the decoupling's
         flops0, _ = count_flops(base, torch.zeros(1, *SHAPE))
@@ -277,7 +330,7 @@ def main(argv=None) -> int:
                          "calibrated": False, "flops": flops0, "flops_ratio": 1.0, "top1": top0,
                          "drop": 0.0})  # fmt: skip
         done = {
-            (r["method"], float(r["target"]), r["calibrated"])
+            (r["method"], float(r["target"]), calib_images(r))
             for r in rows
             if r["scheme"] == "budget"
         }
@@ -291,25 +344,25 @@ def main(argv=None) -> int:
             flush=True,
         )
         wanted = args.methods.split(",") if args.methods else None
-        for method, order in METHODS:
+        for method, order in MBV2_METHODS if arch == "cifar_mbv2" else METHODS:
             if wanted and label(method, order).replace(" ", "-") not in wanted:
                 continue
-            grid = [(b, c) for b in budgets for c in (False, True)]
-            for budget, calibrated in progress(grid, f"{name} {label(method, order)}"):
-                if (label(method, order), budget, calibrated) in done:
+            grid = [(b, n) for b in budgets for n in (0, *sizes)]
+            for budget, n in progress(grid, f"{name} {label(method, order)}"):
+                if (label(method, order), budget, n) in done:
                     continue
-                r = run_plan(base, baseline, method, order, budget, calib if calibrated else None,
+                r = run_plan(base, baseline, method, order, budget, calibs[n] if n else None,
                              images, test.labels, flops0, cache, losses)  # fmt: skip
                 row = {"model": name, "scheme": "budget", "method": label(method, order),
-                       "target": budget, "calibrated": calibrated, **r,
+                       "target": budget, "calibrated": n > 0, "calib_images": n, **r,
                        "drop": round(r["top1"] - top0, 2)}  # fmt: skip
                 rows.append(row)
-                print(f"  {row['method']:9s} {budget} {'cal ' if calibrated else 'free'} "
+                print(f"  {row['method']:9s} {budget} {n or 'free'} "
                       f"{row['flops_ratio']}x top-1 {row['top1']} ({row['drop']:+}) ORT b1 "
                       f"{row['speedup_b1']}x b32 {row['speedup_b32']}x [{row['seconds']} s] "
                       f"{row['chosen']}", flush=True)  # fmt: skip
                 write_csv(rows, done_path)
-            if method == "auto" and not args.quick:  # the targets next: they answer the question
+            if method == "auto" and not args.quick and sizes[0] == 512:  # the targets next
                 runs = {r["run"] for r in extra_rows}
                 for batch in (32, 1):
                     if f"--target-latency 0.6 ORT batch {batch}" not in runs:
@@ -342,10 +395,11 @@ def read_csv(path: Path) -> list[dict]:
 
 def report(out: Path, command: str) -> int:
     """pareto.md, the rank correlations and the plots, from every per-model CSV in ``out``."""
-    rows = [r for p in sorted(out.glob("pareto_resnet*.csv")) for r in read_csv(p)]
+    names = [f"pareto_{a.replace('cifar_', '')}.csv" for a in MODELS.values()]
+    rows = [r for p in (out / n for n in names) if p.exists() for r in read_csv(p)]
     extra = [r for p in sorted(out.glob("pareto_targets_*.csv")) for r in read_csv(p)]
     if not rows:
-        print(f"no pareto_resnet*.csv in {out}", file=sys.stderr)
+        print(f"no {', '.join(names)} in {out}", file=sys.stderr)
         return 1
     rho = spearman_rows(rows)
     write_csv(rho, out / "pareto_rank_correlation.csv")
@@ -406,18 +460,18 @@ def wins(rows) -> list[str]:
     """Per model, budget and refit: auto's top-1 against the best single method's."""
     lines = []
     keys = dict.fromkeys(
-        (r["model"], r["target"], r["calibrated"]) for r in rows if r["scheme"] == "budget"
+        (r["model"], r["target"], calib_images(r)) for r in rows if r["scheme"] == "budget"
     )
-    for model, budget, calibrated in keys:
+    for model, budget, n in keys:
         pts = {r["method"]: r for r in rows if r["scheme"] == "budget" and r["model"] == model
-               and r["target"] == budget and r["calibrated"] == calibrated}  # fmt: skip
+               and r["target"] == budget and calib_images(r) == n}  # fmt: skip
         if "auto" not in pts or len(pts) < 2:
             continue
         best = max((m for m in pts if m != "auto"), key=lambda m: float(pts[m]["top1"]))
         a, b = float(pts["auto"]["top1"]), float(pts[best]["top1"])
         verdict = "wins" if a > b else ("ties" if a == b else "loses")
         lines.append(
-            f"- {model}, budget {budget}, {'calibrated' if calibrated else 'data-free'}: auto "
+            f"- {model}, budget {budget}, {refit_label(pts['auto'])}: auto "
             f"{verdict} ({a:.2f} % vs {best} {b:.2f} %; ORT batch 32 "
             f"{pts['auto'].get('speedup_b32', '')}x vs {pts[best].get('speedup_b32', '')}x)"
         )
