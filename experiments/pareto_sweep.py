@@ -298,17 +298,15 @@ def main(argv=None) -> int:
     command = "python experiments/pareto_sweep.py" + (" --quick" if args.quick else "")
     if args.report_only:
         return report(args.out, command)
-    assets, test, calib_set = load_sets(args.assets, max(sizes))
+    # each size a seeded draw of its own (as the CLI's --calib-size takes), read once for every model
+    drawn = {n: load_sets(args.assets, n) for n in sizes}
+    assets, test, _ = drawn[sizes[0]]
     args.out.mkdir(parents=True, exist_ok=True)
     files = {arch: file for file, arch in SHARED}
     for arch in (MODELS[m] for m in models):
         meta = get_model_info(arch).meta
         images = test.as_float(meta["mean"], meta["std"])
-        every = calib_set.as_float(meta["mean"], meta["std"])
-        # each size a seeded draw of its own (as the CLI's --calib-size takes), not a prefix
-        calibs = {n: every if n == len(every) else
-                  load_sets(args.assets, n)[2].as_float(meta["mean"], meta["std"])
-                  for n in sizes}  # fmt: skip
+        calibs = {n: d[2].as_float(meta["mean"], meta["std"]) for n, d in drawn.items()}
         calib = calibs[sizes[0]]  # pricing for the predicted losses, and the target runs
         if arch == "cifar_mbv2":
             base = mbv2(assets)
