@@ -105,10 +105,10 @@ def compress_(
         (:func:`decouple.runtime.realize.choose_realizations_`); then check the choice on the whole
         model (:func:`decouple.runtime.realize.confirm_on_model_`). Implied by ``target_latency``.
     prune : bool, default True
-        Under ``target_flops`` with ``calib_images`` and a refit, also offer channel pruning of
-        chains (a layer feeding a 1×1 conv or linear layer through channel-wise steps, not at the
-        end of a residual branch; :mod:`decouple.surgery.chains`), priced by the same planner;
-        the consumer is refit by calibration.
+        Under ``target_flops`` or ``target_latency``, with ``calib_images`` and a refit, also
+        offer channel pruning of chains (a layer feeding a 1×1 conv or linear layer through
+        channel-wise steps, not at the end of a residual branch; :mod:`decouple.surgery.chains`),
+        priced by the same planner; the consumer is refit by calibration.
     allow_miss : bool, default True
         When the budget is out of reach, go on with the closest plan (the result says it was
         missed); False raises :class:`TargetMissed` as soon as the plan is known, with the
@@ -174,6 +174,7 @@ def _compress(
         lplan = plan_latency(
             model, plain, input_shape, target_latency, latency, criterion, calib_images,
             min_saving, ridge, cache, progress,
+            prune=prune and calib_images is not None and refit != "none",
         )  # fmt: skip
         allocation = lplan.allocation
         if not allow_miss and lplan.measured_ms > lplan.target_ms:

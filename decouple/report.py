@@ -179,7 +179,7 @@ class Report:
         if lalloc:
             if lalloc["reached"]:
                 state = "reached"
-            elif lalloc["realizations"]:
+            elif any(m != "keep" for m in lalloc["methods"].values()):
                 state = "NOT reached; the fastest plan kept"
             else:
                 state = "NOT reached; no plan ran faster than the original, so nothing changed"
@@ -189,6 +189,7 @@ class Report:
                 f"({state}): measured {lalloc['measured_ms']:.2f} ms, planned "
                 f"{lalloc['planned_ms']:.2f} ms from per-layer timings ({tries} plan(s) timed "
                 f"whole); ranks chosen by {lalloc['criterion']}"
+                + (f", in multiples of {m}" if (m := lalloc.get("rank_multiple", 1)) > 1 else "")
             )
         reals = self.extra.get("realizations")
         if reals:

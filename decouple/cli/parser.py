@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-prune",
         action="store_true",
-        help="with --target-flops and --calib, never prune channels (by default the planner may "
+        help="with --target-flops or --target-latency and --calib, never prune channels (by default the planner may "
         "drop a layer's output channels where it feeds a 1x1 conv or linear layer, and refit it)",
     )
     p.add_argument(
@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="under a budget, offer CP, Tucker and svd ranks and pruned widths in multiples of "
         "M only (e.g. 8 or 16: channel counts that ONNX Runtime's blocked layout runs at full "
-        "speed; see results/aligned_ranks.md); default 1, any rank",
+        "speed; see results/aligned_ranks.md); default 1, any rank, except that "
+        "--target-latency in onnxruntime always uses multiples of the runtime's block (8 or 16)",
     )
     p.add_argument(
         "--config",

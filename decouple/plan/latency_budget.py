@@ -15,11 +15,23 @@ planned model is built and timed whole, the budget handed to the allocator is mo
 the plans measured so far say the target lies, and the allocation is redone, a few times at
 most. The plan kept is the one of least loss among those measured within the budget, else the
 fastest measured, else (when even that is no faster than the original model) no change at all.
+
+In ONNX Runtime the ranks and pruned widths on offer are multiples of its channel block (8 or
+16, :func:`~decouple.runtime.cost_model.block_size`; more where ``rank_multiple`` asks): a layer
+timed alone at any other count runs unblocked at full speed, but inside the model each such layer
+pays reorders to and from the blocked layout of its neighbours, which the table cannot see
+(``results/writeups/latency.md``, item 4, has what it changed).
+
+With ``prune`` (calibration images and a refit to follow), the chains the FLOPs budget would
+offer for channel pruning are on offer here too, each pruned width priced by the measured time of
+its producer, mids and consumer at that width (:func:`timed_units`): on a MobileNetV2-style
+network, where the 1×1 convs' low-rank forms add a call each, narrowing a chain is what runs faster.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -29,13 +41,16 @@ from torch import nn
 from ..nn.decoupled import DecoupledConv2d
 from ..nn.progress import progress_bar
 from ..nn.stopwatch import stage
+from ..runtime.cost_model import block_size
 from ..runtime.latency import LatencyConfig, capture_inputs, compare, measure
 from ..runtime.realize import ORIGINAL, realizations, time_candidates
+from ..surgery.chains import prune_chain_
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache
 from ..surgery.rewrite import decouple_with_fold_info
 from .allocate import MIN_SAVING, Allocation, Option, allocate
 from .options import allocated_config, rank_options
+from .prune_options import timed_units
 
 MAX_PASSES = 4  # timing passes over the layer tables at most (see _stable_table)
 NOISE = 0.03  # whole-model timings this close are a tie, decided by loss
@@ -64,6 +79,7 @@ class LatencyPlan:
     measured_ms: float = 0.0
     steps: list[dict] = field(default_factory=list)  # budget, planned and measured ms per try
     table_passes: int = 1  # timing passes until the plan was stable
+    rank_multiple: int = 1  # the ranks and pruned widths on offer were multiples of this
 
     def to_dict(self) -> dict:
         a = self.allocation
@@ -78,6 +94,7 @@ class LatencyPlan:
             "ranks": a.ranks(),
             "methods": a.methods(),
             "table_passes": self.table_passes,
+            "rank_multiple": self.rank_multiple,
             "realizations": self.realizations,
             "reasons": a.reasons,
             "table_ms": self.table,
@@ -99,6 +116,7 @@ def plan_latency(
     refine: int = REFINE,
     tolerance: float = TOLERANCE,
     noise: float = NOISE,
+    prune: bool = False,
 ) -> LatencyPlan:
     """Per-layer ranks and realizations so the model runs in ``target_latency`` of today's time.
 
@@ -120,20 +138,25 @@ def plan_latency(
         Stop once a plan measures within ``[1 - tolerance, 1]`` of the target.
     noise : float
         Whole-model times within this fraction of each other count as equal (see :func:`_pick`).
+    prune : bool
+        Also offer channel pruning of chains (a refit must follow), as the FLOPs budget does.
     """
     if not 0 < target_latency <= 1:
         raise ValueError(f"target_latency must be a fraction in (0, 1]; got {target_latency!r}")
     latency = latency or LatencyConfig()
     cache = cache if cache is not None else FactorCache()
-    flops_options, _, _, _ = rank_options(
-        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache, progress
-    )
+    config = aligned(config, latency.runtime)
+    flops_options, _, _, flops_units = rank_options(
+        model, config, input_shape, criterion, calib_images, min_saving, ridge, cache, progress,
+        prune,
+    )  # fmt: skip
     example = latency.example(input_shape, next(model.parameters()).dtype)
     lat = (latency.runtime, latency.layer_rounds, latency.layer_min_run_time, latency.threads)
     model_ms = measure(
         model, example, latency.runtime, latency.min_run_time, latency.threads
     ).median_ms
-    inputs = capture_inputs(model, list(flops_options), example)
+    mids = [m for u in flops_units for m in u.chain.mids]
+    inputs = capture_inputs(model, [*flops_options, *mids], example)
     modules = {}  # layer -> {"<option label>: <realization>": module}
     for name, opts in flops_options.items():
         conv = model.get_submodule(name)
@@ -161,6 +184,8 @@ def plan_latency(
         options[name] = _timed_options(opts, times, min_saving)
         for o in options[name][1:]:
             best_real[(name, o.label)] = _fastest(times, o.label)[0]
+    with stage("timing pruned widths"):
+        units = timed_units(model, flops_units, inputs, lat, min_saving)
     model_ns = int(model_ms * 1e6)
     fixed, target_ms = max(model_ns - layers_ns, 0), target_latency * model_ms
     # (budget, measured ms) of every plan timed whole. The original model is one for free: the
@@ -168,16 +193,17 @@ def plan_latency(
     points = [(model_ns, model_ms)]
     budget, steps, tried, seen = int(target_latency * model_ns), [], [], set()
     for _ in range(refine + 1):
-        plan, budget = _new_plan(options, fixed, budget, points, seen)
+        plan, budget = _new_plan(options, fixed, budget, points, seen, units)
         if plan is None:  # every budget left to try buys a plan measured already
             break
         plan.criterion = criterion
         seen.add(_ranks_key(plan))
-        chosen = {n: best_real[(n, o.label)] for n, o in plan.choice.items() if o.rank}
+        chosen = {
+            n: best_real[(n, o.label)] for n, o in plan.choice.items()
+            if o.rank and o.method != "prune"
+        }  # fmt: skip
         with stage("timing plans", announce=False):
-            ms = _measure_plan(
-                model, config, plan.choice, chosen, cache, example, latency, model_ms
-            )
+            ms = _measure_plan(model, config, plan, chosen, cache, example, latency, model_ms)
         steps.append({"budget_ms": budget / 1e6, "planned_ms": plan.total_flops / 1e6,
                       "measured_ms": ms})  # fmt: skip
         points.append((budget, ms))
@@ -191,7 +217,17 @@ def plan_latency(
         # (an overhead-bound model: every decoupled layer adds a call): change nothing.
         plan = _unchanged(options, fixed, budget, criterion)
         chosen, ms = {}, model_ms
-    return LatencyPlan(plan, chosen, model_ms, table, target_ms, ms, steps, passes)
+    return LatencyPlan(
+        plan, chosen, model_ms, table, target_ms, ms, steps, passes, config.rank_multiple
+    )
+
+
+def aligned(config: DecoupleConfig, runtime: str) -> DecoupleConfig:
+    """``config`` with ranks in multiples of the runtime's channel block as well as its own
+    (ONNX Runtime only: the other runtimes have no blocked layout to leave)."""
+    if runtime != "onnxruntime":
+        return config
+    return replace(config, rank_multiple=math.lcm(config.rank_multiple, block_size()))
 
 
 def _pick(tried, target_ms: float, noise: float):
@@ -294,11 +330,11 @@ def _ranks_key(plan: Allocation) -> tuple:
     return tuple(sorted(plan.methods().items()))
 
 
-def _new_plan(options, fixed, budget, points, seen, tries: int = 8):
+def _new_plan(options, fixed, budget, points, seen, units=(), tries: int = 8):
     """The allocation at ``budget``, or, if it was measured already, at a budget moved halfway
     toward the nearest larger budget measured; ``(None, budget)`` if every try is known."""
     for _ in range(tries):
-        plan = allocate(options, fixed, budget, "ns")
+        plan = allocate(options, fixed, budget, "ns", units=list(units))
         if _ranks_key(plan) not in seen:
             return plan, budget
         above = [b for b, _ in points if b > budget + 1]
@@ -337,13 +373,15 @@ def _unchanged(options, fixed, budget, criterion) -> Allocation:
     return Allocation(choice, reasons, fixed, budget, criterion, unit="ns")
 
 
-def _measure_plan(model, config, choice, chosen, cache, example, latency, model_ms) -> float:
-    """Whole-model latency (ms) of ``model`` decoupled at ``ranks`` in realizations ``chosen``,
-    on the scale of ``model_ms``, the original's latency measured first."""
+def _measure_plan(model, config, plan, chosen, cache, example, latency, model_ms) -> float:
+    """Whole-model latency (ms) of ``model`` decoupled and pruned as ``plan`` says, in
+    realizations ``chosen``, on the scale of ``model_ms``, the original's latency measured first."""
     twin = copy.deepcopy(model)
     decouple_with_fold_info(
-        twin, allocated_config(replace(config, fold_bn=False), choice), cache=cache
+        twin, allocated_config(replace(config, fold_bn=False), plan.choice), cache=cache
     )
+    for chain, keep in plan.pruned.values():  # the shapes are what is timed; the refit comes later
+        prune_chain_(twin, chain, keep)
     for name, real in chosen.items():
         layer = twin.get_submodule(name)
         if isinstance(layer, DecoupledConv2d):

@@ -6,20 +6,27 @@ neither), plus pruning to each candidate width with the consumer refit. Chains t
 layer cannot both be units; the ones with the most FLOPs win (:func:`disjoint_chains`). Pruning is
 priced on data only: the loss is the consumer's held-out output error after the refit on its
 kept inputs (:func:`~decouple.calibrate.prune.pruned_losses`), so it is offered only with
-calibration images and a refit to come.
+calibration images and a refit to come. A FLOPs budget prices each width by its FLOPs; a latency
+budget by the time of the pruned layers in the target runtime (:func:`timed_units`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from ..calibrate.moments import Moments
 from ..calibrate.prune import elimination_order, pruned_losses
 from ..nn.flops import conv_flops
-from ..surgery.chains import Chain
+from ..runtime.realize import time_candidates
+from ..surgery.chains import Chain, pruned_modules
 from .allocate import Option
 
 MAX_WIDTHS = 48  # candidate widths priced per chain (each a solve of up to the chain's width)
+PRUNE_PROBES = (
+    4  # widths timed per chain under a latency budget (the rest interpolated), and the full one
+)
 
 
 @dataclass
@@ -109,3 +116,44 @@ def prune_unit(
         for k, loss in zip(widths, losses, strict=True)
     ]
     return ChainUnit(chain, options, order, full)
+
+
+def timed_units(model, units: list[ChainUnit], inputs, lat, min_saving: float) -> list[ChainUnit]:
+    """``units`` with each pruned width re-priced in ns, as the FLOPs budget prices it: the
+    chain's producer, mids and consumer at that width, less the mids' time at full width (which
+    stays in the model's fixed time). :data:`PRUNE_PROBES` widths spread over those on offer are
+    timed, the rest interpolated; a width that does not save ``min_saving`` of the chain's own
+    time is dropped, as a rank is."""
+    out = []
+    for u in units:
+        widths = sorted(o.rank for o in u.options)
+        if not widths:
+            continue
+        at = np.linspace(0, len(widths) - 1, min(PRUNE_PROBES, len(widths))).round().astype(int)
+        probes = sorted({widths[i] for i in at} | {u.chain.width})
+        ends, mids = zip(*(_chain_ms(model, u.chain, k, inputs, lat) for k in probes), strict=True)
+        full_ns = (ends[-1] + mids[-1]) * 1e6
+        ns = np.interp(widths, probes, np.add(ends, mids)) * 1e6 - mids[-1] * 1e6
+        options = [
+            replace(o, cost=int(c))
+            for o, c in zip(sorted(u.options, key=lambda o: o.rank), ns, strict=True)
+            if c + mids[-1] * 1e6 <= (1 - min_saving) * full_ns
+        ]
+        if options:
+            out.append(replace(u, options=options))
+    return out
+
+
+def _chain_ms(model, chain, kept: int, inputs, lat) -> tuple[float, float]:
+    """Times (ms) of the chain's ends (producer and consumer) and of its mids, pruned to
+    ``kept`` channels, each on its own input in the model (narrowed to ``kept`` channels after
+    the producer)."""
+    ends = mids = 0.0
+    for name, m in pruned_modules(model, chain, kept).items():
+        x = inputs[name] if name == chain.producer else inputs[name][:, :kept]
+        ms = time_candidates({name: m}, x, *lat)[name]
+        if name in chain.mids:
+            mids += ms
+        else:
+            ends += ms
+    return ends, mids

@@ -230,13 +230,8 @@ def prune_chain_(
     for name in (chain.producer, *chain.mids):
         model.set_submodule(name, _sliced_out(model.get_submodule(name), keep))
     q = model.get_submodule(chain.consumer)
-    like = dict(device=q.weight.device, dtype=q.weight.dtype)
-    k, n = keep.numel(), _out_channels(q)
-    if isinstance(q, nn.Linear):
-        new = nn.Linear(k, n, bias=True, **like)
-    else:
-        new = nn.Conv2d(k, n, 1, q.stride, q.padding, q.dilation, bias=True,
-                        padding_mode=q.padding_mode, **like)  # fmt: skip
+    new = _consumer_on(q, keep.numel())
+    n = _out_channels(q)
     w = q.weight.reshape(n, -1)[:, keep] if weight is None else weight
     b = (q.bias if q.bias is not None else torch.zeros(n)) if bias is None else bias
     with torch.no_grad():
@@ -244,6 +239,27 @@ def prune_chain_(
         new.bias.copy_(b)
     new.decouple_chain = chain  # read back by pruned_chains (a recipe from the model alone)
     model.set_submodule(chain.consumer, new.train(q.training))
+
+
+def _consumer_on(q: nn.Module, k: int) -> nn.Module:
+    """A 1×1 conv or linear layer like ``q`` that reads ``k`` channels, with a bias (weights
+    unset)."""
+    like = dict(device=q.weight.device, dtype=q.weight.dtype)
+    n = _out_channels(q)
+    if isinstance(q, nn.Linear):
+        return nn.Linear(k, n, bias=True, **like)
+    return nn.Conv2d(k, n, 1, q.stride, q.padding, q.dilation, bias=True,
+                     padding_mode=q.padding_mode, **like)  # fmt: skip
+
+
+def pruned_modules(model: nn.Module, chain: Chain, kept: int) -> dict[str, nn.Module]:
+    """Copies of the chain's producer, mids and consumer as a pruning to its first ``kept``
+    channels would leave them, ``model`` untouched: their shapes are what a latency budget
+    times (the weights are the kept channels', the consumer's unset)."""
+    keep = torch.arange(kept)
+    out = {n: _sliced_out(model.get_submodule(n), keep) for n in (chain.producer, *chain.mids)}
+    out[chain.consumer] = _consumer_on(model.get_submodule(chain.consumer), kept)
+    return out
 
 
 def pruned_chains(model: nn.Module) -> dict:

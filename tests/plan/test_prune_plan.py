@@ -2,6 +2,7 @@
 calibration, and the pruned model saved and reloaded whole."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from decouple.io.checkpoint import load_decoupled
 from decouple.io.save import save_decoupled
 from decouple.nn.flops import count_flops
 from decouple.pipeline import compress_
+from decouple.plan import latency_budget
 from decouple.plan.allocate import Option, allocate
 from decouple.plan.prune_options import ChainUnit, candidate_widths
+from decouple.runtime.latency import LatencyConfig
 from decouple.surgery.chains import Chain
 
 
@@ -121,3 +124,46 @@ def test_compress_is_deterministic_with_pruning():
     x = images(4, seed=9)
     assert torch.equal(a(x), b(x))
     assert copy.deepcopy(a).conv.out_channels == a.conv.out_channels
+
+
+def _priced_by_weights(clock):
+    """A conv, linear or factored layer costs 0.1 µs per weight; everything else nothing."""
+
+    def cost(m):
+        if isinstance(m, (nn.Conv2d, nn.Linear)) or type(m).__module__.startswith("decouple.nn"):
+            return 1e-4 * sum(p.numel() for p in m.parameters())
+        return 0.0
+
+    clock.cost = cost
+
+
+def test_a_latency_budget_prunes_a_chain_priced_by_its_time(fake_clock):
+    """Time follows the weights: dropping the 12 channels the classifier never reads runs in
+    under 0.6 of the time, exactly; the planner prices the widths by timing them and prunes."""
+    _priced_by_weights(fake_clock)
+    model, original = head(), head()
+    x = images(8, seed=5)
+    quick = LatencyConfig(min_run_time=0.001, layer_min_run_time=0.001, layer_rounds=1)
+    result = compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), target_latency=0.6,
+                       latency=quick, criterion="output", calib_images=images(256))  # fmt: skip
+    plan = result.latency_plan
+    assert "conv" in plan.allocation.pruned and plan.to_dict()["reached"]
+    assert plan.allocation.choice["conv"].method == "prune" and "conv" not in plan.realizations
+    chain, keep = plan.allocation.pruned["conv"]
+    assert set(range(4)) <= set(keep) and model.conv.out_channels == len(keep) < 16
+    assert model.fc.in_features == len(keep)
+    assert torch.allclose(model(x), original(x), atol=1e-4)
+    no_prune = compress_(head(), DecoupleConfig(method="auto"), (3, 8, 8), target_latency=0.6,
+                         latency=quick, criterion="output", calib_images=images(256),
+                         prune=False)  # fmt: skip
+    assert no_prune.latency_plan.allocation.pruned == {}
+
+
+def test_onnx_runtime_plans_offer_ranks_in_whole_blocks(monkeypatch):
+    monkeypatch.setattr(latency_budget, "block_size", lambda: 16)
+    config = DecoupleConfig(method="auto")
+    assert latency_budget.aligned(config, "eager") is config
+    assert latency_budget.aligned(config, "onnxruntime").rank_multiple == 16
+    assert (
+        latency_budget.aligned(replace(config, rank_multiple=24), "onnxruntime").rank_multiple == 48
+    )

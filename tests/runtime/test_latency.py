@@ -545,6 +545,26 @@ def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch, fake
                   (3, 8, 8), target_latency=0.6, allow_miss=False)  # fmt: skip
 
 
+def test_an_onnx_runtime_plan_prices_ranks_in_whole_channel_blocks(monkeypatch):
+    """Alone, a layer at any channel count runs at full speed; in the model a count off the
+    runtime's block pays reorders no table sees: in ONNX Runtime only whole blocks are priced."""
+    _fake_clock(monkeypatch)
+    monkeypatch.setattr(lb, "block_size", lambda: 4)
+    config = DecoupleConfig(method="auto", fold_bn=False, include_stem=True,
+                            overrides={"head": "skip"})  # fmt: skip
+
+    def ranks(runtime):
+        plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.6, LatencyConfig(runtime=runtime))
+        labels = {k.split(": ")[0] for t in plan.table.values() for k in t}
+        got = {int(k.split("=")[1]) for k in labels if k.startswith(("cp ", "tucker "))}
+        return plan.rank_multiple, got
+
+    multiple, got = ranks("onnxruntime")
+    assert multiple == 4 and got and all(r % 4 == 0 for r in got)
+    multiple, got = ranks("eager")
+    assert multiple == 1 and any(r % 4 for r in got)
+
+
 def test_latency_plan_keeps_layers_no_rank_speeds_up(monkeypatch):
     _fake_clock(monkeypatch)
     monkeypatch.setattr(
