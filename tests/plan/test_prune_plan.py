@@ -16,6 +16,7 @@ from decouple.pipeline import compress_
 from decouple.plan import latency_budget
 from decouple.plan.allocate import Option, allocate
 from decouple.plan.prune_options import ChainUnit, candidate_widths
+from decouple.report import build_report
 from decouple.runtime.latency import LatencyConfig
 from decouple.surgery.chains import Chain
 
@@ -126,13 +127,15 @@ def test_compress_is_deterministic_with_pruning():
     assert copy.deepcopy(a).conv.out_channels == a.conv.out_channels
 
 
-def _priced_by_weights(clock):
-    """A conv, linear or factored layer costs 0.1 µs per weight; everything else nothing."""
+def _priced_by_weights(clock, factored: float = 1.0):
+    """A conv or linear layer costs 0.1 µs per weight, a factored layer ``factored`` times that;
+    everything else nothing."""
 
     def cost(m):
-        if isinstance(m, (nn.Conv2d, nn.Linear)) or type(m).__module__.startswith("decouple.nn"):
-            return 1e-4 * sum(p.numel() for p in m.parameters())
-        return 0.0
+        weights = 1e-4 * sum(p.numel() for p in m.parameters())
+        if type(m).__module__.startswith("decouple.nn"):
+            return factored * weights
+        return weights if isinstance(m, (nn.Conv2d, nn.Linear)) else 0.0
 
     clock.cost = cost
 
@@ -157,6 +160,21 @@ def test_a_latency_budget_prunes_a_chain_priced_by_its_time(fake_clock):
                          latency=quick, criterion="output", calib_images=images(256),
                          prune=False)  # fmt: skip
     assert no_prune.latency_plan.allocation.pruned == {}
+    text = build_report(original, model, result.records, (3, 8, 8), extra=result.extra()).to_text()
+    assert "latency budget:" in text and "(reached)" in text and "in multiples of" not in text
+
+
+def test_a_missed_latency_budget_that_only_pruned_says_what_it_kept(fake_clock):
+    """Out of reach (the stem alone takes more than the target): the fastest plan is kept, and
+    it pruned (factored layers are slow here), so the report must not say that nothing changed."""
+    _priced_by_weights(fake_clock, factored=100.0)
+    model, original = head(), head()
+    quick = LatencyConfig(min_run_time=0.001, layer_min_run_time=0.001, layer_rounds=1)
+    result = compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), target_latency=0.1,
+                       latency=quick, criterion="output", calib_images=images(256))  # fmt: skip
+    assert result.latency_plan.allocation.pruned and not result.latency_plan.to_dict()["reached"]
+    text = build_report(original, model, result.records, (3, 8, 8), extra=result.extra()).to_text()
+    assert "NOT reached; the fastest plan kept" in text and "nothing changed" not in text
 
 
 def test_onnx_runtime_plans_offer_ranks_in_whole_blocks(monkeypatch):
