@@ -169,12 +169,13 @@ def _compress(
     plain = replace(config, fold_bn=False)
     reference = copy.deepcopy(model) if calib_images is not None else None
     allocation = lplan = None
+    # Pruning needs the refit that calibration does after it: offered only when one follows.
+    offer_prune = prune and calib_images is not None and refit != "none"
     if target_latency is not None:
         criterion = criterion or "energy"
         lplan = plan_latency(
             model, plain, input_shape, target_latency, latency, criterion, calib_images,
-            min_saving, ridge, cache, progress,
-            prune=prune and calib_images is not None and refit != "none",
+            min_saving, ridge, cache, progress, prune=offer_prune,
         )  # fmt: skip
         allocation = lplan.allocation
         if not allow_miss and lplan.measured_ms > lplan.target_ms:
@@ -183,10 +184,9 @@ def _compress(
         # Energy by default: with calibration it kept as much accuracy as the data criterion on
         # the CIFAR ResNets (results/README.md), at a fraction of the cost.
         criterion = criterion or "energy"
-        # Pruning needs the refit that calibration does after it: offered only when one follows.
         allocation = plan_ranks(
             model, plain, input_shape, target_flops, criterion, calib_images, min_saving, ridge,
-            cache, progress, prune=prune and calib_images is not None and refit != "none",
+            cache, progress, prune=offer_prune,
             baseline_flops=baseline_flops,
         )  # fmt: skip
         if not allow_miss and allocation.total_flops > allocation.target_flops:

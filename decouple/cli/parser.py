@@ -174,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-prune",
         action="store_true",
-        help="with --target-flops or --target-latency and --calib, never prune channels (by default the planner may "
-        "drop a layer's output channels where it feeds a 1x1 conv or linear layer, and refit it)",
+        help="with --target-flops or --target-latency and --calib, never prune channels (by "
+        "default the planner may drop a layer's output channels where it feeds a 1x1 conv or "
+        "linear layer, and refit it)",
     )
     p.add_argument(
         "--no-bias-correction",

@@ -24,9 +24,8 @@ from ..surgery.chains import Chain, pruned_modules
 from .allocate import Option
 
 MAX_WIDTHS = 48  # candidate widths priced per chain (each a solve of up to the chain's width)
-PRUNE_PROBES = (
-    4  # widths timed per chain under a latency budget (the rest interpolated), and the full one
-)
+# widths timed per chain under a latency budget (the rest interpolated), besides the full one
+PRUNE_PROBES = 4
 
 
 @dataclass
@@ -132,12 +131,12 @@ def timed_units(model, units: list[ChainUnit], inputs, lat, min_saving: float) -
         at = np.linspace(0, len(widths) - 1, min(PRUNE_PROBES, len(widths))).round().astype(int)
         probes = sorted({widths[i] for i in at} | {u.chain.width})
         ends, mids = zip(*(_chain_ms(model, u.chain, k, inputs, lat) for k in probes), strict=True)
-        full_ns = (ends[-1] + mids[-1]) * 1e6
-        ns = np.interp(widths, probes, np.add(ends, mids)) * 1e6 - mids[-1] * 1e6
+        chain_ns = np.interp(widths, probes, np.add(ends, mids)) * 1e6  # the last probe: full width
+        full_ns, mids_ns = (ends[-1] + mids[-1]) * 1e6, mids[-1] * 1e6
         options = [
-            replace(o, cost=int(c))
-            for o, c in zip(sorted(u.options, key=lambda o: o.rank), ns, strict=True)
-            if c + mids[-1] * 1e6 <= (1 - min_saving) * full_ns
+            replace(o, cost=int(t - mids_ns))
+            for o, t in zip(sorted(u.options, key=lambda o: o.rank), chain_ns, strict=True)
+            if t <= (1 - min_saving) * full_ns
         ]
         if options:
             out.append(replace(u, options=options))
