@@ -184,11 +184,13 @@ class Report:
             else:
                 state = "NOT reached; no plan ran faster than the original, so nothing changed"
             tries = len(lalloc.get("steps", [])) or 1
+            flops_kept = lalloc.get("priced") == "FLOPs"
             lines.append(
                 f"latency budget: {lalloc['target_ms']:.2f} ms of {lalloc['model_ms']:.2f} ms "
                 f"({state}): measured {lalloc['measured_ms']:.2f} ms, planned "
                 f"{lalloc['planned_ms']:.2f} ms from per-layer timings ({tries} plan(s) timed "
-                f"whole); ranks chosen by {lalloc['criterion']}"
+                f"whole{'; the one kept was allocated by FLOPs' if flops_kept else ''}); "
+                f"ranks chosen by {lalloc['criterion']}"
                 + (f", in multiples of {m}" if (m := lalloc.get("rank_multiple", 1)) > 1 else "")
             )
         reals = self.extra.get("realizations")

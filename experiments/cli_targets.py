@@ -108,10 +108,12 @@ def run_one(depth: str, calib_size: int, target: str, assets: Path, repeat: int 
         plan = report["latency_allocation"]
         row["table_passes"] = plan.get("table_passes")
         # each whole-model try of the search as a speedup over the original; the least-loss
-        # try within the target is kept
+        # try within the target is kept; "F": a plan allocated by FLOPs (latency.md, item 4)
         row["tries"] = " ".join(
-            f"{plan['model_ms'] / t['measured_ms']:.3f}x" for t in plan["steps"]
+            f"{plan['model_ms'] / t['measured_ms']:.3f}x{'F' if t.get('priced') == 'FLOPs' else ''}"
+            for t in plan["steps"]
         )
+        row["kept"] = plan.get("priced", "")
     if target == "change":
         change = report["max_change"]
         row["changed_pct"] = change["changed_pct"]
@@ -162,7 +164,10 @@ def report(results: Path) -> None:
         "point; `--max-change 1` top-1 changed on <= 1 % of the held-out calibration images. "
         "`--calib-size` is passed explicitly: 2048 is the CLI's default for 32x32 images, 512 "
         "its default for 224x224 ones (and the former default for all). *Machine*: the "
-        "processor the run timed on, as its report says (– : a run made before the column was added).",
+        "processor the run timed on, as its report says (– : a run made before the column was added). "
+        "*Plans tried*: each plan the latency search timed whole, as its speedup; *F*: a plan "
+        "allocated by FLOPs over the options the table found faster (none before 2026-12-06's "
+        "last change).",
         "",
         "| model | target | calib images | speedup | FLOPs | top-1 before | after | drop | met "
         "| layers | plans tried | seconds | machine |",
@@ -171,6 +176,7 @@ def report(results: Path) -> None:
     for r in rows:
         if r["target"] == "latency":
             tried = f"{r['table_passes']} timing passes; {r.get('tries', '')}"
+            tried += "; kept one allocated by FLOPs" if r.get("kept") == "FLOPs" else ""
         elif r["target"] == "change":
             tried = f"{r['tries']} budgets; {r['changed_pct']:.2f} % changed of {r['measured_on']}"
         else:

@@ -425,7 +425,8 @@ def latency_run(base, baseline, name, batch, calib, images, labels, top0, cache)
     row = {"model": name, "run": f"--target-latency 0.6 ORT batch {batch}", "top1": top1,
            "drop": round(top1 - top0, 2), "speedup": round(side["speedup"], 3),
            "flops_ratio": round(f0 / f1, 3), "table_passes": plan.table_passes,
-           "plans_timed": len(plan.steps), "seconds": round(seconds, 1)}  # fmt: skip
+           "plans_timed": len(plan.steps), "kept": f"priced by {plan.priced}",
+           "seconds": round(seconds, 1)}  # fmt: skip
     print(
         f"  {row['run']}: {row['speedup']}x, top-1 {top1} ({row['drop']:+}) [{row['seconds']} s]",
         flush=True,
@@ -483,7 +484,8 @@ def targets_md(rows) -> str:
            "| model | run | FLOPs | ORT speedup (side by side) | top-1 | drop | changed top-1 (held-out) | notes |",
            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        notes = (f"{r['table_passes']} timing pass(es), {r['plans_timed']} plan(s) timed whole"
+        kept = f"; kept a plan {r['kept']}" if r.get("kept") else ""
+        notes = (f"{r['table_passes']} timing pass(es), {r['plans_timed']} plan(s) timed whole{kept}"
                  if "table_passes" in r and r.get("table_passes") not in ("", None)
                  else f"{r.get('tries', '')} budgets tried, measured on {r.get('measured_on', '')} images")  # fmt: skip
         out.append(f"| {r['model']} | `{r['run']}` | {float(r['flops_ratio']):.2f}x | {r.get('speedup', '') or ''} | "

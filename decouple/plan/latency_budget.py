@@ -13,8 +13,10 @@ times. Isolated times do not add up exactly to a whole run (a layer alone pays l
 and cache misses that a chain of layers shares), so the plan is then closed on the clock: the
 planned model is built and timed whole, the budget handed to the allocator is moved to where
 the plans measured so far say the target lies, and the allocation is redone, a few times at
-most. The plan kept is the one of least loss among those measured within the budget, else the
-fastest measured, else (when even that is no faster than the original model) no change at all.
+most. Then up to :data:`FLOPS_TRIES` plans allocated by FLOPs over the same options are timed
+whole too (:mod:`decouple.plan.flops_pricing`). The plan kept is the one of least loss among those
+measured within the budget, else the fastest measured, else (when even that is no faster than the
+original model) no change at all.
 
 In ONNX Runtime the ranks and pruned widths on offer are multiples of its channel block (8 or
 16, :func:`~decouple.runtime.cost_model.block_size`; more where ``rank_multiple`` asks): a layer
@@ -49,6 +51,8 @@ from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache
 from ..surgery.rewrite import decouple_with_fold_info
 from .allocate import MIN_SAVING, Allocation, Option, allocate
+from .flops_pricing import FlopsPricing
+from .latency_search import new_plan, next_budget, pick, ranks_key, unchanged_plan
 from .options import allocated_config, rank_options
 from .prune_options import timed_units
 
@@ -62,6 +66,11 @@ NOISE = 0.03  # whole-model timings this close are a tie, decided by loss
 TOLERANCE = 0.04
 REFINE = 4  # re-allocations at most after the first plan
 SCREEN_KEEP = 2  # realizations per network-decoupling order timed at every rank
+# Plans allocated by FLOPs (over the options the table found faster) and timed whole beside the
+# table's own. The table prices each layer alone; in ONNX Runtime at batch 32 on the shared CIFAR
+# ResNets, FLOPs plans at the same measured speed were the more accurate (the table favours
+# options that are fast alone, such as network decoupling at low rank, and errs inside the model).
+FLOPS_TRIES = 2
 
 
 @dataclass
@@ -80,6 +89,7 @@ class LatencyPlan:
     steps: list[dict] = field(default_factory=list)  # budget, planned and measured ms per try
     table_passes: int = 1  # timing passes until the plan was stable
     rank_multiple: int = 1  # the ranks and pruned widths on offer were multiples of this
+    priced: str = "time"  # how the plan kept was allocated: by the table's times, or by FLOPs
 
     def to_dict(self) -> dict:
         a = self.allocation
@@ -95,6 +105,7 @@ class LatencyPlan:
             "methods": a.methods(),
             "table_passes": self.table_passes,
             "rank_multiple": self.rank_multiple,
+            "priced": self.priced,
             "realizations": self.realizations,
             "reasons": a.reasons,
             "table_ms": self.table,
@@ -117,6 +128,7 @@ def plan_latency(
     tolerance: float = TOLERANCE,
     noise: float = NOISE,
     prune: bool = False,
+    flops_tries: int = FLOPS_TRIES,
 ) -> LatencyPlan:
     """Per-layer ranks and realizations so the model runs in ``target_latency`` of today's time.
 
@@ -137,7 +149,7 @@ def plan_latency(
     tolerance : float
         Stop once a plan measures within ``[1 - tolerance, 1]`` of the target.
     noise : float
-        Whole-model times within this fraction of each other count as equal (see :func:`_pick`).
+        Whole-model times within this fraction of each other count as equal (see :func:`~decouple.plan.latency_search.pick`).
     prune : bool
         Also offer channel pruning of chains (a refit must follow), as the FLOPs budget does.
     """
@@ -146,7 +158,7 @@ def plan_latency(
     latency = latency or LatencyConfig()
     cache = cache if cache is not None else FactorCache()
     config = aligned(config, latency.runtime)
-    flops_options, _, _, flops_units = rank_options(
+    flops_options, flops_total, flops_layers, flops_units = rank_options(
         model, config, input_shape, criterion, calib_images, min_saving, ridge, cache, progress,
         prune,
     )  # fmt: skip
@@ -188,38 +200,65 @@ def plan_latency(
         units = timed_units(model, flops_units, inputs, lat, min_saving)
     model_ns = int(model_ms * 1e6)
     fixed, target_ms = max(model_ns - layers_ns, 0), target_latency * model_ms
-    # (budget, measured ms) of every plan timed whole. The original model is one for free: the
-    # budget that buys every layer exact measures as the model itself.
-    points = [(model_ns, model_ms)]
-    budget, steps, tried, seen = int(target_latency * model_ns), [], [], set()
-    for _ in range(refine + 1):
-        plan, budget = _new_plan(options, fixed, budget, points, seen, units)
-        if plan is None:  # every budget left to try buys a plan measured already
-            break
+    steps, tried, seen, how = [], [], set(), {}
+
+    def timed(plan: Allocation, budget_ms: float | None, priced: str) -> float:
+        """``plan`` timed whole, and recorded as a step and a candidate."""
         plan.criterion = criterion
-        seen.add(_ranks_key(plan))
+        seen.add(ranks_key(plan))
         chosen = {
             n: best_real[(n, o.label)] for n, o in plan.choice.items()
             if o.rank and o.method != "prune"
         }  # fmt: skip
         with stage("timing plans", announce=False):
             ms = _measure_plan(model, config, plan, chosen, cache, example, latency, model_ms)
-        steps.append({"budget_ms": budget / 1e6, "planned_ms": plan.total_flops / 1e6,
-                      "measured_ms": ms})  # fmt: skip
-        points.append((budget, ms))
+        steps.append({"budget_ms": budget_ms, "planned_ms": plan.total_flops / 1e6,
+                      "measured_ms": ms, "priced": priced})  # fmt: skip
         tried.append((ms, plan.loss, plan, chosen))
-        if ms <= target_ms and ms >= (1 - tolerance) * target_ms:
+        how[id(plan)] = priced
+        return ms
+
+    def in_band(ms: float) -> bool:
+        return (1 - tolerance) * target_ms <= ms <= target_ms
+
+    # (budget, measured ms) of every plan timed whole. The original model is one for free: the
+    # budget that buys every layer exact measures as the model itself.
+    points = [(model_ns, model_ms)]
+    budget = int(target_latency * model_ns)
+    for _ in range(refine + 1):
+        plan, budget = new_plan(options, fixed, budget, points, seen, units)
+        if plan is None:  # every budget left to try buys a plan measured already
             break
-        budget = _next_budget(points, target_ms * (1 - tolerance / 2))
-    missed, plan, chosen, ms = _pick(tried, target_ms, noise)
+        points.append((budget, ms := timed(plan, budget / 1e6, "time")))
+        if in_band(ms):
+            break
+        budget = next_budget(points, target_ms * (1 - tolerance / 2))
+    # Plans priced by FLOPs over the same options, timed whole beside those the table priced;
+    # their budget is moved on the FLOPs of every plan timed so far.
+    # The first at the FLOPs whose plan the table prices where its own plans say the aim lies;
+    # then moved on the FLOPs plans' own measurements.
+    priced = FlopsPricing(flops_options, flops_units, flops_total - flops_layers)
+    aim = target_ms * (1 - tolerance / 2)
+    fpoints = [(flops_total, model_ms)]
+    fbudget = priced.budget_for(options, units, fixed, next_budget(points, aim))
+    for _ in range(flops_tries):
+        plan = priced.plan(options, units, fixed, fbudget)
+        if ranks_key(plan) in seen:
+            break
+        fpoints.append((priced.flops_of(plan), ms := timed(plan, None, "FLOPs")))
+        if in_band(ms):
+            break
+        fbudget = next_budget(fpoints, aim)
+    missed, plan, chosen, ms = pick(tried, target_ms, noise)
     if missed and chosen and ms >= model_ms:
         # Nothing reached the budget and the fastest plan is no faster than the model itself
         # (an overhead-bound model: every decoupled layer adds a call): change nothing.
-        plan = _unchanged(options, fixed, budget, criterion)
+        plan = unchanged_plan(options, fixed, budget, criterion)
         chosen, ms = {}, model_ms
     return LatencyPlan(
-        plan, chosen, model_ms, table, target_ms, ms, steps, passes, config.rank_multiple
-    )
+        plan, chosen, model_ms, table, target_ms, ms, steps, passes, config.rank_multiple,
+        how.get(id(plan), "time"),
+    )  # fmt: skip
 
 
 def aligned(config: DecoupleConfig, runtime: str) -> DecoupleConfig:
@@ -228,24 +267,6 @@ def aligned(config: DecoupleConfig, runtime: str) -> DecoupleConfig:
     if runtime != "onnxruntime":
         return config
     return replace(config, rank_multiple=math.lcm(config.rank_multiple, block_size()))
-
-
-def _pick(tried, target_ms: float, noise: float):
-    """``(missed, plan, realizations, ms)`` of the plan to keep among those timed whole.
-
-    Within the budget: the least loss. Else the fastest, except that plans whose times are
-    within ``noise`` of the fastest count as equally fast, and the least loss among them wins:
-    a difference inside the timing noise is not worth accuracy.
-    """
-    fits = [t for t in tried if t[0] <= target_ms]
-    if fits:
-        ms, _, plan, chosen = min(fits, key=lambda t: t[1])
-        return False, plan, chosen, ms
-    fastest = min(t[0] for t in tried)
-    ms, _, plan, chosen = min(
-        (t for t in tried if t[0] <= fastest * (1 + noise)), key=lambda t: t[1]
-    )
-    return True, plan, chosen, ms
 
 
 def _fastest(times: dict[str, float], label: str) -> tuple[str, float]:
@@ -291,7 +312,7 @@ def _stable_table(modules, inputs, lat, flops_options, model_ms, target, min_sav
         layers_ns = sum(int(t[ORIGINAL] * 1e6) for t in table.values())
         options = {n: _timed_options(o, table[n], min_saving) for n, o in flops_options.items()}
         fixed = max(int(model_ms * 1e6) - layers_ns, 0)
-        key = _ranks_key(allocate(options, fixed, int(target * model_ms * 1e6), "ns"))
+        key = ranks_key(allocate(options, fixed, int(target * model_ms * 1e6), "ns"))
         if key == last:
             return table, p + 1
         last = key
@@ -324,53 +345,6 @@ def _in_play(candidates: dict, times: dict[str, float]) -> dict:
         k: m for k, m in candidates.items()
         if k == ORIGINAL or times[k] <= 1.2 * best[k.split(": ", 1)[0]]
     }  # fmt: skip
-
-
-def _ranks_key(plan: Allocation) -> tuple:
-    return tuple(sorted(plan.methods().items()))
-
-
-def _new_plan(options, fixed, budget, points, seen, units=(), tries: int = 8):
-    """The allocation at ``budget``, or, if it was measured already, at a budget moved halfway
-    toward the nearest larger budget measured; ``(None, budget)`` if every try is known."""
-    for _ in range(tries):
-        plan = allocate(options, fixed, budget, "ns", units=list(units))
-        if _ranks_key(plan) not in seen:
-            return plan, budget
-        above = [b for b, _ in points if b > budget + 1]
-        if not above:
-            break
-        budget = (budget + min(above)) // 2
-    return None, budget
-
-
-def _next_budget(points: list[tuple[int, float]], aim_ms: float) -> int:
-    """The budget (table ns) whose plan should measure ``aim_ms``, from the plans timed so far.
-
-    The table's scale is off by an unknown factor (layers alone pay conversions a chain of
-    layers shares), but budget and measured time still rise together: interpolate between the
-    largest budget measured under the aim and the smallest measured over it. The fixed part of
-    the model does not scale, so a plain rescale by measured/planned overshoots; it is used only
-    when every plan so far landed on one side and no line can be drawn.
-    """
-    under = [p for p in points if p[1] <= aim_ms]
-    over = [p for p in points if p[1] > aim_ms]
-    if under and over:
-        (b0, m0), (b1, m1) = max(under), min(over)
-        if b1 > b0 and m1 > m0:
-            return int(b0 + (aim_ms - m0) * (b1 - b0) / (m1 - m0))
-        return (b0 + b1) // 2
-    (b0, m0), (b1, m1) = sorted(points)[:2]  # all over the aim: the two cheapest plans
-    if b1 > b0 and m1 > m0:
-        return max(int(b0 - (m0 - aim_ms) * (b1 - b0) / (m1 - m0)), 0)
-    return int(b0 * aim_ms / m0)
-
-
-def _unchanged(options, fixed, budget, criterion) -> Allocation:
-    """Every layer kept exact, because no plan measured faster than the original model."""
-    choice = {n: opts[0] for n, opts in options.items()}
-    reasons = dict.fromkeys(choice, "kept: no plan measured faster than the original model")
-    return Allocation(choice, reasons, fixed, budget, criterion, unit="ns")
 
 
 def _measure_plan(model, config, plan, chosen, cache, example, latency, model_ms) -> float:

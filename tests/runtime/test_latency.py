@@ -32,6 +32,7 @@ from decouple import (
 from decouple.nn.decoupled import REALIZATIONS
 from decouple.pipeline import TargetMissed, compress_
 from decouple.plan import latency_budget as lb
+from decouple.plan.latency_search import pick
 from decouple.runtime import latency as latency_module
 from decouple.runtime.latency import Latency, LatencyConfig, capture_inputs, compare, measure
 from decouple.runtime.realize import (
@@ -480,12 +481,12 @@ def test_a_plan_the_table_got_wrong_is_closed_on_the_clock(monkeypatch):
     moved up, the kept plan spends it."""
     _fake_clock(monkeypatch, in_graph=0.4)
     config = DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True)
-    plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.6)
+    plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.6, flops_tries=0)  # the table's plans only
     first, last = plan.steps[0], plan.steps[-1]
     assert first["measured_ms"] < 0.9 * plan.target_ms  # the table alone overshoots
     assert len(plan.steps) > 1 and last["budget_ms"] > first["budget_ms"]
     assert plan.measured_ms <= plan.target_ms and plan.to_dict()["reached"]
-    naive = lb.plan_latency(toy(), config, (3, 8, 8), 0.6, refine=0)
+    naive = lb.plan_latency(toy(), config, (3, 8, 8), 0.6, refine=0, flops_tries=0)
     assert len(naive.steps) == 1
     loss = [sum(o.loss for o in p.allocation.choice.values()) for p in (plan, naive)]
     assert loss[0] < loss[1]  # the budget spent on accuracy, not left on the table
@@ -497,14 +498,57 @@ def test_a_plan_well_under_the_target_is_not_where_the_search_stops(monkeypatch)
     the band just under the target, of less loss than the first."""
     _fake_clock(monkeypatch, in_graph=0.8)
     config = DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True)
-    plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.5)
+    plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.5, flops_tries=0)
     first = plan.steps[0]["measured_ms"]
     assert first < (1 - lb.TOLERANCE) * plan.target_ms and len(plan.steps) > 1
     assert (1 - lb.TOLERANCE) * plan.target_ms <= plan.measured_ms <= plan.target_ms
-    wide = lb.plan_latency(toy(), config, (3, 8, 8), 0.5, tolerance=0.1)
+    wide = lb.plan_latency(toy(), config, (3, 8, 8), 0.5, tolerance=0.1, flops_tries=0)
     assert len(wide.steps) == 1 and wide.measured_ms == first  # a 10 % band stops at the first
     loss = [sum(o.loss for o in p.allocation.choice.values()) for p in (plan, wide)]
     assert loss[0] < loss[1]
+
+
+def test_a_plan_allocated_by_flops_is_kept_where_the_table_misprices_the_layers(monkeypatch):
+    """Alone every conv and every rank costs the same whatever its output size (the table's
+    view); inside the model time follows FLOPs, so conv3 (stride 2, a quarter of the pixels)
+    saves little. The table's plans spend loss on conv3 for time they do not get; a plan allocated
+    by FLOPs over the same options runs as fast at less loss, and is the one kept."""
+    _fake_clock(monkeypatch)
+    base_flops = count_flops(toy(), images(1))[0]
+
+    def measure(model, *args, **kwargs):  # inside the model: 0.3 ms of convs, split by FLOPs
+        ms = 0.2 + 0.3 * count_flops(model, images(1).to(next(model.parameters())))[0] / base_flops
+        return Latency(ms, 0.0, 1, "eager", "cpu", 1, 1)
+
+    monkeypatch.setattr(lb, "measure", measure)
+    monkeypatch.setattr(latency_module, "measure", measure)
+    config = DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True,
+                            overrides={"head": "skip"})  # fmt: skip
+    plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.75)
+    table_only = lb.plan_latency(toy(), config, (3, 8, 8), 0.75, flops_tries=0)
+    assert {s["priced"] for s in plan.steps} == {"time", "FLOPs"}
+    assert plan.priced == "FLOPs" and plan.to_dict()["priced"] == "FLOPs"
+    assert plan.measured_ms <= plan.target_ms and table_only.measured_ms <= table_only.target_ms
+    assert plan.allocation.loss < table_only.allocation.loss
+    assert plan.allocation.unit == "ns" and all(  # handed back in the table's units
+        o.cost == int(_layer_ms_of(plan, n) * 1e6) for n, o in plan.allocation.choice.items()
+    )
+    # the table spends loss on conv3, which saves little time in the model; FLOPs keep it exact
+    assert plan.allocation.ranks()["conv3"] == 0 < table_only.allocation.ranks()["conv3"]
+    model, reference = toy(), toy()
+    result = compress_(model, config, (3, 8, 8), target_latency=0.75)
+    assert result.latency_plan.priced == "FLOPs"
+    text = build_report(reference, model, result.records, (3, 8, 8), extra=result.extra()).to_text()
+    assert "the one kept was allocated by FLOPs" in text
+
+
+def _layer_ms_of(plan, name) -> float:
+    """What the table says the chosen option of ``name`` costs (its fastest realization)."""
+    label = plan.allocation.choice[name].label
+    times = plan.table[name]
+    if label == "keep":
+        return times[ORIGINAL]
+    return min(v for k, v in times.items() if k == label or k.startswith(f"{label}: "))
 
 
 def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch, fake_clock):
@@ -619,13 +663,13 @@ def test_target_latency_is_validated():
 def test_plans_within_the_noise_are_decided_by_loss():
     a, b = object(), object()
     # Neither fits the 1.0 ms budget; b is 2 % slower than a but loses far less: b is kept.
-    missed, plan, _, ms = lb._pick([(1.10, 5.0, a, {}), (1.12, 1.0, b, {})], 1.0, 0.03)
+    missed, plan, _, ms = pick([(1.10, 5.0, a, {}), (1.12, 1.0, b, {})], 1.0, 0.03)
     assert missed and plan is b and ms == 1.12
     # Outside the noise, the fastest wins.
-    _, plan, _, _ = lb._pick([(1.10, 5.0, a, {}), (1.20, 1.0, b, {})], 1.0, 0.03)
+    _, plan, _, _ = pick([(1.10, 5.0, a, {}), (1.20, 1.0, b, {})], 1.0, 0.03)
     assert plan is a
     # Within the budget, the least loss wins.
-    missed, plan, _, _ = lb._pick([(0.8, 5.0, a, {}), (0.95, 1.0, b, {})], 1.0, 0.03)
+    missed, plan, _, _ = pick([(0.8, 5.0, a, {}), (0.95, 1.0, b, {})], 1.0, 0.03)
     assert not missed and plan is b
 
 
