@@ -1,9 +1,9 @@
 """Plans priced by FLOPs inside a latency search: the other half of ``--target-latency``'s candidates.
 
 The latency table prices each layer by its time alone. Inside the model those times do not add
-up (a layer alone pays layout conversions that a chain of layers shares, and fast-alone options
-such as network decoupling at a low rank are favoured), so the plan the table thinks best at a
-given speed need not be the most accurate one that runs at that speed. :class:`FlopsPricing`
+up (a layer alone pays layout conversions that a chain of layers shares, so options that are
+fast alone can be favoured for time the model does not get back), and the plan the table thinks
+best at a given speed need not be the most accurate one that runs at that speed. :class:`FlopsPricing`
 allocates over the same options (those the table found faster), priced by their FLOPs, and hands
 the plan back in the table's units; the latency search times such plans whole beside its own and
 keeps the least loss among those within the target, whichever pricing found it.

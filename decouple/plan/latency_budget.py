@@ -66,10 +66,10 @@ NOISE = 0.03  # whole-model timings this close are a tie, decided by loss
 TOLERANCE = 0.04
 REFINE = 4  # re-allocations at most after the first plan
 SCREEN_KEEP = 2  # realizations per network-decoupling order timed at every rank
-# Plans allocated by FLOPs (over the options the table found faster) and timed whole beside the
-# table's own. The table prices each layer alone; in ONNX Runtime at batch 32 on the shared CIFAR
-# ResNets, FLOPs plans at the same measured speed were the more accurate (the table favours
-# options that are fast alone, such as network decoupling at low rank, and errs inside the model).
+# Plans allocated by FLOPs (over the options the table found faster) timed whole beside the
+# table's own: the table prices each layer alone, which a whole run does not add up to, so its
+# best plan at a speed need not be the most accurate one at that speed. Candidates only (the
+# least loss within the target is kept), so they cost at most this many whole-model timings.
 FLOPS_TRIES = 2
 
 
@@ -152,6 +152,8 @@ def plan_latency(
         Whole-model times within this fraction of each other count as equal (see :func:`~decouple.plan.latency_search.pick`).
     prune : bool
         Also offer channel pruning of chains (a refit must follow), as the FLOPs budget does.
+    flops_tries : int
+        Plans allocated by FLOPs timed whole after the table's own (0: the table's alone).
     """
     if not 0 < target_latency <= 1:
         raise ValueError(f"target_latency must be a fraction in (0, 1]; got {target_latency!r}")
