@@ -21,43 +21,45 @@ class FlopsPricing:
     """The table's options (those that run faster) priced again by their FLOPs: a plan allocated
     under a FLOPs budget, handed back in the table's ns so it is judged as the others are."""
 
-    flops_options: dict[str, list[Option]]
+    flops_options: dict[str, list[Option]]  # every layer's options, priced in FLOPs
     flops_units: list  # ChainUnit, widths priced in FLOPs
     fixed: int  # FLOPs outside the options (the mids of chains included, as in the FLOPs budget)
+    options: dict[str, list[Option]]  # the table's options, priced in ns
+    units: list  # ChainUnit, widths priced in ns
+    fixed_ns: int  # the model's time outside the options
 
-    def _layer(self, name: str, o: Option) -> int:
-        return next(x.cost for x in self.flops_options[name] if x.label == o.label)
-
-    def _width(self, producer: str, rank: int) -> int:
-        unit = next(u for u in self.flops_units if u.chain.producer == producer)
-        return next(x.cost for x in unit.options if x.rank == rank)
-
-    def _cost(self, plan: Allocation, name: str, o: Option) -> int:
-        if o.method == "prune":
-            return self._width(name, o.rank)
-        consumers = {chain.consumer for chain, _ in plan.pruned.values()}
-        return 0 if name in consumers else self._layer(name, o)  # in its producer's cost
+    def __post_init__(self) -> None:
+        # per layer label -> FLOPs, per producer width -> FLOPs; then the ns options re-priced once
+        self._layer = {n: {o.label: o.cost for o in opts} for n, opts in self.flops_options.items()}
+        self._width = {u.chain.producer: {o.rank: o.cost for o in u.options}
+                       for u in self.flops_units}  # fmt: skip
+        self._fopts = {n: [replace(o, cost=self._layer[n][o.label]) for o in opts]
+                       for n, opts in self.options.items()}  # fmt: skip
+        self._funits = [
+            replace(u, options=[replace(o, cost=self._width[u.chain.producer][o.rank])
+                                for o in u.options])
+            for u in self.units
+        ]  # fmt: skip
+        # and the way back: per layer label -> ns option, per producer width -> ns option
+        self._ns_layer = {n: {o.label: o for o in opts} for n, opts in self.options.items()}
+        self._ns_width = {u.chain.producer: {o.rank: o for o in u.options} for u in self.units}
 
     def flops_of(self, plan: Allocation) -> int:
         """The FLOPs of ``plan`` (either unit) for one image."""
-        return self.fixed + sum(self._cost(plan, n, o) for n, o in plan.choice.items())
+        consumers = {chain.consumer for chain, _ in plan.pruned.values()}  # in the producer's cost
+        return self.fixed + sum(
+            self._width[n][o.rank] if o.method == "prune"
+            else 0 if n in consumers else self._layer[n][o.label]
+            for n, o in plan.choice.items()
+        )  # fmt: skip
 
-    def plan(self, options, units, fixed_ns: int, budget: int) -> Allocation:
-        """The allocation under ``budget`` FLOPs over ``options`` and ``units`` (priced in ns),
-        in ns."""
-        fopts = {n: [replace(o, cost=self._layer(n, o)) for o in opts]
-                 for n, opts in options.items()}  # fmt: skip
-        funits = [
-            replace(u, options=[replace(o, cost=self._width(u.chain.producer, o.rank))
-                                for o in u.options])
-            for u in units
-        ]  # fmt: skip
-        a = allocate(fopts, self.fixed, budget, "FLOPs", units=funits)
-        ns = {n: {o.label: o for o in opts} for n, opts in options.items()}
-        widths = {u.chain.producer: {o.rank: o for o in u.options} for u in units}
+    def plan(self, budget: int) -> Allocation:
+        """The allocation under ``budget`` FLOPs, in ns."""
+        a = allocate(self._fopts, self.fixed, budget, "FLOPs", units=self._funits)
         consumers = {chain.consumer for chain, _ in a.pruned.values()}
         choice = {
-            n: widths[n][o.rank] if o.method == "prune" else (o if n in consumers else ns[n][o.label])
+            n: self._ns_width[n][o.rank] if o.method == "prune"
+            else (o if n in consumers else self._ns_layer[n][o.label])
             for n, o in a.choice.items()
         }  # fmt: skip
         reasons = {
@@ -66,19 +68,20 @@ class FlopsPricing:
             else f"{r}; a plan allocated by FLOPs, kept on its measured time"
             for n, r in a.reasons.items()
         }  # fmt: skip
-        total = fixed_ns + sum(o.cost for o in choice.values())
-        return Allocation(choice, reasons, fixed_ns, total, unit="ns", pruned=a.pruned,
+        total = self.fixed_ns + sum(o.cost for o in choice.values())
+        return Allocation(choice, reasons, self.fixed_ns, total, unit="ns", pruned=a.pruned,
                           uniform=a.uniform)  # fmt: skip
 
-    def budget_for(self, options, units, fixed_ns: int, budget_ns: int) -> int:
+    def budget_for(self, budget_ns: int) -> int:
         """The largest FLOPs budget whose plan the table prices within ``budget_ns``: where a
         FLOPs plan should measure what the table's plans of that budget measured (bisection)."""
-        lo, hi = self.fixed, self.fixed + sum(self._layer(n, o[0]) for n, o in options.items())
-        if self.plan(options, units, fixed_ns, lo).total_flops > budget_ns:
+        lo = self.fixed
+        hi = self.fixed + sum(opts[0].cost for opts in self._fopts.values())
+        if self.plan(lo).total_flops > budget_ns:
             return lo
         while hi - lo > max(1, hi // 1000):
             mid = (lo + hi) // 2
-            if self.plan(options, units, fixed_ns, mid).total_flops <= budget_ns:
+            if self.plan(mid).total_flops <= budget_ns:
                 lo = mid
             else:
                 hi = mid

@@ -235,16 +235,17 @@ def plan_latency(
         if in_band(ms):
             break
         budget = next_budget(points, target_ms * (1 - tolerance / 2))
-    # Plans priced by FLOPs over the same options, timed whole beside those the table priced;
-    # their budget is moved on the FLOPs of every plan timed so far.
-    # The first at the FLOPs whose plan the table prices where its own plans say the aim lies;
+    # Plans priced by FLOPs over the same options, timed whole beside those the table priced:
+    # the first at the FLOPs whose plan the table prices where its own plans say the aim lies,
     # then moved on the FLOPs plans' own measurements.
-    priced = FlopsPricing(flops_options, flops_units, flops_total - flops_layers)
+    priced = FlopsPricing(
+        flops_options, flops_units, flops_total - flops_layers, options, units, fixed
+    )
     aim = target_ms * (1 - tolerance / 2)
     fpoints = [(flops_total, model_ms)]
-    fbudget = priced.budget_for(options, units, fixed, next_budget(points, aim))
+    fbudget = priced.budget_for(next_budget(points, aim)) if flops_tries else 0
     for _ in range(flops_tries):
-        plan = priced.plan(options, units, fixed, fbudget)
+        plan = priced.plan(fbudget)
         if ranks_key(plan) in seen:
             break
         fpoints.append((priced.flops_of(plan), ms := timed(plan, None, "FLOPs")))
