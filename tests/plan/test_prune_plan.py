@@ -64,7 +64,11 @@ def test_a_chain_whose_dropped_channels_are_unread_is_pruned_exactly(tmp_path):
     assert "refit on the" in rec["fc"].reason
     refits = {c.name: c for c in result.calibration}
     assert "fc" in refits  # calibration refit the consumer, and the producer, which was exact
-    assert refits["conv"].error_before < 1e-6 and refits["conv"].error_after < 1e-6
+    # the producer keeps the original's channels as they were: exact, whatever the moments say
+    h = torch.relu(original.stem(x))
+    assert torch.allclose(model.conv(h), original.conv(h)[:, keep], atol=1e-6)
+    # errors read from float32 moments (‖y‖² − 2⟨y, ŷ⟩ + ‖ŷ‖²) bottom out near √eps32 ≈ 3e-4
+    assert refits["conv"].error_before < 1e-3 and refits["conv"].error_after < 1e-3
     path = tmp_path / "head.pt"
     save_decoupled(model, path, result.records, DecoupleConfig(method="auto"))
     fresh = load_decoupled(Head(), path)
