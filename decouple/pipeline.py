@@ -34,6 +34,7 @@ from .plan.flops_budget import plan_ranks
 from .plan.latency_budget import plan_latency
 from .plan.losses import probe_shapes
 from .plan.options import allocated_config
+from .predicted_speed import cost_model_for
 from .runtime.latency import LatencyConfig
 from .runtime.realize import ORIGINAL, RealizationChoice, choose_realizations_, confirm_on_model_
 from .surgery.bn_fold import fold_batchnorm_
@@ -176,6 +177,7 @@ def _compress(
         lplan = plan_latency(
             model, plain, input_shape, target_latency, latency, criterion, calib_images,
             min_saving, ridge, cache, progress, prune=offer_prune,
+            cost_model=_table_model(latency),
         )  # fmt: skip
         allocation = lplan.allocation
         if not allow_miss and lplan.measured_ms > lplan.target_ms:
@@ -305,6 +307,19 @@ def _correct_biases_(model, originals, means, fused) -> BiasCorrection:
         else:
             means.pop(b, None)
     return correct_biases_(model, originals, means)
+
+
+def _table_model(latency: LatencyConfig):
+    """The cost model that prices a ``predicted`` latency table (fitted once per machine and
+    cached), or None for a measured one."""
+    if latency.layer_table != "predicted":
+        return None
+    got = cost_model_for(latency.runtime, latency.batch, latency.threads)
+    if got is None:
+        raise ValueError(
+            "layer_table 'predicted' needs the cost model, which DECOUPLE_COST_MODEL turns off"
+        )
+    return got[0]
 
 
 def _fuse_linear_(model: nn.Module, config: DecoupleConfig, input_shape) -> tuple:

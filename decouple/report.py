@@ -20,6 +20,7 @@ from .predicted_speed import faster, predicted_line
 from .surgery.rewrite import LayerRecord
 
 RANDOM_INPUTS = "random Gaussian inputs (no images given; the agreement on real images can differ)"
+_TABLES = {"measured": "timings", "predicted": "predictions of the cost model"}
 # A plan is said to wreck the model when its output check, on real images, keeps fewer top-1
 # predictions than this, or (on any inputs) its output error is as large as the output itself.
 WRECK_AGREEMENT, WRECK_ERROR = 0.5, 1.0
@@ -188,7 +189,8 @@ class Report:
             lines.append(
                 f"latency budget: {lalloc['target_ms']:.2f} ms of {lalloc['model_ms']:.2f} ms "
                 f"({state}): measured {lalloc['measured_ms']:.2f} ms, planned "
-                f"{lalloc['planned_ms']:.2f} ms from per-layer timings ({tries} plan(s) timed "
+                f"{lalloc['planned_ms']:.2f} ms from per-layer "
+                f"{_TABLES[lalloc.get('layer_table', 'measured')]} ({tries} plan(s) timed "
                 f"whole{'; the one kept was allocated by FLOPs' if flops_kept else ''}); "
                 f"ranks chosen by {lalloc['criterion']}"
                 + (f", in multiples of {m}" if (m := lalloc.get("rank_multiple", 1)) > 1 else "")

@@ -75,19 +75,26 @@ def chosen(report: dict) -> str:
     return " ".join(f"{m}:{n}" for m, n in sorted(methods.items()))
 
 
-def run_one(depth: str, calib_size: int, target: str, assets: Path, repeat: int = 1) -> dict:
-    file, arch = ARCH[depth]
+def cli_report(argv: list[str], what: str) -> dict:
+    """The report JSON of ``decouple`` run with ``argv`` (writing ``--out r.pt``) in a temporary
+    folder, one thread; exits naming ``what`` if the command fails."""
     with tempfile.TemporaryDirectory() as tmp:
-        argv = [sys.executable, "-m", "decouple", str(assets / file), "--arch", arch,
-                *TARGETS[target], "--data", str(assets / DATA),
-                "--calib", str(assets / CALIB), "--calib-size", str(calib_size),
-                "--out", "r.pt", "--quiet"]  # fmt: skip
-        start = time.perf_counter()
-        proc = subprocess.run(argv, cwd=tmp, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "decouple", *argv], cwd=tmp,
+                              capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
         if proc.returncode != 0:
-            sys.exit(f"cli_targets: {arch} {target} failed: {proc.stderr.strip()}")
-        report = json.loads((Path(tmp) / "r.report.json").read_text())
+            sys.exit(f"{what} failed: {proc.stderr.strip()}")
+        return json.loads((Path(tmp) / "r.report.json").read_text())
+
+
+def run_one(depth: str, calib_size: int, target: str, assets: Path, repeat: int = 1) -> dict:
+    file, arch = ARCH[depth]
+    argv = [sys.executable, "-m", "decouple", str(assets / file), "--arch", arch,
+            *TARGETS[target], "--data", str(assets / DATA),
+            "--calib", str(assets / CALIB), "--calib-size", str(calib_size),
+            "--out", "r.pt", "--quiet"]  # fmt: skip
+    start = time.perf_counter()
+    report = cli_report(argv[3:], f"cli_targets: {arch} {target}")
     acc = report["accuracy"]
     row = {
         "model": arch.removeprefix("cifar_"),

@@ -31,6 +31,7 @@ SMALL_MODES = {
     "cost_model": ["--quick"],
     "aligned_ranks": ["--quick"],
     "runtimes": ["--quick"],
+    "latency_table": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 

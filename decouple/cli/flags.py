@@ -144,8 +144,9 @@ def make_latency_config(args: argparse.Namespace) -> LatencyConfig | None:
         need_export_packages()
     try:
         config = LatencyConfig(
-            runtime=args.runtime, batch=args.batch, device=args.device, threads=args.threads
-        )
+            runtime=args.runtime, batch=args.batch, device=args.device, threads=args.threads,
+            layer_table=args.latency_table,
+        )  # fmt: skip
     except ValueError as e:
         raise InputError(f"latency settings: {e}") from None
     return config if args.latency or args.target_latency is not None else None

@@ -12,12 +12,13 @@ REFIT_MODES = ("none", "last", "alternating", "auto")  # decouple.calibrate.laye
 ORDERS = ("dw-pw", "pw-dw")  # decouple.factor.nd
 CRITERIA = ("energy", "data", "output")  # decouple.plan.losses
 RUNTIMES = ("eager", "channels-last", "onnxruntime")  # decouple.runtime.latency
+LAYER_TABLES = ("measured", "predicted")  # decouple.runtime.latency
 AUTO = "auto"  # decouple.surgery.checks
 METHODS = ("nd", "cp", "tucker", "svd")  # decouple.surgery.methods
 VERSION = "0.1.0"  # decouple.__version__
 
 EPILOG = """examples:
-  decouple --demo --rank 3                       the bundled digits CNN, accuracy before/after
+  decouple --demo --rank 4 --order pw-dw         the bundled digits CNN, accuracy before/after
   decouple resnet18.pt --arch resnet18 --rank 2  a torchvision state_dict
   decouple net.pt --arch mypkg.nets:build --energy 0.9 --skip 'layer4\\..*'
   decouple whole_model.pt --trust-pickle --rank 3  a pickled nn.Module; input shape inferred
@@ -297,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     timing.add_argument(
         "--batch", type=int, default=1, metavar="B", help="batch size for latency (default 1)"
+    )
+    timing.add_argument(
+        "--latency-table",
+        choices=LAYER_TABLES,
+        default="measured",
+        help="how --target-latency prices each layer's options: timed one by one (measured, "
+        "minutes) or predicted by the runtime's cost model (predicted, seconds); the plans are "
+        "timed whole either way (default measured)",
     )
     timing.add_argument(
         "--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's setting)"

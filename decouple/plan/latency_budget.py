@@ -6,7 +6,9 @@ layer, the original conv and every candidate rank in every realization are timed
 real input, in the target runtime, at the target batch size. A rank's cost is its fastest
 realization's time; a rank that does not save ``min_saving`` of the layer's time is not offered,
 so a layer nothing speeds up stays exact ("kept: not faster"). The same greedy allocator then
-spends the budget.
+spends the budget. With ``LatencyConfig(layer_table="predicted")`` the table is priced by the
+runtime's cost model (:mod:`decouple.runtime.cost_model`) instead of the clock: every candidate
+in every realization, in seconds where timing them takes minutes; all that follows is the same.
 
 The model's time outside these layers is taken as its measured latency minus the layers' isolated
 times. Isolated times do not add up exactly to a whole run (a layer alone pays layout conversions
@@ -43,7 +45,7 @@ from torch import nn
 from ..nn.decoupled import DecoupledConv2d
 from ..nn.progress import progress_bar
 from ..nn.stopwatch import stage
-from ..runtime.cost_model import block_size
+from ..runtime.cost_model import CostModel, block_size
 from ..runtime.latency import LatencyConfig, capture_inputs, compare, measure
 from ..runtime.realize import ORIGINAL, realizations, time_candidates
 from ..surgery.chains import prune_chain_
@@ -90,6 +92,7 @@ class LatencyPlan:
     table_passes: int = 1  # timing passes until the plan was stable
     rank_multiple: int = 1  # the ranks and pruned widths on offer were multiples of this
     priced: str = "time"  # how the plan kept was allocated: by the table's times, or by FLOPs
+    layer_table: str = "measured"  # the table timed layer by layer, or predicted by a cost model
 
     def to_dict(self) -> dict:
         a = self.allocation
@@ -106,6 +109,7 @@ class LatencyPlan:
             "table_passes": self.table_passes,
             "rank_multiple": self.rank_multiple,
             "priced": self.priced,
+            "layer_table": self.layer_table,
             "realizations": self.realizations,
             "reasons": a.reasons,
             "table_ms": self.table,
@@ -129,6 +133,7 @@ def plan_latency(
     noise: float = NOISE,
     prune: bool = False,
     flops_tries: int = FLOPS_TRIES,
+    cost_model: CostModel | None = None,
 ) -> LatencyPlan:
     """Per-layer ranks and realizations so the model runs in ``target_latency`` of today's time.
 
@@ -154,10 +159,19 @@ def plan_latency(
         Also offer channel pruning of chains (a refit must follow), as the FLOPs budget does.
     flops_tries : int
         Plans allocated by FLOPs timed whole after the table's own (0: the table's alone).
+    cost_model : CostModel, optional
+        The runtime's cost model at ``latency``'s batch and threads, which prices the table
+        where ``latency.layer_table`` is ``"predicted"`` (required then).
     """
     if not 0 < target_latency <= 1:
         raise ValueError(f"target_latency must be a fraction in (0, 1]; got {target_latency!r}")
     latency = latency or LatencyConfig()
+    predicted = latency.layer_table == "predicted"
+    if predicted and cost_model is None:
+        raise ValueError("layer_table 'predicted' needs the runtime's cost model (cost_model=)")
+    # The table's prices: each candidate timed alone, or the cost model's prediction of it (one
+    # pass: a prediction does not change when asked again).
+    timer = cost_model.time_candidates if predicted else time_candidates
     cache = cache if cache is not None else FactorCache()
     config = aligned(config, latency.runtime)
     flops_options, flops_total, flops_layers, flops_units = rank_options(
@@ -179,17 +193,18 @@ def plan_latency(
                                   config.factor_options()).layer
             for o in opts if o.rank
         }  # fmt: skip
-        keep = _screen_realizations(opts, layers, inputs[name], lat)
+        keep = {} if predicted else _screen_realizations(opts, layers, inputs[name], lat)
         candidates = {ORIGINAL: conv}
         for o in opts[1:]:
             for real, module in realizations(layers[o.label]).items():
                 if real in keep.get((o.method, o.order), (real,)):
                     candidates[f"{o.label}: {real}"] = module
         modules[name] = candidates
-    with stage("latency tables"):
+    with stage("predicted tables" if predicted else "latency tables"):
         table, passes = _stable_table(
-            modules, inputs, lat, flops_options, model_ms, target_latency, min_saving, progress
-        )
+            modules, inputs, lat, flops_options, model_ms, target_latency, min_saving, progress,
+            timer, 1 if predicted else MAX_PASSES,
+        )  # fmt: skip
     options, best_real, layers_ns = {}, {}, 0
     for name, opts in flops_options.items():
         times = table[name]
@@ -199,7 +214,7 @@ def plan_latency(
         for o in options[name][1:]:
             best_real[(name, o.label)] = _fastest(times, o.label)[0]
     with stage("timing pruned widths"):
-        units = timed_units(model, flops_units, inputs, lat, min_saving)
+        units = timed_units(model, flops_units, inputs, lat, min_saving, timer)
     model_ns = int(model_ms * 1e6)
     fixed, target_ms = max(model_ns - layers_ns, 0), target_latency * model_ms
     steps, tried, seen, how = [], [], set(), {}
@@ -260,7 +275,7 @@ def plan_latency(
         chosen, ms = {}, model_ms
     return LatencyPlan(
         plan, chosen, model_ms, table, target_ms, ms, steps, passes, config.rank_multiple,
-        how.get(id(plan), "time"),
+        how.get(id(plan), "time"), latency.layer_table,
     )  # fmt: skip
 
 
@@ -290,14 +305,17 @@ def _timed_options(opts: list[Option], times: dict[str, float], min_saving: floa
     return out
 
 
-def _stable_table(modules, inputs, lat, flops_options, model_ms, target, min_saving, progress):
-    """Per-layer tables (ms) timed until the plan they give no longer changes.
+def _stable_table(
+    modules, inputs, lat, flops_options, model_ms, target, min_saving, progress,
+    timer=time_candidates, max_passes: int = MAX_PASSES,
+):  # fmt: skip
+    """Per-layer tables (ms) timed (by ``timer``) until the plan they give no longer changes.
 
     The rule: time every candidate once (``lat``'s interleaved rounds); then, while the last two
     tables' allocations at the target budget differ, time again the candidates still in play
     (the original and, per option, realizations within 20 % of its fastest) and keep every
     candidate's best time over the passes (noise on a CPU only ever adds time, so the best is
-    the least disturbed, as in each pass's best median); at most :data:`MAX_PASSES` passes. At
+    the least disturbed, as in each pass's best median); at most ``max_passes`` passes. At
     batch 1 a layer takes microseconds and a slow spell during one pass can rank near-equal
     options either way; at larger batches the second pass agrees with the first and costs a
     fraction of it.
@@ -305,11 +323,11 @@ def _stable_table(modules, inputs, lat, flops_options, model_ms, target, min_sav
     samples: dict[str, dict[str, list[float]]] = {n: {} for n in modules}
     table: dict[str, dict[str, float]] = {}
     last = None
-    for p in range(MAX_PASSES):
+    for p in range(max_passes):
         desc = f"timing layers (pass {p + 1})"
         for name in progress_bar(modules, desc=desc, enabled=progress, unit="layer"):
             todo = modules[name] if p == 0 else _in_play(modules[name], table[name])
-            for k, v in time_candidates(todo, inputs[name], *lat).items():
+            for k, v in timer(todo, inputs[name], *lat).items():
                 samples[name].setdefault(k, []).append(v)
             table[name] = {k: min(v) for k, v in samples[name].items()}
         layers_ns = sum(int(t[ORIGINAL] * 1e6) for t in table.values())
@@ -319,7 +337,7 @@ def _stable_table(modules, inputs, lat, flops_options, model_ms, target, min_sav
         if key == last:
             return table, p + 1
         last = key
-    return table, MAX_PASSES
+    return table, max_passes
 
 
 def _screen_realizations(opts, layers, x, lat) -> dict[tuple[str, str], list[str]]:

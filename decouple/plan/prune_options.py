@@ -117,12 +117,15 @@ def prune_unit(
     return ChainUnit(chain, options, order, full)
 
 
-def timed_units(model, units: list[ChainUnit], inputs, lat, min_saving: float) -> list[ChainUnit]:
+def timed_units(
+    model, units: list[ChainUnit], inputs, lat, min_saving: float, timer=time_candidates
+) -> list[ChainUnit]:
     """``units`` with each pruned width re-priced in ns, as the FLOPs budget prices it: the
     chain's producer, mids and consumer at that width, less the mids' time at full width (which
     stays in the model's fixed time). :data:`PRUNE_PROBES` widths spread over those on offer are
-    timed, the rest interpolated; a width that does not save ``min_saving`` of the chain's own
-    time is dropped, as a rank is."""
+    timed (by ``timer``, :func:`~decouple.runtime.realize.time_candidates`' signature), the rest
+    interpolated; a width that does not save ``min_saving`` of the chain's own time is dropped,
+    as a rank is."""
     out = []
     for u in units:
         widths = sorted(o.rank for o in u.options)
@@ -130,7 +133,9 @@ def timed_units(model, units: list[ChainUnit], inputs, lat, min_saving: float) -
             continue
         at = np.linspace(0, len(widths) - 1, min(PRUNE_PROBES, len(widths))).round().astype(int)
         probes = sorted({widths[i] for i in at} | {u.chain.width})
-        ends, mids = zip(*(_chain_ms(model, u.chain, k, inputs, lat) for k in probes), strict=True)
+        ends, mids = zip(
+            *(_chain_ms(model, u.chain, k, inputs, lat, timer) for k in probes), strict=True
+        )
         chain_ns = np.interp(widths, probes, np.add(ends, mids)) * 1e6  # the last probe: full width
         full_ns, mids_ns = (ends[-1] + mids[-1]) * 1e6, mids[-1] * 1e6
         options = [
@@ -143,14 +148,14 @@ def timed_units(model, units: list[ChainUnit], inputs, lat, min_saving: float) -
     return out
 
 
-def _chain_ms(model, chain, kept: int, inputs, lat) -> tuple[float, float]:
+def _chain_ms(model, chain, kept: int, inputs, lat, timer) -> tuple[float, float]:
     """Times (ms) of the chain's ends (producer and consumer) and of its mids, pruned to
     ``kept`` channels, each on its own input in the model (narrowed to ``kept`` channels after
     the producer)."""
     ends = mids = 0.0
     for name, m in pruned_modules(model, chain, kept).items():
         x = inputs[name] if name == chain.producer else inputs[name][:, :kept]
-        ms = time_candidates({name: m}, x, *lat)[name]
+        ms = timer({name: m}, x, *lat)[name]
         if name in chain.mids:
             mids += ms
         else:

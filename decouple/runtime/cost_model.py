@@ -225,6 +225,15 @@ class CostModel:
         """The predicted time of a forward pass made of ``ops`` (:func:`census`)."""
         return sum(self.op_ms(op) for op in ops)
 
+    @torch.no_grad()
+    def time_candidates(self, candidates: dict[str, nn.Module], x: torch.Tensor, *timing):
+        """Predicted time (ms) of each module on input ``x``: the signature of
+        :func:`~decouple.runtime.realize.time_candidates` (its timing settings are ignored), so
+        that a latency table can be priced by the model instead of the clock."""
+        return {
+            k: max(self.predict_ms(census(m, x, self.runtime)), 1e-6) for k, m in candidates.items()
+        }
+
     def to_dict(self) -> dict:
         return {"format": FORMAT, **asdict(self)}
 

@@ -248,6 +248,9 @@ def capture_inputs(model: nn.Module, names: list[str], example: torch.Tensor) ->
     return seen
 
 
+LAYER_TABLES = ("measured", "predicted")  # how a latency budget prices layers
+
+
 @dataclass(frozen=True)
 class LatencyConfig:
     """Where and how latency is measured.
@@ -268,6 +271,11 @@ class LatencyConfig:
     min_gain : float
         A decoupled layer is kept only if its fastest realization takes at most ``1 - min_gain``
         of its original conv's time (the noise floor of the timings), in [0, 1).
+    layer_table : {"measured", "predicted"}
+        How a latency budget prices each layer's options: every candidate timed alone on the
+        target (``measured``), or predicted by the runtime's cost model
+        (:mod:`decouple.runtime.cost_model`), which takes seconds where timing takes minutes.
+        Either way the plans are timed whole, and the one kept is chosen on those timings.
     """
 
     runtime: str = "eager"
@@ -278,6 +286,7 @@ class LatencyConfig:
     layer_rounds: int = 3
     layer_min_run_time: float = 0.05
     min_gain: float = 0.05
+    layer_table: str = "measured"
 
     def __post_init__(self) -> None:
         check_runtime(self.runtime)
@@ -296,8 +305,15 @@ class LatencyConfig:
         g = self.min_gain
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g < 1:
             raise ValueError(f"min_gain must be a fraction in [0, 1); got {g!r}")
+        if self.layer_table not in LAYER_TABLES:
+            raise ValueError(
+                f"layer_table must be one of {', '.join(LAYER_TABLES)}; got {self.layer_table!r}"
+            )
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be one of cpu, cuda; got {self.device!r}")
+        if self.device == "cuda" and self.layer_table == "predicted":
+            raise ValueError("layer_table 'predicted' is for the CPU (the cost model is fitted "
+                             "there); on cuda the table is measured")  # fmt: skip
         if self.device == "cuda" and self.runtime != "eager":
             raise ValueError(f"on cuda the runtime must be eager; got {self.runtime!r}")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -208,12 +208,13 @@ def test_the_parsers_copies_equal_the_librarys_constants() -> None:
     from decouple.cli import parser
     from decouple.factor.nd import ORDERS
     from decouple.plan.losses import CRITERIA
-    from decouple.runtime.latency import RUNTIMES
+    from decouple.runtime.latency import LAYER_TABLES, RUNTIMES
     from decouple.surgery.checks import AUTO
     from decouple.surgery.methods import METHODS
 
     assert parser.REFIT_MODES == REFIT_MODES and parser.ORDERS == ORDERS
     assert parser.CRITERIA == CRITERIA and parser.RUNTIMES == RUNTIMES
+    assert parser.LAYER_TABLES == LAYER_TABLES
     assert parser.AUTO == AUTO and parser.METHODS == METHODS
     assert parser.VERSION == decouple.__version__
 

@@ -228,6 +228,8 @@ def test_compare_keeps_each_sides_better_run(fake_clock, monkeypatch):
         (dict(min_run_time=0), "min_run_time"),
         (dict(device="tpu"), "cpu, cuda"),
         (dict(device="cuda", runtime="onnxruntime"), "eager"),
+        (dict(layer_table="guessed"), "measured, predicted"),
+        (dict(device="cuda", layer_table="predicted"), "is for the CPU"),
     ],
 )
 def test_latency_config_validates(kwargs, match):
