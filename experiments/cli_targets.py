@@ -89,12 +89,11 @@ def cli_report(argv: list[str], what: str) -> dict:
 
 def run_one(depth: str, calib_size: int, target: str, assets: Path, repeat: int = 1) -> dict:
     file, arch = ARCH[depth]
-    argv = [sys.executable, "-m", "decouple", str(assets / file), "--arch", arch,
-            *TARGETS[target], "--data", str(assets / DATA),
+    argv = [str(assets / file), "--arch", arch, *TARGETS[target], "--data", str(assets / DATA),
             "--calib", str(assets / CALIB), "--calib-size", str(calib_size),
             "--out", "r.pt", "--quiet"]  # fmt: skip
     start = time.perf_counter()
-    report = cli_report(argv[3:], f"cli_targets: {arch} {target}")
+    report = cli_report(argv, f"cli_targets: {arch} {target}")
     acc = report["accuracy"]
     row = {
         "model": arch.removeprefix("cifar_"),
@@ -109,7 +108,7 @@ def run_one(depth: str, calib_size: int, target: str, assets: Path, repeat: int 
         "processor": report.get("latency", {}).get("processor", ""),
         "chosen": chosen(report),
         "seconds": round(time.perf_counter() - start),
-        "command": "decouple " + " ".join(a if "/" not in a else Path(a).name for a in argv[3:]),
+        "command": "decouple " + " ".join(a if "/" not in a else Path(a).name for a in argv),
     }
     if target == "latency":
         plan = report["latency_allocation"]
