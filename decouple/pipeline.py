@@ -23,7 +23,6 @@ from torch import nn
 from .calibrate.bn_bias import BiasCorrection, bn_input_means, correct_biases_
 from .calibrate.layerwise import REFIT_MODES, calibrate_
 from .calibrate.spill import release_memory
-from .nn.decoupled import DecoupledConv2d
 from .nn.flops import count_flops
 from .nn.guards import check_module, type_error
 from .nn.stopwatch import stage
@@ -36,7 +35,13 @@ from .plan.losses import probe_shapes
 from .plan.options import allocated_config
 from .predicted_speed import cost_model_for
 from .runtime.latency import LatencyConfig
-from .runtime.realize import ORIGINAL, RealizationChoice, choose_realizations_, confirm_on_model_
+from .runtime.realize import (
+    ORIGINAL,
+    RealizationChoice,
+    choose_realizations_,
+    confirm_on_model_,
+    realization_names,
+)
 from .surgery.bn_fold import fold_batchnorm_
 from .surgery.chains import prune_chain_
 from .surgery.config import DecoupleConfig
@@ -250,7 +255,7 @@ def _compress(
             example = latency.example(input_shape, next(model.parameters()).dtype)
             for name, real in lplan.realizations.items():
                 layer = model.get_submodule(name)
-                if isinstance(layer, DecoupledConv2d):
+                if realization_names(layer):
                     layer.set_realization(real)
                 prefix = f"{lplan.allocation.choice[name].label}: "
                 times = {k.removeprefix(prefix): v for k, v in lplan.table[name].items()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from pathlib import Path
 
 from cli_targets import ARCH, CALIB, DATA, assets_dir, chosen, cli_report
@@ -31,9 +32,10 @@ FIELDS = ["model", "batch", "table", "speedup", "flops_ratio", "top1_before", "t
 TABLES = ("measured", "predicted")
 
 
-def run_one(depth: str, batch: int, table: str, assets: Path) -> dict:
+def run_one(depth: str, batch: int, table: str, assets: Path, target: float = 0.6) -> dict:
+    """One run of the CLI with ``--target-latency target``, as a row of the table."""
     file, arch = ARCH[depth]
-    argv = [str(assets / file), "--arch", arch, "--target-latency", "0.6",
+    argv = [str(assets / file), "--arch", arch, "--target-latency", str(target),
             "--runtime", "onnxruntime", "--batch", str(batch), "--threads", "1", "--onnx",
             "--latency-table", table, "--data", str(assets / DATA), "--calib",
             str(assets / CALIB), "--calib-size", "512", "--out", "r.pt", "--quiet"]  # fmt: skip
@@ -54,11 +56,18 @@ def run_one(depth: str, batch: int, table: str, assets: Path) -> dict:
                                                           "timing pruned widths")), 1),
         "plans_timed": len(plan.get("steps", [])), "total_s": round(time.perf_counter() - start),
         "processor": report["latency"].get("processor", ""), "chosen": chosen(report),
+        "realizations": realized(report),
     }  # fmt: skip
 
 
+def realized(report: dict) -> str:
+    """How many layers run as each realization, e.g. ``square:16 sum:1``."""
+    counts = Counter(x["realization"] for x in report["layers"] if x.get("realization"))
+    return " ".join(f"{k}:{n}" for k, n in sorted(counts.items()))
+
+
 def write(rows: list[dict], out: Path) -> None:
-    write_csv(out / "latency_table.csv", FIELDS, rows)
+    write_csv(out / "latency_table.csv", FIELDS, rows, extra="ignore")
     lines = [
         "# `--target-latency`: the layer table measured or predicted by the cost model",
         "",

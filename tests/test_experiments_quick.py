@@ -32,6 +32,8 @@ SMALL_MODES = {
     "aligned_ranks": ["--quick"],
     "runtimes": ["--quick"],
     "latency_table": ["--quick"],
+    "cp_realizations": ["--quick"],
+    "latency_targets": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 

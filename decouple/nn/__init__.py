@@ -8,13 +8,14 @@ May import :mod:`decouple.factor`.
 
 from .decoupled import REALIZATIONS, DecoupledConv2d
 from .discover import is_plain_conv2d
-from .factorized import CPConv2d, FactorizedConv2d, TuckerConv2d
+from .factorized import CP_REALIZATIONS, CPConv2d, FactorizedConv2d, TuckerConv2d
 from .flops import conv_flops, count_flops, factored_flops
 from .geometry import ConvGeometry
 from .guards import InputTypeError
 from .transaction import transaction
 
 __all__ = [
+    "CP_REALIZATIONS",
     "CPConv2d",
     "ConvGeometry",
     "DecoupledConv2d",

@@ -1,6 +1,8 @@
 """CP and Tucker-2 convolution layers: chains of plain ``nn.Conv2d`` ending in a 1×1 conv.
 
 * ``CPConv2d``: 1×1 ``C → g·R`` → depthwise ``kh×1`` → depthwise ``1×kw`` → 1×1 ``g·R → N``
+  (or, realization ``square``, the two depthwise convs as one ``kh×kw`` depthwise conv whose
+  kernels are their outer products: three ops and one pass less over the ``R``-channel tensor)
 * ``TuckerConv2d``: 1×1 ``C → g·R_in`` → ``kh×kw`` core ``g·R_in → g·R_out`` → 1×1 ``g·R_out → N``
 
 They keep the contract of :class:`~decouple.nn.decoupled.DecoupledConv2d`: built ``from_conv`` or
@@ -13,6 +15,7 @@ the last 1×1 conv carries the bias, and is what calibration refits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..factor.cp import CP_MAX_ITER, CP_TOL, CPFactors, cp_weight
@@ -73,8 +76,15 @@ def _axis_padding(padding, axis: int):
     return (padding[0], 0) if axis == 0 else (0, padding[1])
 
 
+CP_REALIZATIONS = ("separable", "square")
+"""How a CP layer can run (same weights, same function): its two depthwise convs one after the
+other (``separable``, four ops), or as one ``kh×kw`` depthwise conv (``square``, three ops), whose
+kernel is made from theirs in the forward pass (an export folds it into a constant)."""
+
+
 class CPConv2d(FactorizedConv2d):
-    """A k×k convolution as ``rank`` CP terms per group, in four plain convs.
+    """A k×k convolution as ``rank`` CP terms per group, in four plain convs (or three: see
+    :data:`CP_REALIZATIONS` and :meth:`set_realization`).
 
     Parameters
     ----------
@@ -123,9 +133,37 @@ class CPConv2d(FactorizedConv2d):
             dilation=(1, dw), groups=g * r, bias=False, padding_mode=padding_mode, **kw_,
         )  # fmt: skip
         self.pointwise_out = nn.Conv2d(g * r, out_channels, 1, groups=g, bias=bias, **kw_)
+        self.realization = "separable"
+
+    def set_realization(self, realization: str) -> CPConv2d:
+        """Run as ``realization`` (one of :data:`CP_REALIZATIONS`) from now on. Returns self."""
+        if realization not in CP_REALIZATIONS:
+            raise ValueError(
+                f"realization must be one of {', '.join(CP_REALIZATIONS)} for cp; got {realization!r}"
+            )
+        self.realization = realization
+        return self
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.horizontal(self.vertical(self.pointwise_in(x)))
+        x = self.pointwise_in(x)
+        if self.realization == "square":
+            return self._square(x)
+        return self.horizontal(self.vertical(x))
+
+    def _square(self, x: torch.Tensor) -> torch.Tensor:
+        """Both depthwise convs as one: a ``kh×1`` then a ``1×kw`` filter is their outer product.
+        Each axis is padded as its own conv pads it (every padding mode pads axes independently,
+        and so do strides and dilations), so this is exact, not an approximation."""
+        v, h = self.vertical, self.horizontal
+        kernel = v.weight * h.weight  # (gR, 1, kh, 1) * (gR, 1, 1, kw)
+        # Explicit pads ('same' and 'valid' resolved), left, right, top, bottom: what exporters take.
+        left, right = h._reversed_padding_repeated_twice[:2]
+        top, bottom = v._reversed_padding_repeated_twice[2:]
+        padding = (top, left)
+        if self.padding_mode != "zeros" or (left, top) != (right, bottom):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x, padding = F.pad(x, [left, right, top, bottom], mode=mode), (0, 0)
+        return F.conv2d(x, kernel, None, self.stride, padding, self.dilation, v.groups)
 
     @staticmethod
     def _rank_of(factors: CPFactors) -> int:
@@ -176,9 +214,10 @@ class CPConv2d(FactorizedConv2d):
         )
 
     def extra_repr(self) -> str:
+        real = "" if self.realization == "separable" else f", realization={self.realization!r}"
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"method='cp', rank={self.rank}" + self._geometry_repr()
+            f"method='cp', rank={self.rank}" + real + self._geometry_repr()
         )
 
 

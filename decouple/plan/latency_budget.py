@@ -42,12 +42,11 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
-from ..nn.decoupled import DecoupledConv2d
 from ..nn.progress import progress_bar
 from ..nn.stopwatch import stage
 from ..runtime.cost_model import CostModel, block_size
 from ..runtime.latency import LatencyConfig, capture_inputs, compare, measure
-from ..runtime.realize import ORIGINAL, realizations, time_candidates
+from ..runtime.realize import ORIGINAL, realization_names, realizations, time_candidates
 from ..surgery.chains import prune_chain_
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache
@@ -67,7 +66,8 @@ NOISE = 0.03  # whole-model timings this close are a tie, decided by loss
 # timing noise, so a plan that lands in it can still be told from one over the target.
 TOLERANCE = 0.04
 REFINE = 4  # re-allocations at most after the first plan
-SCREEN_KEEP = 2  # realizations per network-decoupling order timed at every rank
+# Realizations timed at every rank, per method with more than one (network decoupling: per order).
+SCREEN_KEEP = {"nd": 2, "cp": 1}
 # Plans allocated by FLOPs (over the options the table found faster) timed whole beside the
 # table's own: the table prices each layer alone, which a whole run does not add up to, so its
 # best plan at a speed need not be the most accurate one at that speed. Candidates only (the
@@ -341,18 +341,19 @@ def _stable_table(
 
 
 def _screen_realizations(opts, layers, x, lat) -> dict[tuple[str, str], list[str]]:
-    """Per network-decoupling order, the :data:`SCREEN_KEEP` realizations fastest at its middle
-    rank: which graph runs a layer fastest depends on the runtime and the shapes far more than
-    on T, and timing every realization of every rank (each one an ONNX export in ONNX Runtime)
-    would multiply the table's cost by up to five."""
+    """Per network-decoupling order and for CP, the :data:`SCREEN_KEEP` realizations fastest at
+    its middle rank: which graph runs a layer fastest depends on the runtime and the shapes far
+    more than on the rank, and timing every realization of every rank (each one an ONNX export
+    in ONNX Runtime) would multiply the table's cost by up to five."""
     keep = {}
-    for kind in dict.fromkeys((o.method, o.order) for o in opts if o.rank and o.method == "nd"):
+    kinds = ((o.method, o.order) for o in opts if o.rank and o.method in SCREEN_KEEP)
+    for kind in dict.fromkeys(kinds):
         mine = [o for o in opts if o.rank and (o.method, o.order) == kind]
         reals = realizations(layers[mine[len(mine) // 2].label])
-        if len(mine) < 2 or len(reals) <= SCREEN_KEEP:
+        if len(mine) < 2 or len(reals) <= SCREEN_KEEP[kind[0]]:
             continue
         times = time_candidates(reals, x, *lat)
-        keep[kind] = sorted(times, key=times.get)[:SCREEN_KEEP]
+        keep[kind] = sorted(times, key=times.get)[: SCREEN_KEEP[kind[0]]]
     return keep
 
 
@@ -379,7 +380,7 @@ def _measure_plan(model, config, plan, chosen, cache, example, latency, model_ms
         prune_chain_(twin, chain, keep)
     for name, real in chosen.items():
         layer = twin.get_submodule(name)
-        if isinstance(layer, DecoupledConv2d):
+        if realization_names(layer):
             layer.set_realization(real)
     # Timed side by side with the original and given as the ratio times the model's latency: on
     # a noisy machine a ratio measured in one run holds where two latencies minutes apart do not.

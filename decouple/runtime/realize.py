@@ -1,7 +1,8 @@
 """The fastest exact realization of every factored layer, measured where the model will run.
 
 A decoupled layer can run as several graphs that compute the same function
-(:data:`decouple.nn.decoupled.REALIZATIONS`); which is fastest depends on the runtime, the device and
+(:data:`decouple.nn.decoupled.REALIZATIONS`; a CP layer as four ops or three,
+:data:`decouple.nn.factorized.CP_REALIZATIONS`); which is fastest depends on the runtime, the device and
 the input shape, and sometimes none beats the dense conv it replaced (depthwise convs are
 memory-bound). :func:`choose_realizations_` times every candidate on the layer's real input,
 interleaved over a few rounds, keeps the fastest, and puts the original conv back where nothing
@@ -19,22 +20,35 @@ import torch
 from torch import nn
 
 from ..nn.decoupled import REALIZATIONS, DecoupledConv2d
+from ..nn.factorized import CP_REALIZATIONS, CPConv2d
 from ..nn.progress import progress_bar
 from ..nn.transaction import in_place
 from ..surgery.methods import is_factored
 from .latency import capture_inputs, fastest, prepare
 
 ORIGINAL = "original"
-AS_IS = "as is"  # CP and Tucker layers have one realization
+AS_IS = "as is"  # Tucker and low-rank layers have one realization
 CALL_OVERHEAD = "call overhead"  # an identity, timed to take the runtime's fixed cost off
+# Every realization name of every layer kind (none is shared between kinds).
+ALL_REALIZATIONS = (*dict.fromkeys(r for rs in REALIZATIONS.values() for r in rs), *CP_REALIZATIONS)
+
+
+def realization_names(layer: nn.Module) -> tuple[str, ...]:
+    """The realizations ``layer`` can run as; empty where it has one way only."""
+    if isinstance(layer, DecoupledConv2d):
+        return REALIZATIONS[layer.order]
+    if isinstance(layer, CPConv2d):
+        return CP_REALIZATIONS
+    return ()
 
 
 def realizations(layer: nn.Module) -> dict[str, nn.Module]:
     """Every realization of ``layer``, as shallow copies sharing its parameters."""
-    if not isinstance(layer, DecoupledConv2d):
+    names = realization_names(layer)
+    if not names:
         return {AS_IS: layer}
     out = {}
-    for name in REALIZATIONS[layer.order]:
+    for name in names:
         twin = copy.copy(layer)  # own ``realization`` attribute, same parameters and submodules
         out[name] = twin.set_realization(name)
     return out
@@ -162,7 +176,7 @@ def choose_realizations_(
             chosen = ORIGINAL
         if chosen == ORIGINAL:
             model.set_submodule(name, originals[name])
-        elif isinstance(layer, DecoupledConv2d):
+        elif realization_names(layer):
             layer.set_realization(chosen)
         choices[name] = RealizationChoice(name, chosen, times, min_gain)
     return choices
@@ -203,7 +217,7 @@ def confirm_on_model_(
         faster"`` for each realization ``R``; the fastest is the one applied.
     """
     configs: dict[str, dict[str, str]] = {"per layer": {}}
-    for real in dict.fromkeys(r for rs in REALIZATIONS.values() for r in rs):
+    for real in ALL_REALIZATIONS:
         switch = {}
         for name, c in choices.items():
             t = c.times_ms.get(real)

@@ -178,6 +178,8 @@ def recipe_entry(layer: nn.Module) -> dict:
         if layer.realization != "grouped":  # same weights; the faster graph for its runtime
             entry["realization"] = layer.realization
         return entry
+    if method == "cp" and layer.realization != "separable":
+        return {"method": "cp", "rank": layer.rank, "realization": layer.realization}
     if method in ("cp", "svd"):
         return {"method": method, "rank": layer.rank}
     return {"method": "tucker", "ranks": list(layer.ranks)}

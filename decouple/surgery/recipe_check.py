@@ -21,6 +21,7 @@ from ..factor.nd import ORDERS, max_rank
 from ..factor.tucker import tucker_max_ranks
 from ..nn.decoupled import REALIZATIONS
 from ..nn.discover import custom_forward_reason, is_plain_layer
+from ..nn.factorized import CP_REALIZATIONS
 from ..nn.geometry import geometry_of, kernel_of
 from ..nn.guards import InputTypeError, type_error
 from .chains import Chain
@@ -41,7 +42,7 @@ RECIPE_KEYS = (
 PRUNED_KEYS = ("width", "mids", "consumer")
 LAYER_KEYS = {
     "nd": ("method", "rank", "order", "realization"),
-    "cp": ("method", "rank"),
+    "cp": ("method", "rank", "realization"),
     "tucker": ("method", "ranks"),
     "svd": ("method", "rank"),
 }
@@ -172,7 +173,10 @@ def _check_layer(name: str, conv: nn.Module, entry: Any) -> LayerPlan:
         return LayerPlan(name, method, (ranks[0], ranks[1]))
     if method == "cp":
         rank = check_int(entry.get("rank"), f"{what} rank", 1, cp_max_rank(shape, groups))
-        return LayerPlan(name, method, rank)
+        real = entry.get("realization")
+        if real is not None:
+            check_str(real, f"{what} realization", CP_REALIZATIONS)
+        return LayerPlan(name, method, rank, realization=real)
     order = entry.get("order")
     order = "dw-pw" if order is None else check_str(order, f"{what} order", ORDERS)
     rank = check_int(entry.get("rank"), f"{what} rank", 1, max_rank(shape, order, groups))
