@@ -279,10 +279,11 @@ def _compress(
                 latency.layer_min_run_time,
                 latency.threads,
             )
-            # Under a FLOPs budget the plan holds: a slow layer keeps its fastest realization.
+            # Under a FLOPs budget the plan holds: a slow layer keeps its fastest realization,
+            # among those that run the FLOPs the plan counted.
             choices = choose_realizations_(
                 model, originals, example, *args, progress=progress, min_gain=latency.min_gain,
-                restore=target_flops is None,
+                restore=target_flops is None, keep_flops=target_flops is not None,
             )  # fmt: skip
             whole = confirm_on_model_(
                 model, choices, example, latency.runtime, 2, latency.min_run_time, latency.threads

@@ -29,6 +29,9 @@ from .latency import capture_inputs, fastest, prepare
 ORIGINAL = "original"
 AS_IS = "as is"  # Tucker and low-rank layers have one realization
 CALL_OVERHEAD = "call overhead"  # an identity, timed to take the runtime's fixed cost off
+# Realizations that run more multiply-adds than the plan priced (a CP layer's square depthwise
+# conv does kh·kw per term where the separable pair does kh + kw): never where FLOPs are the ask.
+ADDS_FLOPS = ("square",)
 # Every realization name of every layer kind (none is shared between kinds).
 ALL_REALIZATIONS = (*dict.fromkeys(r for rs in REALIZATIONS.values() for r in rs), *CP_REALIZATIONS)
 
@@ -134,6 +137,7 @@ def choose_realizations_(
     progress: bool = False,
     min_gain: float = 0.05,
     restore: bool = True,
+    keep_flops: bool = False,
 ) -> dict[str, RealizationChoice]:
     """Give every factored layer of ``model`` its fastest realization, in place.
 
@@ -156,6 +160,9 @@ def choose_realizations_(
         Whether a layer nothing beats gets its original conv back. False where the plan is the
         user's ask (a FLOPs budget: putting convs back would spend FLOPs the budget does not
         have); the original is still timed, so the report shows what each layer costs.
+    keep_flops : bool
+        Only realizations with the FLOPs the plan counted (not :data:`ADDS_FLOPS`): a FLOPs
+        budget's model must still meet it.
 
     Returns
     -------
@@ -168,6 +175,8 @@ def choose_realizations_(
     for name in progress_bar(names, desc="timing realizations", enabled=progress, unit="layer"):
         layer = model.get_submodule(name)
         candidates = realizations(layer)
+        if keep_flops:
+            candidates = {k: m for k, m in candidates.items() if k not in ADDS_FLOPS}
         if name in originals:
             candidates[ORIGINAL] = originals[name]
         times = time_candidates(candidates, inputs[name], runtime, rounds, min_run_time, threads)

@@ -169,3 +169,42 @@ def test_square_exports_to_onnx_as_three_convs():
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(torch.from_numpy(got), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_square_runs_more_flops_so_a_flops_budget_never_takes_it(fake_clock):
+    """The square depthwise conv does kh·kw multiply-adds per term where the separable pair does
+    kh + kw: faster, but more FLOPs. Under a FLOPs budget the model must still meet the budget,
+    so timing chooses among the separable graph and the original only; with ranks and no
+    budget, the faster square graph is kept."""
+    from decouple import count_flops
+    from decouple.pipeline import compress_
+    from decouple.runtime.latency import LatencyConfig
+
+    model, _ = _cp_toy()
+    x = torch.randn(1, 4, 6, 6)
+    separable = count_flops(model, x)[0]
+    model[2].set_realization("square")
+    assert count_flops(model, x)[0] > separable
+    fake_clock.cost = lambda m: {"separable": 0.6, "square": 0.4}.get(
+        getattr(m, "realization", None), 1.0 if type(m) is nn.Conv2d else 0.0
+    )
+    quick = LatencyConfig(layer_rounds=1, layer_min_run_time=0.002, min_run_time=0.02)
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)
+        )
+
+    config = DecoupleConfig(method="cp", fold_bn=False, include_stem=True)
+    budgeted = build()
+    result = compress_(budgeted, config, (4, 8, 8), target_flops=0.5, realize=True, latency=quick)
+    factored = [n for n, c in result.realizations.items() if c.chosen != ORIGINAL]
+    assert factored and all("square" not in result.realizations[n].times_ms for n in factored)
+    assert all(budgeted.get_submodule(n).realization == "separable" for n in factored)
+    x = torch.randn(1, 4, 8, 8)
+    assert count_flops(budgeted, x)[0] <= 0.5 * count_flops(build(), x)[0]
+    ranked = build()
+    result = compress_(ranked, DecoupleConfig(method="cp", rank=4, fold_bn=False, include_stem=True),
+                       (4, 8, 8), realize=True, latency=quick)  # fmt: skip
+    assert {c.chosen for c in result.realizations.values()} == {"square"}
