@@ -11,7 +11,7 @@ time_candidates`' (ONNX Runtime, one thread, interleaved rounds, net of the call
 same clock that prices a latency budget's layer table; *speed* is the original conv's time over
 the realization's.
 
-    pip install -e '.[dev,vision]' && python experiments/cp_realizations.py   # about 5 minutes
+    pip install -e '.[dev,vision]' && python experiments/cp_realizations.py   # about 2 minutes
 
 → ``results/cp_realizations.md`` and ``.csv``. ``--quick``: two shapes into a temporary folder.
 """

@@ -12,7 +12,7 @@ of the written model against the BN-folded original; *realizations* says how the
 run (a CP layer as four ops, ``separable``, or three, ``square``:
 ``results/cp_realizations.md``).
 
-    pip install -e '.[dev,vision]' && python experiments/latency_targets.py   # about 25 minutes
+    pip install -e '.[dev,vision]' && python experiments/latency_targets.py   # about 30 minutes
 
 → ``results/latency_targets.md`` and ``.csv``. ``--quick``: one ResNet-20 run into a temporary
 folder; ``--repeats N`` runs of each batch-32 target (default 2).
