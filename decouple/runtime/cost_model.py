@@ -36,7 +36,7 @@ from torch.utils._pytree import tree_flatten
 
 from .latency import check_runtime, cpu_name
 
-FORMAT = 1  # bump when the features or the micro-benchmark change: cached fits are then refitted
+FORMAT = 2  # bump when the features or the micro-benchmark change: cached fits are then refitted
 KINDS = ("dense", "depthwise", "grouped", "unblocked", "other")
 FEATURES = (
     *(f"gmac_{k}" for k in KINDS[:4]), *(f"mbyte_{k}" for k in KINDS), "conv_op", "op"
@@ -276,6 +276,9 @@ def _blocks(c: int) -> dict[str, nn.Module]:
     def cp(r):
         return nn.Sequential(conv(c, r), conv(r, r, (3, 1), r), conv(r, r, (1, 3), r), conv(r, c))
 
+    def cp_square(r):  # CPConv2d's "square" realization: one depthwise 3×3 of the outer products
+        return nn.Sequential(conv(c, r), conv(r, r, 3, r), conv(r, c))
+
     def tucker(r):
         return nn.Sequential(conv(c, r), conv(r, r, 3), conv(r, c))
 
@@ -286,6 +289,8 @@ def _blocks(c: int) -> dict[str, nn.Module]:
         "nd T=2": nn.Sequential(conv(c, 2 * c, 3, c), conv(2 * c, c)),
         "cp": cp(c),
         "cp unaligned": cp(c + 3),
+        "cp square": cp_square(c),
+        "cp square, 2x rank": cp_square(2 * c),
         "tucker": tucker(c // 2),
         "tucker unaligned": tucker(c // 2 + 1),
         "residual": _Residual(c),
@@ -301,8 +306,9 @@ def benchmark_graphs(
     Runtime reorders a tensor into its blocked layout once for a run of blocked convs, and back
     around every conv it cannot block. Channels and sizes pair as in ResNets and MobileNets (16
     at 32² to 512 at 7²); each kind of block: a dense 3×3, a widening 1×1 pair, a depthwise
-    separable block, network decoupling at ``T=2``, CP and Tucker-2 at aligned and unaligned
-    ranks, a residual add. Graphs over ``max_gmac`` at this batch are left out (the fit is
+    separable block, network decoupling at ``T=2``, CP (four ops) and Tucker-2 at aligned and
+    unaligned ranks, CP as three ops (its ``square`` realization) at ranks of one and two times
+    the channels, a residual add. Graphs over ``max_gmac`` at this batch are left out (the fit is
     linear, and they would take seconds each).
     """
     gen = torch.Generator().manual_seed(0)

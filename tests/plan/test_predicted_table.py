@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from clocks import whole_model_clock
 from toys import toy
 
 from decouple import DecoupleConfig, build_report
@@ -41,8 +42,7 @@ def clock_of(monkeypatch):
         def no_clock(*args, **kwargs):
             raise AssertionError("a layer was timed although the table is predicted")
 
-        monkeypatch.setattr(lb, "measure", measure)
-        monkeypatch.setattr(latency_module, "measure", measure)
+        whole_model_clock(monkeypatch, measure)
         monkeypatch.setattr(lb, "time_candidates", no_clock)
 
     return use

@@ -16,6 +16,7 @@ from torch import nn
 from decouple import predicted_speed
 from decouple.io import cost_model_cache
 from decouple.io.errors import InputError
+from decouple.nn.factorized import CPConv2d
 from decouple.predicted_speed import predicted_line
 from decouple.runtime import cost_model as cm
 from decouple.runtime.cost_model import FEATURES, CostModel, census, fit, fit_cost_model
@@ -65,6 +66,20 @@ def test_ops_on_weights_alone_are_constants_in_onnxruntime_not_in_eager() -> Non
     x = torch.randn(1, 4, 2, 2)
     assert [op.op for op in census(Scaled(), x, "onnxruntime")] == ["convolution"]
     assert [op.op for op in census(Scaled(), x, "eager")] == ["mul", "convolution"]
+
+
+@pytest.mark.parametrize("rank", [16, 32])
+def test_the_micro_benchmark_times_the_graph_a_square_cp_layer_runs(rank) -> None:
+    """The cost model is fitted on graphs shaped like what the methods produce: a CP layer
+    realized as three ops is, op for op, the benchmark's ``cp square`` block (its kernel a
+    constant in ONNX Runtime)."""
+    c = 16
+    layer = CPConv2d.from_conv(nn.Conv2d(c, c, 3, padding=1), rank).set_realization("square")
+    x = torch.randn(2, c, 8, 8)
+    label = "cp square" if rank == c else "cp square, 2x rank"
+    block = cm._blocks(c)[label]
+    assert census(layer, x, "onnxruntime") == census(block, x, "onnxruntime")
+    assert len(census(layer, x, "onnxruntime")) == 3
 
 
 def test_onnxruntime_pads_channels_to_its_block_and_leaves_odd_counts_unblocked(

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from clocks import whole_model_clock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -196,27 +197,39 @@ def test_a_slow_spell_in_one_block_moves_neither_median_nor_spread(fake_clock):
 
 
 def test_compare_keeps_each_sides_better_run(fake_clock, monkeypatch):
-    """Before and after are timed twice, interleaved; a slow spell over the first timing of
-    ``before`` does not reach the speedup."""
+    """Before and after are prepared once and timed in interleaved rounds; a slow spell over
+    ``before``'s first two rounds does not reach the speedup, and a slow round of ``after`` does
+    not either."""
     fake_clock.call_ms = 0.0
-    timings = []
-    real_measure = latency_module.measure
-
-    def counted(*args, **kwargs):
-        timings.append(args[0])
-        return real_measure(*args, **kwargs)
-
+    timed, prepared = [], []
+    real_time, real_prepare = latency_module.time_prepared, latency_module.prepare
     before, after = nn.Identity(), nn.Identity()
     before.fake_ms, after.fake_ms = 4.0, 0.1
-    fake_clock.cost = lambda m: (
-        2 * m.fake_ms if m is before and len(timings) == 1 else getattr(m, "fake_ms", 0.0)
-    )
-    monkeypatch.setattr(latency_module, "measure", counted)
-    out = compare(before, after, torch.zeros(2), LatencyConfig(min_run_time=0.02))
-    assert timings == [before, after, before, after]
+
+    def counted(prep, *args, **kwargs):
+        timed.append(prep.side)
+        return real_time(prep, *args, **kwargs)
+
+    def prepare(module, *args, **kwargs):
+        prepared.append(module)
+        prep = real_prepare(module, *args, **kwargs)
+        prep.side = "before" if module is before else "after"
+        return prep
+
+    def cost(m):
+        spell = (timed[-1], timed.count(timed[-1])) in {("before", 1), ("before", 2), ("after", 3)}
+        return (3 if spell else 1) * m.fake_ms
+
+    fake_clock.cost = cost
+    monkeypatch.setattr(latency_module, "time_prepared", counted)
+    monkeypatch.setattr(latency_module, "prepare", prepare)
+    out = compare(before, after, torch.zeros(2), LatencyConfig(min_run_time=0.02), rounds=3)
+    assert prepared == [before, after]  # once each, however many rounds
+    assert timed == ["before", "after"] * 3
     assert out["before"]["median_ms"] == pytest.approx(4.0)
     assert out["after"]["median_ms"] == pytest.approx(0.1)
     assert out["speedup"] == pytest.approx(40.0) and out["batch"] == 2
+    assert out["before"]["runs"] > 3 and out["device"] == "cpu"
 
 
 @pytest.mark.parametrize(
@@ -448,8 +461,7 @@ def _fake_clock(monkeypatch, in_graph: float = 1.0, clock=None):
         return Latency(ms, 0.0, 1, "eager", "cpu", 1, 1)
 
     monkeypatch.setattr(lb, "time_candidates", time_candidates)
-    monkeypatch.setattr(lb, "measure", measure)
-    monkeypatch.setattr(latency_module, "measure", measure)  # compare(), plans beside the model
+    whole_model_clock(monkeypatch, measure)
 
 
 def test_latency_plan_uses_the_fastest_realization_and_spends_the_budget(monkeypatch):
@@ -522,8 +534,7 @@ def test_a_plan_allocated_by_flops_is_kept_where_the_table_misprices_the_layers(
         ms = 0.2 + 0.3 * count_flops(model, images(1).to(next(model.parameters())))[0] / base_flops
         return Latency(ms, 0.0, 1, "eager", "cpu", 1, 1)
 
-    monkeypatch.setattr(lb, "measure", measure)
-    monkeypatch.setattr(latency_module, "measure", measure)
+    whole_model_clock(monkeypatch, measure)
     config = DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True,
                             overrides={"head": "skip"})  # fmt: skip
     plan = lb.plan_latency(toy(), config, (3, 8, 8), 0.75)
@@ -562,8 +573,7 @@ def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch, fake
         extra = sum(isinstance(m, DecoupledConv2d) for m in model.modules())
         return Latency(0.5 + 0.05 * extra, 0.0, 1, "eager", "cpu", 1, 1)
 
-    monkeypatch.setattr(lb, "measure", measure)
-    monkeypatch.setattr(latency_module, "measure", measure)
+    whole_model_clock(monkeypatch, measure)
     plan = lb.plan_latency(
         toy(), DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True), (3, 8, 8), 0.6
     )
