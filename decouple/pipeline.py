@@ -317,15 +317,16 @@ def _correct_biases_(model, originals, means, fused) -> BiasCorrection:
 
 def _table_model(latency: LatencyConfig):
     """The cost model that prices a ``predicted`` latency table (fitted once per machine and
-    cached), or None for a measured one."""
-    if latency.layer_table != "predicted":
+    cached), or None for a measured one: ``auto`` is predicted where there is a cost model (on
+    the CPU, unless ``DECOUPLE_COST_MODEL=off``)."""
+    if latency.layer_table == "measured" or latency.device == "cuda":
         return None
     got = cost_model_for(latency.runtime, latency.batch, latency.threads)
-    if got is None:
+    if got is None and latency.layer_table == "predicted":
         raise ValueError(
             "layer_table 'predicted' needs the cost model, which DECOUPLE_COST_MODEL turns off"
         )
-    return got[0]
+    return None if got is None else got[0]
 
 
 def _fuse_linear_(model: nn.Module, config: DecoupleConfig, input_shape) -> tuple:

@@ -12,7 +12,7 @@ REFIT_MODES = ("none", "last", "alternating", "auto")  # decouple.calibrate.laye
 ORDERS = ("dw-pw", "pw-dw")  # decouple.factor.nd
 CRITERIA = ("energy", "data", "output")  # decouple.plan.losses
 RUNTIMES = ("eager", "channels-last", "onnxruntime")  # decouple.runtime.latency
-LAYER_TABLES = ("measured", "predicted")  # decouple.runtime.latency
+LAYER_TABLES = ("auto", "measured", "predicted")  # decouple.runtime.latency
 AUTO = "auto"  # decouple.surgery.checks
 METHODS = ("nd", "cp", "tucker", "svd")  # decouple.surgery.methods
 VERSION = "0.1.0"  # decouple.__version__
@@ -302,10 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     timing.add_argument(
         "--latency-table",
         choices=LAYER_TABLES,
-        default="measured",
+        default="auto",
         help="how --target-latency prices each layer's options: timed one by one (measured, "
         "minutes) or predicted by the runtime's cost model (predicted, seconds); the plans are "
-        "timed whole either way (default measured)",
+        "timed whole either way (default auto: predicted on the CPU unless "
+        "DECOUPLE_COST_MODEL=off, else measured)",
     )
     timing.add_argument(
         "--threads", type=int, metavar="N", help="CPU threads (default: PyTorch's setting)"

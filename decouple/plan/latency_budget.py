@@ -34,7 +34,6 @@ network, where the 1×1 convs' low-rank forms add a call each, narrowing a chain
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -45,16 +44,15 @@ from torch import nn
 from ..nn.progress import progress_bar
 from ..nn.stopwatch import stage
 from ..runtime.cost_model import CostModel, block_size
-from ..runtime.latency import LatencyConfig, capture_inputs, compare, measure
-from ..runtime.realize import ORIGINAL, realization_names, realizations, time_candidates
-from ..surgery.chains import prune_chain_
+from ..runtime.latency import LatencyConfig, capture_inputs, measure
+from ..runtime.realize import ORIGINAL, realizations, time_candidates
 from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache
-from ..surgery.rewrite import decouple_with_fold_info
 from .allocate import MIN_SAVING, Allocation, Option, allocate
 from .flops_pricing import FlopsPricing
 from .latency_search import new_plan, next_budget, pick, ranks_key, unchanged_plan
-from .options import allocated_config, rank_options
+from .options import rank_options
+from .plan_timing import time_plan
 from .prune_options import timed_units
 
 MAX_PASSES = 4  # timing passes over the layer tables at most (see _stable_table)
@@ -161,12 +159,14 @@ def plan_latency(
         Plans allocated by FLOPs timed whole after the table's own (0: the table's alone).
     cost_model : CostModel, optional
         The runtime's cost model at ``latency``'s batch and threads, which prices the table
-        where ``latency.layer_table`` is ``"predicted"`` (required then).
+        where ``latency.layer_table`` is ``"predicted"`` (required then) or ``"auto"``.
     """
     if not 0 < target_latency <= 1:
         raise ValueError(f"target_latency must be a fraction in (0, 1]; got {target_latency!r}")
     latency = latency or LatencyConfig()
-    predicted = latency.layer_table == "predicted"
+    predicted = latency.layer_table == "predicted" or (
+        latency.layer_table == "auto" and cost_model is not None
+    )
     if predicted and cost_model is None:
         raise ValueError("layer_table 'predicted' needs the runtime's cost model (cost_model=)")
     # The table's prices: each candidate timed alone, or the cost model's prediction of it (one
@@ -228,7 +228,7 @@ def plan_latency(
             if o.rank and o.method != "prune"
         }  # fmt: skip
         with stage("timing plans", announce=False):
-            ms = _measure_plan(model, config, plan, chosen, cache, example, latency, model_ms)
+            ms, chosen = time_plan(model, config, plan, chosen, cache, example, latency, model_ms)
         steps.append({"budget_ms": budget_ms, "planned_ms": plan.total_flops / 1e6,
                       "measured_ms": ms, "priced": priced})  # fmt: skip
         tried.append((ms, plan.loss, plan, chosen))
@@ -275,7 +275,7 @@ def plan_latency(
         chosen, ms = {}, model_ms
     return LatencyPlan(
         plan, chosen, model_ms, table, target_ms, ms, steps, passes, config.rank_multiple,
-        how.get(id(plan), "time"), latency.layer_table,
+        how.get(id(plan), "time"), "predicted" if predicted else "measured",
     )  # fmt: skip
 
 
@@ -367,22 +367,3 @@ def _in_play(candidates: dict, times: dict[str, float]) -> dict:
         k: m for k, m in candidates.items()
         if k == ORIGINAL or times[k] <= 1.2 * best[k.split(": ", 1)[0]]
     }  # fmt: skip
-
-
-def _measure_plan(model, config, plan, chosen, cache, example, latency, model_ms) -> float:
-    """Whole-model latency (ms) of ``model`` decoupled and pruned as ``plan`` says, in
-    realizations ``chosen``, on the scale of ``model_ms``, the original's latency measured first."""
-    twin = copy.deepcopy(model)
-    decouple_with_fold_info(
-        twin, allocated_config(replace(config, fold_bn=False), plan.choice), cache=cache
-    )
-    for chain, keep in plan.pruned.values():  # the shapes are what is timed; the refit comes later
-        prune_chain_(twin, chain, keep)
-    for name, real in chosen.items():
-        layer = twin.get_submodule(name)
-        if realization_names(layer):
-            layer.set_realization(real)
-    # Timed side by side with the original and given as the ratio times the model's latency: on
-    # a noisy machine a ratio measured in one run holds where two latencies minutes apart do not.
-    side = compare(model, twin, example, latency)
-    return model_ms / side["speedup"]

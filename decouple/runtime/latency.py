@@ -248,7 +248,7 @@ def capture_inputs(model: nn.Module, names: list[str], example: torch.Tensor) ->
     return seen
 
 
-LAYER_TABLES = ("measured", "predicted")  # how a latency budget prices layers
+LAYER_TABLES = ("auto", "measured", "predicted")  # how a latency budget prices layers
 
 
 @dataclass(frozen=True)
@@ -271,11 +271,13 @@ class LatencyConfig:
     min_gain : float
         A decoupled layer is kept only if its fastest realization takes at most ``1 - min_gain``
         of its original conv's time (the noise floor of the timings), in [0, 1).
-    layer_table : {"measured", "predicted"}
+    layer_table : {"auto", "measured", "predicted"}
         How a latency budget prices each layer's options: every candidate timed alone on the
         target (``measured``), or predicted by the runtime's cost model
         (:mod:`decouple.runtime.cost_model`), which takes seconds where timing takes minutes.
-        Either way the plans are timed whole, and the one kept is chosen on those timings.
+        ``auto`` (the default): predicted where there is a cost model (on the CPU, unless
+        ``DECOUPLE_COST_MODEL=off``), else measured. Either way the plans are timed whole, and
+        the one kept is chosen on those timings.
     """
 
     runtime: str = "eager"
@@ -286,7 +288,7 @@ class LatencyConfig:
     layer_rounds: int = 3
     layer_min_run_time: float = 0.05
     min_gain: float = 0.05
-    layer_table: str = "measured"
+    layer_table: str = "auto"
 
     def __post_init__(self) -> None:
         check_runtime(self.runtime)
@@ -330,24 +332,19 @@ class LatencyConfig:
         return {**asdict(self), "threads": self.threads or torch.get_num_threads()}
 
 
-def compare(
-    before: nn.Module,
-    after: nn.Module,
-    example: torch.Tensor,
-    config: LatencyConfig,
-    rounds: int = 4,
-) -> dict:
-    """Whole-model latency of ``before`` and ``after``, measured side by side.
+def side_by_side(
+    modules: dict[str, nn.Module], example: torch.Tensor, config: LatencyConfig, rounds: int = 4
+) -> dict[str, Latency]:
+    """Whole-model latency of each of ``modules``, measured side by side.
 
     Each is prepared once (in ONNX Runtime: exported once), then timed in ``rounds`` interleaved
-    rounds (before, after, before, after, …) of half ``config.min_run_time`` each, and keeps its
-    best round's median: a slow spell of the machine lands on a round or two of either side, not
-    on one side's only timing (noise on a CPU only ever adds time).
+    rounds (A, B, …, A, B, …) of half ``config.min_run_time`` each, and keeps its best round's
+    median: a slow spell of the machine lands on a round or two of any of them, not on one's
+    only timing (noise on a CPU only ever adds time).
     """
     threads = config.threads or torch.get_num_threads()
-    sides = {"before": before, "after": after}
-    prepared = {k: prepare(m, example, config.runtime, threads) for k, m in sides.items()}
-    best, calls = {}, dict.fromkeys(sides, 0)
+    prepared = {k: prepare(m, example, config.runtime, threads) for k, m in modules.items()}
+    best, calls = {}, dict.fromkeys(modules, 0)
     for _ in range(rounds):
         for key, prep in prepared.items():
             m, n = time_prepared(prep, config.min_run_time / 2, threads=threads)
@@ -355,17 +352,29 @@ def compare(
             if key not in best or m.median < best[key].median:
                 best[key] = m
     dev = "cpu" if config.runtime == "onnxruntime" else device_name(example.device)
-    out = {
+    return {
         k: Latency(best[k].median * 1e3, best[k].iqr * 1e3, calls[k], config.runtime, dev,
                    threads, int(example.shape[0]))
-        for k in sides
+        for k in modules
     }  # fmt: skip
+
+
+def compare(
+    before: nn.Module,
+    after: nn.Module,
+    example: torch.Tensor,
+    config: LatencyConfig,
+    rounds: int = 4,
+) -> dict:
+    """Whole-model latency of ``before`` and ``after``, measured :func:`side_by_side`, and the
+    speedup of ``after``."""
+    out = side_by_side({"before": before, "after": after}, example, config, rounds)
     b, a = out["before"], out["after"]
     return {
         "runtime": config.runtime,
-        "device": dev,
+        "device": b.device,
         "processor": cpu_name(),
-        "threads": threads,
+        "threads": b.threads,
         "batch": b.batch,
         "before": b.to_dict(),
         "after": a.to_dict(),

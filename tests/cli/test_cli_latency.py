@@ -101,7 +101,7 @@ def test_target_latency_plans_from_layer_timings(tmp_path: Path, capsys, fake_cl
     fake_clock.cost = _prices
     out = tmp_path / "d.pt"
     code, stdout, err = cli(capsys, "--demo", "--include-stem", "--target-latency", "0.9", "--batch", "32",
-                            "--method", "nd", "--out", out)  # fmt: skip
+                            "--method", "nd", "--latency-table", "measured", "--out", out)  # fmt: skip
     assert code == 0, err
     report = _report(out)
     plan = report["latency_allocation"]

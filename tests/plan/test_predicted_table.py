@@ -88,7 +88,34 @@ def test_compress_prices_the_table_with_the_cost_model_it_is_given(clock_of, tmp
         compress_(toy(), CONFIG, (3, 8, 8), target_latency=0.6, latency=PREDICTED)
 
 
-@pytest.mark.parametrize("table", ["measured", "predicted"])
+def test_auto_predicts_the_table_where_there_is_a_cost_model_and_times_it_where_not(
+    clock_of, tmp_path, monkeypatch
+):
+    """The default table: the cost model's where one can be had (on the CPU); every layer timed
+    when prediction is turned off."""
+    cm = model_of_macs()
+    clock_of(cm)  # a layer timed alone fails the test
+    path = tmp_path / "cost_model.json"
+    path.write_text(json.dumps(cm.to_dict()))
+    monkeypatch.setenv("DECOUPLE_COST_MODEL", str(path))
+    assert LatencyConfig().layer_table == "auto"
+    result = compress_(toy(), CONFIG, (3, 8, 8), target_latency=0.6, latency=LatencyConfig())
+    assert result.latency_plan.layer_table == "predicted"
+    monkeypatch.setenv("DECOUPLE_COST_MODEL", "off")
+    timed = []
+
+    def time_candidates(candidates, *args, **kwargs):
+        timed.append(sorted(candidates))
+        return {k: 1.0 if k == lb.ORIGINAL else 0.1 for k in candidates}
+
+    monkeypatch.setattr(lb, "time_candidates", time_candidates)
+    result = compress_(toy(), CONFIG, (3, 8, 8), target_latency=0.6, latency=LatencyConfig())
+    assert result.latency_plan.layer_table == "measured" and timed
+    report = build_report(toy(), toy(), result.records, (3, 8, 8), extra=result.extra())
+    assert "from per-layer predictions of the cost model" not in report.to_text()
+
+
+@pytest.mark.parametrize("table", ["auto", "measured", "predicted"])
 def test_the_cli_flag_reaches_the_latency_config(table):
     from decouple.cli.flags import make_latency_config
     from decouple.cli.parser import build_parser
@@ -96,4 +123,4 @@ def test_the_cli_flag_reaches_the_latency_config(table):
     args = build_parser().parse_args(["m.pt", "--target-latency", "0.6", "--latency-table", table])
     assert make_latency_config(args).layer_table == table
     default = build_parser().parse_args(["m.pt", "--target-latency", "0.6"])
-    assert make_latency_config(default).layer_table == "measured"
+    assert make_latency_config(default).layer_table == "auto"

@@ -150,7 +150,8 @@ def test_a_latency_budget_prunes_a_chain_priced_by_its_time(fake_clock):
     _priced_by_weights(fake_clock)
     model, original = head(), head()
     x = images(8, seed=5)
-    quick = LatencyConfig(min_run_time=0.001, layer_min_run_time=0.001, layer_rounds=1)
+    quick = LatencyConfig(min_run_time=0.001, layer_min_run_time=0.001, layer_rounds=1,
+                          layer_table="measured")  # fmt: skip
     result = compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), target_latency=0.6,
                        latency=quick, criterion="output", calib_images=images(256))  # fmt: skip
     plan = result.latency_plan
@@ -173,7 +174,8 @@ def test_a_missed_latency_budget_that_only_pruned_says_what_it_kept(fake_clock):
     it pruned (factored layers are slow here), so the report must not say that nothing changed."""
     _priced_by_weights(fake_clock, factored=100.0)
     model, original = head(), head()
-    quick = LatencyConfig(min_run_time=0.001, layer_min_run_time=0.001, layer_rounds=1)
+    quick = LatencyConfig(min_run_time=0.001, layer_min_run_time=0.001, layer_rounds=1,
+                          layer_table="measured")  # fmt: skip
     result = compress_(model, DecoupleConfig(method="auto"), (3, 8, 8), target_latency=0.1,
                        latency=quick, criterion="output", calib_images=images(256))  # fmt: skip
     assert result.latency_plan.allocation.pruned and not result.latency_plan.to_dict()["reached"]

@@ -45,6 +45,7 @@ from decouple.runtime.realize import (
 )
 
 FAST = dict(rounds=1, min_run_time=0.002)
+MEASURED = LatencyConfig(layer_table="measured")  # every layer timed (on the fake clocks below)
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,7 +550,7 @@ def test_a_plan_allocated_by_flops_is_kept_where_the_table_misprices_the_layers(
     # the table spends loss on conv3, which saves little time in the model; FLOPs keep it exact
     assert plan.allocation.ranks()["conv3"] == 0 < table_only.allocation.ranks()["conv3"]
     model, reference = toy(), toy()
-    result = compress_(model, config, (3, 8, 8), target_latency=0.75)
+    result = compress_(model, config, (3, 8, 8), target_latency=0.75, latency=MEASURED)
     assert result.latency_plan.priced == "FLOPs"
     text = build_report(reference, model, result.records, (3, 8, 8), extra=result.extra()).to_text()
     assert "the one kept was allocated by FLOPs" in text
@@ -588,6 +589,7 @@ def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch, fake
         DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True),
         (3, 8, 8),
         target_latency=0.6,
+        latency=MEASURED,
     )
     assert all(type(model.get_submodule(n)) is nn.Conv2d for n in ("conv1", "conv2", "conv3"))
     assert torch.equal(model(images(1)), reference(images(1)))
@@ -598,7 +600,7 @@ def test_a_budget_no_plan_reaches_never_makes_the_model_slower(monkeypatch, fake
     with pytest.raises(TargetMissed, match=r"target_latency=0.6 is out of reach: the fastest plan "
                        r"timed keeps 100.0 % of the measured latency"):  # fmt: skip
         compress_(toy(), DecoupleConfig(order="dw-pw", fold_bn=False, include_stem=True),
-                  (3, 8, 8), target_latency=0.6, allow_miss=False)  # fmt: skip
+                  (3, 8, 8), target_latency=0.6, latency=MEASURED, allow_miss=False)  # fmt: skip
 
 
 def test_an_onnx_runtime_plan_prices_ranks_in_whole_channel_blocks(monkeypatch):
@@ -637,7 +639,7 @@ def test_latency_plan_keeps_layers_no_rank_speeds_up(monkeypatch):
 def test_compress_under_a_latency_budget_applies_ranks_and_realizations(monkeypatch, fake_clock):
     _fake_clock(monkeypatch, clock=fake_clock)
     model = toy()
-    quick = LatencyConfig(min_run_time=0.01)
+    quick = LatencyConfig(min_run_time=0.01, layer_table="measured")
     result = compress_(
         model,
         DecoupleConfig(fold_bn=True, include_stem=True),
