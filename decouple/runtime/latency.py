@@ -333,19 +333,30 @@ class LatencyConfig:
 
 
 def side_by_side(
-    modules: dict[str, nn.Module], example: torch.Tensor, config: LatencyConfig, rounds: int = 4
+    modules: dict[str, nn.Module],
+    example: torch.Tensor,
+    config: LatencyConfig,
+    rounds: int = 4,
+    sessions: int = 2,
 ) -> dict[str, Latency]:
     """Whole-model latency of each of ``modules``, measured side by side.
 
-    Each is prepared once (in ONNX Runtime: exported once), then timed in ``rounds`` interleaved
-    rounds (A, B, …, A, B, …) of half ``config.min_run_time`` each, and keeps its best round's
-    median: a slow spell of the machine lands on a round or two of any of them, not on one's
-    only timing (noise on a CPU only ever adds time).
+    They are timed in ``rounds`` interleaved rounds (A, B, …, A, B, …) of half
+    ``config.min_run_time`` each, and each keeps its best round's median: a slow spell of the
+    machine lands on a round or two of any of them, not on one's only timing (noise on a CPU
+    only ever adds time). Each is prepared ``sessions`` times over the rounds (in ONNX Runtime a
+    fresh export and session, whose speed can sit a few per cent off the last one's for as long
+    as it lives), so that one unlucky session does not decide either.
     """
     threads = config.threads or torch.get_num_threads()
-    prepared = {k: prepare(m, example, config.runtime, threads) for k, m in modules.items()}
-    best, calls = {}, dict.fromkeys(modules, 0)
-    for _ in range(rounds):
+    per_session = max(1, math.ceil(rounds / sessions))
+    best, calls, prepared = {}, dict.fromkeys(modules, 0), {}
+    for r in range(rounds):
+        if r % per_session == 0:
+            prepared.clear()  # the last sessions go before the next are made
+            prepared.update(
+                {k: prepare(m, example, config.runtime, threads) for k, m in modules.items()}
+            )
         for key, prep in prepared.items():
             m, n = time_prepared(prep, config.min_run_time / 2, threads=threads)
             calls[key] += n

@@ -198,7 +198,7 @@ def test_a_slow_spell_in_one_block_moves_neither_median_nor_spread(fake_clock):
 
 
 def test_compare_keeps_each_sides_better_run(fake_clock, monkeypatch):
-    """Before and after are prepared once and timed in interleaved rounds; a slow spell over
+    """Before and after are prepared twice and timed in interleaved rounds; a slow spell over
     ``before``'s first two rounds does not reach the speedup, and a slow round of ``after`` does
     not either."""
     fake_clock.call_ms = 0.0
@@ -225,7 +225,7 @@ def test_compare_keeps_each_sides_better_run(fake_clock, monkeypatch):
     monkeypatch.setattr(latency_module, "time_prepared", counted)
     monkeypatch.setattr(latency_module, "prepare", prepare)
     out = compare(before, after, torch.zeros(2), LatencyConfig(min_run_time=0.02), rounds=3)
-    assert prepared == [before, after]  # once each, however many rounds
+    assert prepared == [before, after] * 2  # two sessions each, however many rounds
     assert timed == ["before", "after"] * 3
     assert out["before"]["median_ms"] == pytest.approx(4.0)
     assert out["after"]["median_ms"] == pytest.approx(0.1)
