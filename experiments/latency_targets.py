@@ -6,13 +6,13 @@ with the timings it is built from.
 Every run is the README's CLI command in a subprocess (``latency_table.run_one``): method
 ``auto``, the ``output`` criterion, ``--runtime onnxruntime --onnx``, one thread, 512 calibration
 images (the JPEG test images of index >= 1017), the layer table predicted by the cost model
-(``--latency-table predicted``, about a minute and a half a run; the measured table takes five to
+(``--latency-table predicted``, two to four minutes a run; the measured table takes five to
 ten); top-1 on the 1,017 exact-pixel images. *speedup* is the CLI's own side-by-side measurement
 of the written model against the BN-folded original; *realizations* says how the factored layers
 run (a CP layer as four ops, ``separable``, or three, ``square``:
 ``results/cp_realizations.md``).
 
-    pip install -e '.[dev,vision]' && python experiments/latency_targets.py   # about 30 minutes
+    pip install -e '.[dev,vision]' && python experiments/latency_targets.py   # about 35 minutes
 
 → ``results/latency_targets.md`` and ``.csv``. ``--quick``: one ResNet-20 run into a temporary
 folder; ``--repeats N`` runs of each batch-32 target (default 2).

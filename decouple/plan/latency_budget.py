@@ -6,9 +6,10 @@ layer, the original conv and every candidate rank in every realization are timed
 real input, in the target runtime, at the target batch size. A rank's cost is its fastest
 realization's time; a rank that does not save ``min_saving`` of the layer's time is not offered,
 so a layer nothing speeds up stays exact ("kept: not faster"). The same greedy allocator then
-spends the budget. With ``LatencyConfig(layer_table="predicted")`` the table is priced by the
-runtime's cost model (:mod:`decouple.runtime.cost_model`) instead of the clock: every candidate
-in every realization, in seconds where timing them takes minutes; all that follows is the same.
+spends the budget. With ``LatencyConfig(layer_table="predicted")`` (and ``"auto"``, the default,
+where there is a cost model) the table is priced by the runtime's cost model
+(:mod:`decouple.runtime.cost_model`) instead of the clock: every candidate in every realization,
+in seconds where timing them takes minutes; all that follows is the same.
 
 The model's time outside these layers is taken as its measured latency minus the layers' isolated
 times. Isolated times do not add up exactly to a whole run (a layer alone pays layout conversions
