@@ -221,12 +221,20 @@ def fastest(
     Interleaving (A, B, C, A, B, C, …) and keeping each candidate's best round keeps a burst of
     machine noise from deciding the choice.
     """
-    best = dict.fromkeys(candidates, math.inf)
+    best: dict = {}
+    _best_rounds(candidates, rounds, min_run_time, threads, 1, best, {})
+    return {k: m.median * 1e3 for k, m in best.items()}
+
+
+def _best_rounds(prepared: dict[str, Prepared], rounds, min_run_time, threads, warmup, best, calls):
+    """Time each of ``prepared`` in ``rounds`` interleaved rounds, keeping in ``best`` its fastest
+    round's measurement so far and adding the calls timed to ``calls``."""
     for _ in range(rounds):
-        for key, prep in candidates.items():
-            m, _ = time_prepared(prep, min_run_time, warmup=1, threads=threads)
-            best[key] = min(best[key], m.median * 1e3)
-    return best
+        for key, prep in prepared.items():
+            m, n = time_prepared(prep, min_run_time, warmup=warmup, threads=threads)
+            calls[key] = calls.get(key, 0) + n
+            if key not in best or m.median < best[key].median:
+                best[key] = m
 
 
 @torch.no_grad()
@@ -350,18 +358,12 @@ def side_by_side(
     """
     threads = config.threads or torch.get_num_threads()
     per_session = max(1, math.ceil(rounds / sessions))
-    best, calls, prepared = {}, dict.fromkeys(modules, 0), {}
-    for r in range(rounds):
-        if r % per_session == 0:
-            prepared.clear()  # the last sessions go before the next are made
-            prepared.update(
-                {k: prepare(m, example, config.runtime, threads) for k, m in modules.items()}
-            )
-        for key, prep in prepared.items():
-            m, n = time_prepared(prep, config.min_run_time / 2, threads=threads)
-            calls[key] += n
-            if key not in best or m.median < best[key].median:
-                best[key] = m
+    best, calls = {}, {}
+    for start in range(0, rounds, per_session):
+        prepared = {k: prepare(m, example, config.runtime, threads) for k, m in modules.items()}
+        n = min(per_session, rounds - start)
+        _best_rounds(prepared, n, config.min_run_time / 2, threads, 2, best, calls)
+        del prepared  # these sessions go before the next are made
     dev = "cpu" if config.runtime == "onnxruntime" else device_name(example.device)
     return {
         k: Latency(best[k].median * 1e3, best[k].iqr * 1e3, calls[k], config.runtime, dev,
