@@ -191,8 +191,8 @@ class Report:
                 f"({state}): measured {lalloc['measured_ms']:.2f} ms, planned "
                 f"{lalloc['planned_ms']:.2f} ms from per-layer "
                 f"{_TABLES[lalloc.get('layer_table', 'measured')]} ({tries} plan(s) timed "
-                f"whole{'; the one kept was allocated by FLOPs' if flops_kept else ''}); "
-                f"ranks chosen by {lalloc['criterion']}"
+                f"whole{'; the one kept was allocated by FLOPs' if flops_kept else ''}"
+                f"{_retimed(lalloc)}); ranks chosen by {lalloc['criterion']}"
                 + (f", in multiples of {m}" if (m := lalloc.get("rank_multiple", 1)) > 1 else "")
             )
         reals = self.extra.get("realizations")
@@ -297,6 +297,13 @@ class Report:
         out += ["", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows[1:]]
         return "\n".join(out) + "\n"
+
+
+def _retimed(lalloc: dict) -> str:
+    """What timing the picked plan again afresh did (see ``confirmed_pick``)."""
+    again, target = lalloc.get("retimed") or [], lalloc["target_ms"]
+    over = sum(r["retimed_ms"] > target for r in again)
+    return f"; {len(again)} re-timed afresh before keeping, {over} over the target" if again else ""
 
 
 def _method_text(r: LayerRecord) -> str:

@@ -57,6 +57,12 @@ def run_one(depth: str, batch: int, table: str, assets: Path, target: float = 0.
         "plans_timed": len(plan.get("steps", [])), "total_s": round(time.perf_counter() - start),
         "processor": report["latency"].get("processor", ""), "chosen": chosen(report),
         "realizations": realized(report),
+        # what the search measured of the plan it kept, and its fresh timings of picked plans
+        "search_speedup": round(plan["model_ms"] / plan["measured_ms"], 3),
+        "retimed": " ".join(
+            f"{plan['model_ms'] / r['first_ms']:.3f}→{plan['model_ms'] / r['retimed_ms']:.3f}"
+            for r in plan.get("retimed", [])
+        ),
     }  # fmt: skip
 
 

@@ -18,8 +18,9 @@ planned model is built and timed whole, the budget handed to the allocator is mo
 the plans measured so far say the target lies, and the allocation is redone, a few times at
 most. Then up to :data:`FLOPS_TRIES` plans allocated by FLOPs over the same options are timed
 whole too (:mod:`decouple.plan.flops_pricing`). The plan kept is the one of least loss among those
-measured within the budget, else the fastest measured, else (when even that is no faster than the
-original model) no change at all.
+measured within the budget (once more timed afresh, and dropped if it misses on that time:
+:func:`~decouple.plan.latency_search.confirmed_pick`), else the fastest measured, else (when even
+that is no faster than the original model) no change at all.
 
 In ONNX Runtime the ranks and pruned widths on offer are multiples of its channel block (8 or
 16, :func:`~decouple.runtime.cost_model.block_size`; more where ``rank_multiple`` asks): a layer
@@ -51,7 +52,7 @@ from ..surgery.config import DecoupleConfig
 from ..surgery.methods import FactorCache
 from .allocate import MIN_SAVING, Allocation, Option, allocate
 from .flops_pricing import FlopsPricing
-from .latency_search import new_plan, next_budget, pick, ranks_key, unchanged_plan
+from .latency_search import confirmed_pick, new_plan, next_budget, ranks_key, unchanged_plan
 from .options import rank_options
 from .plan_timing import time_plan
 from .prune_options import timed_units
@@ -92,6 +93,7 @@ class LatencyPlan:
     rank_multiple: int = 1  # the ranks and pruned widths on offer were multiples of this
     priced: str = "time"  # how the plan kept was allocated: by the table's times, or by FLOPs
     layer_table: str = "measured"  # the table timed layer by layer, or predicted by a cost model
+    retimed: list[dict] = field(default_factory=list)  # picked plans timed again: first, fresh ms
 
     def to_dict(self) -> dict:
         a = self.allocation
@@ -109,6 +111,7 @@ class LatencyPlan:
             "rank_multiple": self.rank_multiple,
             "priced": self.priced,
             "layer_table": self.layer_table,
+            "retimed": self.retimed,
             "realizations": self.realizations,
             "reasons": a.reasons,
             "table_ms": self.table,
@@ -268,7 +271,19 @@ def plan_latency(
         if in_band(ms):
             break
         fbudget = next_budget(fpoints, aim)
-    missed, plan, chosen, ms = pick(tried, target_ms, noise)
+
+    def retime(plan: Allocation, chosen: dict) -> tuple[float, dict]:
+        with stage("timing plans", announce=False):
+            return time_plan(model, config, plan, chosen, cache, example, latency, model_ms)
+
+    def step_on() -> bool:
+        """One more plan of the table's, aimed under the target by every time so far."""
+        plan, b = new_plan(options, fixed, next_budget(points, aim), points, seen, units)
+        if plan is not None:
+            points.append((b, timed(plan, b / 1e6, "time")))
+        return plan is not None
+
+    missed, plan, chosen, ms, retimed = confirmed_pick(tried, target_ms, noise, retime, step_on)
     if missed and chosen and ms >= model_ms:
         # Nothing reached the budget and the fastest plan is no faster than the model itself
         # (an overhead-bound model: every decoupled layer adds a call): change nothing.
@@ -276,7 +291,7 @@ def plan_latency(
         chosen, ms = {}, model_ms
     return LatencyPlan(
         plan, chosen, model_ms, table, target_ms, ms, steps, passes, config.rank_multiple,
-        how.get(id(plan), "time"), "predicted" if predicted else "measured",
+        how.get(id(plan), "time"), "predicted" if predicted else "measured", retimed,
     )  # fmt: skip
 
 
