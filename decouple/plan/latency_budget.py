@@ -221,7 +221,7 @@ def plan_latency(
         units = timed_units(model, flops_units, inputs, lat, min_saving, timer)
     model_ns = int(model_ms * 1e6)
     fixed, target_ms = max(model_ns - layers_ns, 0), target_latency * model_ms
-    steps, tried, seen, how = [], [], set(), {}
+    steps, tried, seen, how, budget_of = [], [], set(), {}, {}
 
     def timed(plan: Allocation, budget_ms: float | None, priced: str) -> float:
         """``plan`` timed whole, and recorded as a step and a candidate."""
@@ -235,6 +235,8 @@ def plan_latency(
             ms, chosen = time_plan(model, config, plan, chosen, cache, example, latency, model_ms)
         steps.append({"budget_ms": budget_ms, "planned_ms": plan.total_flops / 1e6,
                       "measured_ms": ms, "priced": priced})  # fmt: skip
+        if budget_ms is not None:  # a plan of the table's: where it sits among ``points``
+            budget_of[id(plan)] = round(budget_ms * 1e6)
         tried.append((ms, plan.loss, plan, chosen))
         how[id(plan)] = priced
         return ms
@@ -274,14 +276,20 @@ def plan_latency(
 
     def retime(plan: Allocation, chosen: dict) -> tuple[float, dict]:
         with stage("timing plans", announce=False):
-            return time_plan(model, config, plan, chosen, cache, example, latency, model_ms)
+            ms, chosen = time_plan(model, config, plan, chosen, cache, example, latency, model_ms)
+        b = budget_of.get(id(plan))  # a step on must aim by the fresh time, not the lucky one
+        points[:] = [(pb, ms if pb == b else pm) for pb, pm in points]
+        return ms, chosen
 
     def step_on() -> bool:
-        """One more plan of the table's, aimed under the target by every time so far."""
+        """One more plan of the table's, aimed under the target by every time so far, and
+        cheaper than every plan of the table's that missed it (``new_plan`` may move up)."""
+        over = [pb for pb, pm in points if pm > target_ms]
         plan, b = new_plan(options, fixed, next_budget(points, aim), points, seen, units)
-        if plan is not None:
-            points.append((b, timed(plan, b / 1e6, "time")))
-        return plan is not None
+        if plan is None or b >= min(over, default=b + 1):
+            return False
+        points.append((b, timed(plan, b / 1e6, "time")))
+        return True
 
     missed, plan, chosen, ms, retimed = confirmed_pick(tried, target_ms, noise, retime, step_on)
     if missed and chosen and ms >= model_ms:
