@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from experiment_io import progress, quick_or_full, write_csv
+from experiment_io import quick_or_full, write_csv
 from scipy.stats import spearmanr
 
 from decouple import DecoupleConfig
@@ -43,7 +43,7 @@ from decouple.models import build_model
 from decouple.nn.flops import count_flops
 from decouple.pipeline import compress_
 from decouple.runtime.cost_model import census, fit_cost_model
-from decouple.runtime.latency import cpu_name, measure
+from decouple.runtime.latency import LatencyConfig, cpu_name, side_by_side
 from decouple.surgery.bn_fold import fold_batchnorm_
 from decouple.surgery.methods import FactorCache
 
@@ -148,11 +148,11 @@ def main(argv=None) -> None:
             cm = fits[runtime, batch][0]
             x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
             predicted = {k: cm.predict_ms(census(m, x, runtime)) for k, m in models.items()}
-            measured = dict.fromkeys(models, float("inf"))
-            for _ in range(2):  # two interleaved rounds, the better of each
-                for k in progress(list(models), f"{name} {runtime} batch {batch}"):
-                    ms = measure(models[k], x, runtime, min_run_time=0.5).median_ms
-                    measured[k] = min(measured[k], ms)
+            # As the CLI times a plan against the original: interleaved rounds, each model
+            # prepared twice (a fresh ONNX Runtime session), the best round kept.
+            config = LatencyConfig(runtime=runtime, min_run_time=0.5, threads=2)
+            print(f"{name} {runtime} batch {batch}: timing {len(models)} models", flush=True)
+            measured = {k: v.median_ms for k, v in side_by_side(models, x, config).items()}
             for k in models:
                 rows.append({
                     "model": name, "runtime": runtime, "batch": batch, "plan": k,
@@ -190,7 +190,8 @@ def write(rows: list[dict], fits: dict, out: Path) -> None:
         "(`decouple/runtime/cost_model.py`) is fitted once per runtime and batch size by its "
         f"micro-benchmark on this machine ({cpu_name()}, {torch.get_num_threads()} threads); "
         "every plan, and the BN-folded original, is timed in the runtime (ONNX Runtime: exported "
-        "first; best median of two interleaved rounds). *Spearman*: rank correlation of "
+        "first; four interleaved rounds, each model prepared twice, the best round's median, as "
+        "the CLI times a plan against the original). *Spearman*: rank correlation of "
         "predicted and measured time over the original and the plans of one model, runtime and "
         "batch. *Slower, said*: plans measured "
         "slower than the original, and how many of them the prediction called slower.",
