@@ -24,7 +24,7 @@ from ..nn.factorized import CP_REALIZATIONS, CPConv2d
 from ..nn.progress import progress_bar
 from ..nn.transaction import in_place
 from ..surgery.methods import is_factored
-from .latency import capture_inputs, fastest, prepare
+from .latency import LatencyConfig, capture_inputs, fastest, prepare, side_by_side
 
 ORIGINAL = "original"
 AS_IS = "as is"  # Tucker and low-rank layers have one realization
@@ -237,13 +237,16 @@ def confirm_on_model_(
             configs[f"{real} where faster"] = switch
     if len(configs) == 1:
         return {}
-    prepared = {}
+    twins = {}
     for key, switch in configs.items():
-        twin = copy.deepcopy(model)
+        twins[key] = twin = copy.deepcopy(model)
         for name, real in switch.items():
             twin.get_submodule(name).set_realization(real)
-        prepared[key] = prepare(twin, example, runtime, threads)
-    times = fastest(prepared, rounds, min_run_time, threads)
+    # As a latency plan is timed: interleaved rounds of half ``min_run_time``, each model prepared
+    # twice (an ONNX Runtime session can run a few per cent off for as long as it lives).
+    config = LatencyConfig(runtime=runtime, min_run_time=min_run_time, threads=threads)
+    measured = side_by_side(twins, example, config, rounds=2 * rounds)
+    times = {k: v.median_ms for k, v in measured.items()}
     best = min(times, key=times.get)
     for name, real in configs[best].items():
         model.get_submodule(name).set_realization(real)

@@ -18,6 +18,7 @@ from torch import nn
 
 from decouple import DecoupleConfig, apply_recipe_, decouple_, make_recipe
 from decouple.nn.factorized import CP_REALIZATIONS, CPConv2d
+from decouple.runtime.latency import Latency
 from decouple.runtime.realize import (
     ORIGINAL,
     RealizationChoice,
@@ -120,10 +121,11 @@ def test_whole_model_check_can_switch_cp_layers(monkeypatch):
         "2": RealizationChoice("2", "square", {ORIGINAL: 1.0, "separable": 0.5, "square": 0.4}, 0.05),
     }  # fmt: skip
 
-    def clock(prepared, *a, **k):  # whole models: every layer separable is fastest
-        return {key: 1.0 if key == "separable where faster" else 2.0 for key in prepared}
+    def clock(models, *a, **k):  # whole models: every layer separable is fastest
+        ms = {key: 1.0 if key == "separable where faster" else 2.0 for key in models}
+        return {key: Latency(v, 0.0, 1, "eager", "cpu", 1, 2) for key, v in ms.items()}
 
-    monkeypatch.setattr(realize, "fastest", clock)
+    monkeypatch.setattr(realize, "side_by_side", clock)
     times = confirm_on_model_(model, choices, torch.randn(2, 4, 6, 6))
     assert {"per layer", "separable where faster", "square where faster"} <= set(times)
     assert model[0].realization == model[2].realization == "separable"

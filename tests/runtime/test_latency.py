@@ -375,10 +375,11 @@ def test_whole_model_check_never_gives_a_layer_a_realization_that_lost(monkeypat
     for name in ("conv1", "conv2"):
         model.get_submodule(name).set_realization("split")
 
-    def clock(prepared, *a, **k):  # whole models: the winner is the fastest
-        return {key: 1.0 if key == winner else 2.0 for key in prepared}
+    def clock(models, *a, **k):  # whole models: the winner is the fastest
+        ms = {key: 1.0 if key == winner else 2.0 for key in models}
+        return {key: Latency(v, 0.0, 1, "eager", "cpu", 1, 2) for key, v in ms.items()}
 
-    monkeypatch.setattr(realize, "fastest", clock)
+    monkeypatch.setattr(realize, "side_by_side", clock)
     times = realize.confirm_on_model_(model, choices, images(2))
     assert "grouped where faster" in times and "per layer" in times
     assert "split where faster" not in times  # every layer already runs as split
