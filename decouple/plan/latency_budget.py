@@ -286,7 +286,7 @@ def plan_latency(
         cheaper than every plan of the table's that missed it (``new_plan`` may move up)."""
         over = [pb for pb, pm in points if pm > target_ms]
         plan, b = new_plan(options, fixed, next_budget(points, aim), points, seen, units)
-        if plan is None or b >= min(over, default=b + 1):
+        if plan is None or any(b >= pb for pb in over):
             return False
         points.append((b, timed(plan, b / 1e6, "time")))
         return True
