@@ -234,6 +234,10 @@ def _compress(
             corrected = _correct_biases_(model, originals, means, fused)
         corrected.seconds += means_seconds
     calibration, seconds = [], None
+    for name, real in (lplan.realizations if lplan is not None else {}).items():
+        layer = model.get_submodule(name)  # now: a CP layer run as square may take full kernels
+        if realization_names(layer):
+            layer.set_realization(real)
     if calib_images is not None and refit != "none":
         # The factors of every rank priced are no longer needed here (a caller's cache keeps its
         # own reference): memory for the pass.
@@ -379,4 +383,5 @@ def _prune_(model: nn.Module, records: list[LayerRecord], pruned: dict) -> None:
 def _note_latency(rec: LayerRecord, layer, before_ms: float, after_ms: float, real: str) -> None:
     rec.latency_before_ms, rec.latency_after_ms, rec.realization = before_ms, after_ms, real
     if rec.action == "decoupled":
-        rec.structure = recipe_entry(layer)  # now with its realization
+        rec.structure = recipe_entry(layer)  # now with its realization (and kernels, for CP)
+        rec.params_after = sum(p.numel() for p in layer.parameters())

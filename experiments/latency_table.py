@@ -57,6 +57,8 @@ def run_one(depth: str, batch: int, table: str, assets: Path, target: float = 0.
         "plans_timed": len(plan.get("steps", [])), "total_s": round(time.perf_counter() - start),
         "processor": report["latency"].get("processor", ""), "chosen": chosen(report),
         "realizations": realized(report),
+        # CP layers run as three ops whose calibration kept full kh×kw kernels, of all such layers
+        "full_kernels": full_kernels(report),
         # what the search measured of the plan it kept, and its fresh timings of picked plans
         "search_speedup": round(plan["model_ms"] / plan["measured_ms"], 3),
         "retimed": " ".join(
@@ -64,6 +66,15 @@ def run_one(depth: str, batch: int, table: str, assets: Path, target: float = 0.
             for r in plan.get("retimed", [])
         ),
     }  # fmt: skip
+
+
+def full_kernels(report: dict) -> str:
+    """``k/n``: of the ``n`` CP layers that run as one depthwise ``kh×kw`` conv, the ``k`` that
+    calibration gave full kernels (``decouple/calibrate/cp_kernels.py``)."""
+    square = [x for x in report["layers"]
+              if x.get("method") == "cp" and x.get("realization") == "square"]  # fmt: skip
+    full = sum((x.get("structure") or {}).get("spatial") == "full" for x in square)
+    return f"{full}/{len(square)}"
 
 
 def realized(report: dict) -> str:

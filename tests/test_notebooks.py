@@ -56,6 +56,9 @@ def test_notebook_runs_and_draws(path, committed_results, monkeypatch, request, 
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # this process caches the folder
+    # torch's compiler cache (made under TMPDIR when torchvision's import pulls in dynamo, on
+    # some installs) is torch's, not the notebook's leftover: it goes elsewhere.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel draws inline
     if path.name == "spectra.ipynb":  # the real checkpoint (CI requires the assets)
         monkeypatch.setenv("DECOUPLE_ASSETS", str(request.getfixturevalue("cifar_assets")))

@@ -25,6 +25,7 @@ from ..nn.geometry import kernel_of
 from ..nn.progress import progress_bar
 from ..nn.transaction import in_place
 from ..surgery.methods import FACTORED_LAYERS
+from .cp_kernels import refit_cp_kernels, takes_full_kernels
 from .moments import Moments, positions_for
 from .prune import refit_on
 from .reduced_rank import MAX_MOMENT_ELEMENTS, moments_fit, refit_lowrank, ridges
@@ -182,7 +183,10 @@ def calibrate_(
     records: list[CalibrationRecord] = []
     # CP and Tucker refit only their last 1×1 conv: the model is cut just before it, so the
     # features it reads (R of them) are made once, by the pass, not recomputed from the input.
-    reads = {n: f"{n}.pointwise_out" if _reads_features(layers[n]) else n for n in names}
+    # A CP layer that may take full kernels reads its input patches: its head may change.
+    full = {n for n in names if takes_full_kernels(layers[n], mode) and moments_fit(layers[n])}
+    features = {n for n in names if _reads_features(layers[n]) and n not in full}
+    reads = {n: f"{n}.pointwise_out" if n in features else n for n in names}
     with (
         LayerStream(model, [reads[n] for n in names], source, device, keep_bytes) as xs,
         LayerStream(reference, names, source, device, keep_bytes) as ys,
@@ -197,8 +201,7 @@ def calibrate_(
             # CP and Tucker refit only their last 1×1 conv: the moments of the features it reads
             # (R of them) serve, where the k×k patches' (C·k² of them, R > C·k² rarely) cost
             # (C·k²/R)² times more to sum.
-            features = _reads_features(layer)
-            read = layer.pointwise_out if features else layer
+            read = layer.pointwise_out if name in features else layer
             if not moments_fit(read):  # e.g. a linear layer of 25,088 inputs: 5 GB of moments
                 bar.update(per_layer or 0)
                 records.append(_too_large(layer, name))
@@ -217,6 +220,11 @@ def calibrate_(
                 records.append(
                     _refit_lowrank(layer, name, m_fit, m_val, candidates, mode, ridge, anchor)
                 )
+                continue
+            if name in full:
+                original = kernel_of(reference.get_submodule(name))
+                best, err = refit_cp_kernels(layer, original, m_fit, m_val, ridge)
+                records.append(CalibrationRecord(name, best, err["data-free"], err[best], err))
                 continue
             if isinstance(layer, FactorizedConv2d):
                 records.append(_refit_factorized(layer, name, m_fit, m_val, mode, ridge))

@@ -88,6 +88,14 @@ class CPFactors:
     def rank(self) -> int:
         return int(self.out.shape[-1])
 
+    @property
+    def spatial(self) -> str:
+        """``"separable"`` (each term's kernel the outer product of ``vertical`` and
+        ``horizontal``) or ``"full"`` (:mod:`decouple.factor.cp_full`: ``vertical`` holds
+        each term's whole ``kh×kw`` kernel, flattened, and ``horizontal`` is ones)."""
+        kh, kw = self.weight_shape[2:]
+        return "full" if kw > 1 and self.vertical.shape[1] == kh * kw else "separable"
+
     def reconstruct(self) -> torch.Tensor:
         """The kernel the factors represent, ``(N, C/g, kh, kw)`` in float64."""
         # out @ head: one GEMM; a four-way einsum formed an (N, C, R) temporary (gigabytes at

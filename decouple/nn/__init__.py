@@ -8,7 +8,7 @@ May import :mod:`decouple.factor`.
 
 from .decoupled import REALIZATIONS, DecoupledConv2d
 from .discover import is_plain_conv2d
-from .factorized import CP_REALIZATIONS, CPConv2d, FactorizedConv2d, TuckerConv2d
+from .factorized import CP_REALIZATIONS, CP_SPATIAL, CPConv2d, FactorizedConv2d, TuckerConv2d
 from .flops import conv_flops, count_flops, factored_flops
 from .geometry import ConvGeometry
 from .guards import InputTypeError
@@ -16,6 +16,7 @@ from .transaction import transaction
 
 __all__ = [
     "CP_REALIZATIONS",
+    "CP_SPATIAL",
     "CPConv2d",
     "ConvGeometry",
     "DecoupledConv2d",

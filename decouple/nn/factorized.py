@@ -29,12 +29,13 @@ class FactorizedConv2d(ConvGeometry):
     method = ""
 
     @classmethod
-    def empty_like(cls, conv: nn.Conv2d, rank):
+    def empty_like(cls, conv: nn.Conv2d, rank, **form):
         """An uninitialised layer with ``conv``'s geometry, bias, device, dtype and
-        ``requires_grad``."""
+        ``requires_grad``; ``form``: the layer's own options (a CP layer's ``spatial``)."""
         layer = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, rank, **conv_geometry(conv)
-        )
+            conv.in_channels, conv.out_channels, conv.kernel_size, rank, **conv_geometry(conv),
+            **form,
+        )  # fmt: skip
         layer._follow_requires_grad(conv)
         return layer
 
@@ -43,7 +44,8 @@ class FactorizedConv2d(ConvGeometry):
         """The layer holding ``factors`` (computed for ``conv``), with ``conv``'s bias."""
         if tuple(conv.weight.shape) != factors.weight_shape or conv.groups != factors.groups:
             raise ValueError(f"the {cls.method} factors were computed for a different convolution")
-        layer = cls.empty_like(conv, cls._rank_of(factors))
+        form = {"spatial": factors.spatial} if isinstance(factors, CPFactors) else {}
+        layer = cls.empty_like(conv, cls._rank_of(factors), **form)
         layer.load_factors(factors)
         layer._copy_bias(conv)
         return layer
@@ -82,6 +84,12 @@ other (``separable``, four ops), or as one ``kh×kw`` depthwise conv (``square``
 kernel is made from theirs in the forward pass (an export folds it into a constant)."""
 
 
+CP_SPATIAL = ("separable", "full")
+"""A CP layer's kernels: each term's ``kh×kw`` filter the outer product of a ``kh×1`` and a
+``1×kw`` one (:func:`~decouple.factor.cp.cp_weight`), or any 2-D filter
+(:func:`~decouple.factor.cp.cp_full_weight`; runs only as ``square``)."""
+
+
 class CPConv2d(FactorizedConv2d):
     """A k×k convolution as ``rank`` CP terms per group, in four plain convs (or three: see
     :data:`CP_REALIZATIONS` and :meth:`set_realization`).
@@ -94,6 +102,9 @@ class CPConv2d(FactorizedConv2d):
         CP terms per group, ``R``.
     stride, padding, dilation, groups, bias, padding_mode
         As in ``nn.Conv2d``; copied verbatim from the original conv.
+    spatial : {"separable", "full"}
+        See :data:`CP_SPATIAL`. A full-kernel layer holds one ``kh×kw`` depthwise conv in
+        ``vertical`` (``horizontal`` is None) and runs only as ``square``.
     """
 
     method = "cp"
@@ -112,10 +123,13 @@ class CPConv2d(FactorizedConv2d):
         padding_mode: str = "zeros",
         device=None,
         dtype=None,
+        spatial: str = "separable",
     ) -> None:
         super().__init__()
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"CP rank must be an integer >= 1; got {rank!r}")
+        if spatial not in CP_SPATIAL:
+            raise ValueError(f"spatial must be one of {', '.join(CP_SPATIAL)}; got {spatial!r}")
         self._set_geometry(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
         )
@@ -124,6 +138,16 @@ class CPConv2d(FactorizedConv2d):
         (sh, sw), (dh, dw) = self.stride, self.dilation
         kw_ = dict(device=device, dtype=dtype)
         self.pointwise_in = nn.Conv2d(in_channels, g * r, 1, groups=g, bias=False, **kw_)
+        self.spatial = spatial
+        if spatial == "full":  # one kh×kw depthwise conv: the three-op graph is the only one
+            self.vertical = nn.Conv2d(
+                g * r, g * r, (kh, kw), stride=self.stride, padding=self.padding,
+                dilation=self.dilation, groups=g * r, bias=False, padding_mode=padding_mode, **kw_,
+            )  # fmt: skip
+            self.horizontal = None
+            self.pointwise_out = nn.Conv2d(g * r, out_channels, 1, groups=g, bias=bias, **kw_)
+            self.realization = "square"
+            return
         self.vertical = nn.Conv2d(
             g * r, g * r, (kh, 1), stride=(sh, 1), padding=_axis_padding(self.padding, 0),
             dilation=(dh, 1), groups=g * r, bias=False, padding_mode=padding_mode, **kw_,
@@ -141,11 +165,15 @@ class CPConv2d(FactorizedConv2d):
             raise ValueError(
                 f"realization must be one of {', '.join(CP_REALIZATIONS)} for cp; got {realization!r}"
             )
+        if self.spatial == "full" and realization != "square":
+            raise ValueError("a full-kernel CP layer runs only as 'square' (its kernels are 2-D)")
         self.realization = realization
         return self
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pointwise_in(x)
+        if self.spatial == "full":
+            return self.vertical(x)
         if self.realization == "square":
             return self._square(x)
         return self.horizontal(self.vertical(x))
@@ -164,6 +192,26 @@ class CPConv2d(FactorizedConv2d):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
             x, padding = F.pad(x, [left, right, top, bottom], mode=mode), (0, 0)
         return F.conv2d(x, kernel, None, self.stride, padding, self.dilation, v.groups)
+
+    @torch.no_grad()
+    def make_full_(self) -> CPConv2d:
+        """Become a full-kernel layer of the same rank, in place (its spatial kernels the outer
+        products they were, so the function is unchanged); a no-op if it is one. Returns self."""
+        if self.spatial == "full":
+            return self
+        v, h = self.vertical, self.horizontal
+        full = nn.Conv2d(
+            v.in_channels, v.out_channels, self.kernel_size, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=v.groups, bias=False,
+            padding_mode=self.padding_mode, device=v.weight.device, dtype=v.weight.dtype,
+        )  # fmt: skip
+        full.weight.copy_(v.weight * h.weight)
+        full.weight.requires_grad_(v.weight.requires_grad)
+        self.vertical = full
+        del self.horizontal  # a submodule no more: as a full-kernel layer is built
+        self.horizontal = None
+        self.spatial, self.realization = "full", "square"
+        return self
 
     @staticmethod
     def _rank_of(factors: CPFactors) -> int:
@@ -189,9 +237,15 @@ class CPConv2d(FactorizedConv2d):
         n, c = self.out_channels, self.in_channels
         if f.rank != r:
             raise ValueError(f"factors have rank {f.rank}; layer wants {r}")
+        if f.spatial != self.spatial:
+            raise ValueError(f"factors are {f.spatial}; the layer's kernels are {self.spatial}")
         self.pointwise_in.weight.copy_(f.inp.transpose(1, 2).reshape(g * r, c // g, 1, 1))
-        self.vertical.weight.copy_(f.vertical.transpose(1, 2).reshape(g * r, 1, kh, 1))
-        self.horizontal.weight.copy_(f.horizontal.transpose(1, 2).reshape(g * r, 1, 1, kw))
+        if self.spatial == "full":
+            k = f.vertical * f.horizontal  # (g, kh·kw, R)
+            self.vertical.weight.copy_(k.transpose(1, 2).reshape(g * r, 1, kh, kw))
+        else:
+            self.vertical.weight.copy_(f.vertical.transpose(1, 2).reshape(g * r, 1, kh, 1))
+            self.horizontal.weight.copy_(f.horizontal.transpose(1, 2).reshape(g * r, 1, 1, kw))
         self.pointwise_out.weight.copy_(f.out.reshape(n, r, 1, 1))
 
     def factors(self) -> CPFactors:
@@ -202,6 +256,17 @@ class CPConv2d(FactorizedConv2d):
         def w(conv):
             return conv.weight.detach().double().cpu()
 
+        if self.spatial == "full":
+            return CPFactors(
+                (n, c // g, kh, kw),
+                g,
+                out=w(self.pointwise_out).reshape(g, n // g, r),
+                inp=w(self.pointwise_in).reshape(g, r, c // g).transpose(1, 2),
+                vertical=w(self.vertical).reshape(g, r, kh * kw).transpose(1, 2),
+                horizontal=torch.ones(g, 1, r, dtype=torch.float64),
+                iterations=[],
+                converged=True,
+            )
         return CPFactors(
             (n, c // g, kh, kw),
             g,
@@ -215,6 +280,7 @@ class CPConv2d(FactorizedConv2d):
 
     def extra_repr(self) -> str:
         real = "" if self.realization == "separable" else f", realization={self.realization!r}"
+        real += ", spatial='full'" if self.spatial == "full" else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
             f"method='cp', rank={self.rank}" + real + self._geometry_repr()

@@ -41,7 +41,7 @@ def realization_names(layer: nn.Module) -> tuple[str, ...]:
     if isinstance(layer, DecoupledConv2d):
         return REALIZATIONS[layer.order]
     if isinstance(layer, CPConv2d):
-        return CP_REALIZATIONS
+        return CP_REALIZATIONS if layer.spatial == "separable" else ()  # full: square only
     return ()
 
 
@@ -230,6 +230,8 @@ def confirm_on_model_(
         switch = {}
         for name, c in choices.items():
             t = c.times_ms.get(real)
+            if real not in realization_names(model.get_submodule(name)):
+                continue  # e.g. a full-kernel CP layer (calibration's choice): square only
             if c.chosen not in (ORIGINAL, AS_IS) and t is not None and c.chosen != real:
                 if t <= (1 - c.min_gain) * c.original_ms:
                     switch[name] = real

@@ -157,8 +157,11 @@ def _cp_factored(conv: nn.Conv2d, rank: int, factors) -> Factored:
     )
 
 
-def empty_layer(conv: nn.Conv2d, method: str, rank, order: str = "dw-pw") -> nn.Module:
-    """An uninitialised factored layer with ``conv``'s geometry (to load a ``state_dict``)."""
+def empty_layer(
+    conv: nn.Conv2d, method: str, rank, order: str = "dw-pw", spatial: str = "separable"
+) -> nn.Module:
+    """An uninitialised factored layer with ``conv``'s geometry (to load a ``state_dict``);
+    ``spatial``: a CP layer's kernels (:data:`~decouple.nn.factorized.CP_SPATIAL`)."""
     check_method(method)
     if method == "nd":
         return DecoupledConv2d.empty_like(conv, rank, order)
@@ -166,7 +169,7 @@ def empty_layer(conv: nn.Conv2d, method: str, rank, order: str = "dw-pw") -> nn.
         cls = LowRankLinear if isinstance(conv, nn.Linear) else LowRankConv2d
         return cls.empty_like(conv, rank)
     if method == "cp":
-        return CPConv2d.empty_like(conv, rank)
+        return CPConv2d.empty_like(conv, rank, spatial=spatial)
     return TuckerConv2d.empty_like(conv, rank)
 
 
@@ -178,6 +181,8 @@ def recipe_entry(layer: nn.Module) -> dict:
         if layer.realization != "grouped":  # same weights; the faster graph for its runtime
             entry["realization"] = layer.realization
         return entry
+    if method == "cp" and layer.spatial == "full":
+        return {"method": "cp", "rank": layer.rank, "realization": "square", "spatial": "full"}
     if method == "cp" and layer.realization != "separable":
         return {"method": "cp", "rank": layer.rank, "realization": layer.realization}
     if method in ("cp", "svd"):

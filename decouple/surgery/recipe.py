@@ -100,7 +100,7 @@ def apply_recipe_(model: nn.Module, recipe: dict) -> nn.Module:
             prune_shape_(model, chain, kept)
         for entry in plan.layers:
             conv = model.get_submodule(entry.name)
-            layer = empty_layer(conv, entry.method, entry.rank, entry.order)
+            layer = empty_layer(conv, entry.method, entry.rank, entry.order, entry.spatial)
             if entry.realization:
                 layer.set_realization(entry.realization)
             model.set_submodule(entry.name, layer)

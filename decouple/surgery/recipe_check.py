@@ -21,7 +21,7 @@ from ..factor.nd import ORDERS, max_rank
 from ..factor.tucker import tucker_max_ranks
 from ..nn.decoupled import REALIZATIONS
 from ..nn.discover import custom_forward_reason, is_plain_layer
-from ..nn.factorized import CP_REALIZATIONS
+from ..nn.factorized import CP_REALIZATIONS, CP_SPATIAL
 from ..nn.geometry import geometry_of, kernel_of
 from ..nn.guards import InputTypeError, type_error
 from .chains import Chain
@@ -42,7 +42,7 @@ RECIPE_KEYS = (
 PRUNED_KEYS = ("width", "mids", "consumer")
 LAYER_KEYS = {
     "nd": ("method", "rank", "order", "realization"),
-    "cp": ("method", "rank", "realization"),
+    "cp": ("method", "rank", "realization", "spatial"),
     "tucker": ("method", "ranks"),
     "svd": ("method", "rank"),
 }
@@ -57,6 +57,7 @@ class LayerPlan:
     rank: int | tuple[int, int]
     order: str = "dw-pw"
     realization: str | None = None
+    spatial: str = "separable"  # a CP layer's kernels (decouple.nn.factorized.CP_SPATIAL)
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,11 @@ def _check_layer(name: str, conv: nn.Module, entry: Any) -> LayerPlan:
         real = entry.get("realization")
         if real is not None:
             check_str(real, f"{what} realization", CP_REALIZATIONS)
-        return LayerPlan(name, method, rank, realization=real)
+        spatial = entry.get("spatial", "separable")
+        check_str(spatial, f"{what} spatial", CP_SPATIAL)
+        if spatial == "full" and real not in (None, "square"):
+            raise ValueError(f"{what}: a full-kernel CP layer runs only as 'square', not {real!r}")
+        return LayerPlan(name, method, rank, realization=real, spatial=spatial)
     order = entry.get("order")
     order = "dw-pw" if order is None else check_str(order, f"{what} order", ORDERS)
     rank = check_int(entry.get("rank"), f"{what} rank", 1, max_rank(shape, order, groups))
