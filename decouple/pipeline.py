@@ -257,10 +257,7 @@ def _compress(
     with timed:
         if lplan is not None:
             example = latency.example(input_shape, next(model.parameters()).dtype)
-            for name, real in lplan.realizations.items():
-                layer = model.get_submodule(name)
-                if realization_names(layer):
-                    layer.set_realization(real)
+            for name, real in lplan.realizations.items():  # set before calibration (above)
                 prefix = f"{lplan.allocation.choice[name].label}: "
                 times = {k.removeprefix(prefix): v for k, v in lplan.table[name].items()
                          if k == ORIGINAL or k.startswith(prefix)}  # fmt: skip

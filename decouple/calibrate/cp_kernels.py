@@ -100,10 +100,9 @@ def refit_kernels(f: CPFactors, bias: torch.Tensor | None, m: Moments, ridge: fl
     """
     g, k, r = f.groups, f.vertical.shape[1], f.rank
     vertical = f.vertical.clone()
-    eye = torch.eye(k, dtype=torch.float64)
+    eye, ng = torch.eye(k, dtype=torch.float64), f.out.shape[1]
     for j in range(g):
         xx, xb, _, xy, _ = _split(m, j)
-        ng = f.out.shape[1]
         u = f.out[j]  # (N/g, R)
         to_z = torch.einsum("cr,pq->rpcq", f.inp[j], eye).reshape(r * k, -1)  # patch → z_r(p)
         uu = (u.T @ u).repeat_interleave(k, 0).repeat_interleave(k, 1)

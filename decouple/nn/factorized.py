@@ -44,11 +44,15 @@ class FactorizedConv2d(ConvGeometry):
         """The layer holding ``factors`` (computed for ``conv``), with ``conv``'s bias."""
         if tuple(conv.weight.shape) != factors.weight_shape or conv.groups != factors.groups:
             raise ValueError(f"the {cls.method} factors were computed for a different convolution")
-        form = {"spatial": factors.spatial} if isinstance(factors, CPFactors) else {}
-        layer = cls.empty_like(conv, cls._rank_of(factors), **form)
+        layer = cls.empty_like(conv, cls._rank_of(factors), **cls._form_of(factors))
         layer.load_factors(factors)
         layer._copy_bias(conv)
         return layer
+
+    @staticmethod
+    def _form_of(factors) -> dict:
+        """The layer options ``factors`` need beyond their rank (see :meth:`empty_like`)."""
+        return {}
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Everything before ``pointwise_out`` (a linear map of ``x``; calibration's features)."""
@@ -216,6 +220,10 @@ class CPConv2d(FactorizedConv2d):
     @staticmethod
     def _rank_of(factors: CPFactors) -> int:
         return factors.rank
+
+    @staticmethod
+    def _form_of(factors: CPFactors) -> dict:
+        return {"spatial": factors.spatial}
 
     @classmethod
     def from_conv(
