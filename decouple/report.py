@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .calibrate.bn_bias import bias_correction_line
+from .io.paired_change import accuracy_line
 from .nn.flops import count_flops
 from .nn.output_diff import compare_models, insensitive_note, summary_lines
 from .nn.stopwatch import timings_line
@@ -158,8 +159,7 @@ class Report:
         acc = self.extra.get("accuracy")
         if acc:
             lines.append(
-                f"accuracy: top-1 {100 * acc['before']['top1']:.2f} % -> {100 * acc['after']['top1']:.2f} % on "
-                + _counted(acc["before"]["n"], acc.get("data", "images"))
+                accuracy_line(acc, _counted(acc["before"]["n"], acc.get("data", "images")))
             )
         lat = self.extra.get("latency")
         if lat:

@@ -133,7 +133,7 @@ def _decouple_into(
 
     from ..agreement import compress_within_change_
     from ..io.errors import InputError
-    from ..io.evaluate import evaluate_batches
+    from ..io.evaluate import compare_batches
     from ..nn import shards
     from ..nn.stopwatch import stage
     from ..pipeline import TargetMissed, compress_
@@ -213,15 +213,15 @@ def _decouple_into(
     if data is not None:
         n = len(data.batches)
         with stage("evaluation"):
+            # both models on each batch: the images are read once, and the top-1 change gets
+            # its paired interval (only the images one model gets right carry it)
             extra["accuracy"] = {
                 "data": data.name,
-                "before": evaluate_batches(
-                    original.to(device), data.batches, device, common["progress"], n
+                **compare_batches(
+                    original.to(device), model.to(device), data.batches, device,
+                    common["progress"], n,
                 ),
-                "after": evaluate_batches(
-                    model.to(device), data.batches, device, common["progress"], n
-                ),
-            }
+            }  # fmt: skip
         original, model = original.cpu(), model.cpu()
     if outputs is None:  # another process of a torchrun: process 0 reports and writes
         return 0

@@ -84,6 +84,11 @@ def test_data_and_calibration(files, capsys, refit):
     acc = report["accuracy"]
     assert acc["before"]["n"] == acc["after"]["n"] == 40
     assert "accuracy:" in out and "calibration:" in out
+    # the change comes with its paired interval, from the images only one model gets right
+    p = acc["paired"]
+    assert p["n"] == 40 and p["low"] <= p["change"] <= p["high"]
+    assert p["change"] == pytest.approx(acc["after"]["top1"] - acc["before"]["top1"])
+    assert f"{p['fixed']:,} images fixed, {p['broken']:,} broken" in out
 
 
 def test_data_criterion_needs_and_uses_calibration(files, capsys):
