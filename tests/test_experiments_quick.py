@@ -34,6 +34,7 @@ SMALL_MODES = {
     "latency_table": ["--quick"],
     "cp_realizations": ["--quick"],
     "latency_targets": ["--quick"],
+    "synthetic_sensitivity": ["--quick"],
 }
 CASES = [(s, f) for s, flags in SMALL_MODES.items() for f in flags]
 
