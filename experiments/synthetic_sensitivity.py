@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from experiment_io import output_folder, write_csv
-from mbv2_accuracy import MEAN, RESNETS, STD, calib_images, predictions
+from mbv2_accuracy import MEAN, RESNETS, STD, calib_images, paired, predictions
 
 import decouple.plan.options as planner
 from decouple import DecoupleConfig
@@ -43,7 +43,6 @@ from decouple.calibrate.synthetic import LEARNING_RATE, STEPS, synthesize_images
 from decouple.io import synthetic_cache
 from decouple.io.checkpoint import load_model
 from decouple.io.images import load_cifar10_exact, shared_assets_dir
-from decouple.io.paired_change import paired_change
 from decouple.pipeline import compress_
 from decouple.plan.losses import output_sensitivity
 from decouple.surgery.bn_fold import fold_batchnorm_
@@ -109,13 +108,12 @@ def plan(name, base, seed, variant, images, test) -> dict:
         planner.output_sensitivity, planner.collect_moments = sensitivity, moments
     x, y, before = test
     after = predictions(model, x)
-    right, was = after == y, before == y
-    c = paired_change(len(y), int((right & ~was).sum()), int((was & ~right).sum()))
+    c = paired(after, before, y)
     kinds: dict[str, int] = {}
     for label in result.allocation.methods().values():
         kinds[label] = kinds.get(label, 0) + 1
     return {
-        "model": name, "seed": seed, "variant": variant, "top1": 100 * float(right.float().mean()),
+        "model": name, "seed": seed, "variant": variant, "top1": 100 * float((after == y).float().mean()),
         "drop": 100 * c.change, "low": 100 * c.low, "high": 100 * c.high,
         "methods": ", ".join(f"{k} ×{v}" for k, v in kinds.items()),
     }  # fmt: skip
