@@ -31,6 +31,7 @@ import argparse
 import copy
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -109,9 +110,7 @@ def plan(name, base, seed, variant, images, test) -> dict:
     x, y, before = test
     after = predictions(model, x)
     c = paired(after, before, y)
-    kinds: dict[str, int] = {}
-    for label in result.allocation.methods().values():
-        kinds[label] = kinds.get(label, 0) + 1
+    kinds = Counter(result.allocation.methods().values())
     return {
         "model": name, "seed": seed, "variant": variant, "top1": 100 * float((after == y).float().mean()),
         "drop": 100 * c.change, "low": 100 * c.low, "high": 100 * c.high,
