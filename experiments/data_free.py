@@ -19,7 +19,8 @@ On the shared pretrained CIFAR-10 ResNet-20, ResNet-32 and MobileNetV2-style net
   (``FlopCounterMode``) meet the target; skipped when ``tensorly-torch`` is not installed
   (the ``peers`` extra, for this experiment only).
 
-Run (needs ../shared/assets; about 55 minutes on 2 cores, most of it making the synthetic images and scoring every plan on ~9,000 held-out images)::
+Run (needs ../shared/assets; about 55 minutes on 2 cores, most of it making the synthetic images
+and scoring every plan on ~9,000 held-out images)::
 
     pip install -e '.[dev,vision,peers]' && python experiments/data_free.py
 
