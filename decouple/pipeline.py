@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .calibrate.bn_bias import BiasCorrection, bn_input_means, correct_biases_
+from .calibrate.head_distill import distill_head_
 from .calibrate.layerwise import REFIT_MODES, calibrate_
 from .calibrate.spill import release_memory
 from .nn.flops import count_flops
@@ -73,6 +74,7 @@ def compress_(
     prune: bool = True,
     allow_miss: bool = True,
     bias_correction: bool = True,
+    distill_head: bool = True,
 ) -> CompressResult:
     """Fold BN, optionally allocate ranks under a budget, decouple, optionally calibrate, optionally
     give every layer its fastest realization; in place.
@@ -124,6 +126,9 @@ def compress_(
         approximation makes, estimated from the model's own BatchNorm statistics
         (:mod:`decouple.calibrate.bn_bias`; data-free, one pass of noise). With images the
         refit corrects the bias instead.
+    distill_head : bool, default True
+        After calibration, fit a pruned chain in the network's head and every layer after it
+        jointly to the original's outputs (:mod:`decouple.calibrate.head_distill`).
 
     Raises
     ------
@@ -145,13 +150,14 @@ def compress_(
         return _compress(
             model, config, input_shape, target_flops, criterion, calib_images, refit, ridge,
             min_saving, progress, cache, target_latency, latency, realize, prune, allow_miss,
-            bias_correction,
+            bias_correction, distill_head,
         )  # fmt: skip
 
 
 def _compress(
     model, config, input_shape, target_flops, criterion, calib_images, refit, ridge, min_saving,
     progress, cache, target_latency, latency, realize, prune, allow_miss, bias_correction,
+    distill_head,
 ) -> CompressResult:  # fmt: skip
     """:func:`compress_` once its inputs are checked, inside its transaction."""
     latency = latency or LatencyConfig()
@@ -233,7 +239,7 @@ def _compress(
         with stage("bias correction"):
             corrected = _correct_biases_(model, originals, means, fused)
         corrected.seconds += means_seconds
-    calibration, seconds = [], None
+    calibration, seconds, head = [], None, None
     for name, real in (lplan.realizations if lplan is not None else {}).items():
         layer = model.get_submodule(name)  # now: a CP layer run as square may take full kernels
         if realization_names(layer):
@@ -249,6 +255,9 @@ def _compress(
             calibration = calibrate_(
                 model, reference, calib_images, refit, ridge, progress=progress
             )
+        if distill_head and allocation is not None and allocation.pruned:
+            with stage("head distillation"):
+                head = distill_head_(model, reference, calib_images, list(allocation.pruned))
         seconds = time.perf_counter() - start
     by_name = {r.name: r for r in records}
     choices: dict[str, RealizationChoice] = {}
@@ -297,8 +306,9 @@ def _compress(
                 layer = model.get_submodule(name)
                 _note_latency(rec, layer, c.original_ms, c.best_ms, c.chosen)
     return CompressResult(
-        records, fold_error, allocation, calibration, lplan, choices, whole, seconds, corrected
-    )
+        records, fold_error, allocation, calibration, lplan, choices, whole, seconds, corrected,
+        head,
+    )  # fmt: skip
 
 
 def _correct_biases_(model, originals, means, fused) -> BiasCorrection:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .calibrate.bn_bias import BiasCorrection
+from .calibrate.head_distill import HeadDistillation
 from .calibrate.layerwise import CalibrationRecord
 from .plan.allocate import Allocation
 from .plan.latency_budget import LatencyPlan
@@ -56,6 +57,7 @@ class CompressResult:
     whole_model_ms: dict[str, float] = field(default_factory=dict)  # confirm_on_model_
     calibration_seconds: float | None = None
     bias_correction: BiasCorrection | None = None  # data-free, from the BatchNorm statistics
+    head_distillation: HeadDistillation | None = None  # a pruned head fit to the outputs
 
     def extra(self) -> dict:
         """What the report adds beside the per-layer table."""
@@ -82,6 +84,8 @@ class CompressResult:
         if self.calibration:
             out["calibration"] = [c.to_dict() for c in self.calibration]
             out["calibration_seconds"] = self.calibration_seconds
+        if self.head_distillation is not None:
+            out["head_distillation"] = self.head_distillation.to_dict()
         if self.realizations:
             out["realizations"] = {n: c.to_dict() for n, c in self.realizations.items()}
         if self.whole_model_ms:

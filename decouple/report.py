@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .calibrate.bn_bias import bias_correction_line
+from .calibrate.head_distill import head_line
 from .io.paired_change import accuracy_line
 from .nn.flops import count_flops
 from .nn.output_diff import compare_models, insensitive_note, summary_lines
@@ -156,11 +157,9 @@ class Report:
             *summary_lines(self.output),
             *([self.output["insensitive"]] if self.output.get("insensitive") else []),
         ]
-        acc = self.extra.get("accuracy")
-        if acc:
-            lines.append(
-                accuracy_line(acc, _counted(acc["before"]["n"], acc.get("data", "images")))
-            )
+        if acc := self.extra.get("accuracy"):
+            n = _counted(acc["before"]["n"], acc.get("data", "images"))
+            lines.append(accuracy_line(acc, n))
         lat = self.extra.get("latency")
         if lat:
             b, a = lat["before"], lat["after"]
@@ -258,8 +257,9 @@ class Report:
                 f"calibration: {len(calib)} layers refit on {self.extra.get('calibration_images', '?')} "
                 f"images ({kinds}); mean held-out layer error {before:.3f} -> {after:.3f}"
             )
-        bias = self.extra.get("bias_correction")
-        if bias and self.decoupled:
+        if head := self.extra.get("head_distillation"):
+            lines.append(head_line(head))
+        if (bias := self.extra.get("bias_correction")) and self.decoupled:
             lines.append(bias_correction_line(bias))
         made = self.extra.get("synthetic_calibration")
         if made:  # --calib synthetic: no image of the user's was seen

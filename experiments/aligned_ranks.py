@@ -16,13 +16,15 @@ Run (needs ../shared/assets; about 15 minutes on 2 cores, nothing else running):
 
     pip install -e '.[dev,vision]' && python experiments/aligned_ranks.py
 
-→ ``results/aligned_ranks.md``, ``results/aligned_ranks.csv``. ``--quick``: one run into a
+→ ``results/aligned_ranks.md``, ``results/aligned_ranks.csv``. ``--models ARCH ...`` reruns those
+models only, keeping the other rows of the csv. ``--quick``: one run into a
 temporary folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -30,7 +32,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from experiment_io import quick_or_full, write_csv
+from experiment_io import output_folder, write_csv
 from mbv2_from_onnx import convert
 
 from decouple.io.images import shared_assets_dir
@@ -107,7 +109,15 @@ def write(rows: list[dict], out: Path) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return quick_or_full(__doc__, "aligned_ranks-", argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="one small run, a temporary folder")
+    p.add_argument("--out", help="output folder (default results/; --quick: a temporary one)")
+    p.add_argument("--models", nargs="+", choices=list(ARCH), default=None,
+                   help="run these models only; the other rows stay as the csv in --out has "
+                        "them")  # fmt: skip
+    args = p.parse_args(argv)
+    args.out = output_folder(p, args.out, "--quick" if args.quick else None, "aligned_ranks-")
+    return args
 
 
 def main(argv=None) -> None:
@@ -119,13 +129,31 @@ def main(argv=None) -> None:
     runs = [("cifar_resnet20", 0.5, 8)] if args.quick else [
         (arch, target, m) for arch in ARCH for target in (0.5, 0.4) for m in (1, 8, 16)
     ]  # fmt: skip
+    if args.models:
+        runs = [r for r in runs if r[0] in args.models]
+    kept = [] if not args.models else [
+        r for r in read_rows(Path(out) / "aligned_ranks.csv") if r["model"] not in args.models
+    ]  # fmt: skip
     rows = []
     for arch, target, m in runs:
         rows.append(run_one(arch, target, m, assets))
         print({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()},
               flush=True)  # fmt: skip
-        write(rows, Path(out))
+        order = {a: i for i, a in enumerate(ARCH)}
+        write(sorted(kept + rows, key=lambda r: order[r["model"]]), Path(out))
     print(f"wrote {out}/aligned_ranks.md and aligned_ranks.csv")
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of an earlier run's csv, numbers as numbers."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("target", "flops_ratio", "top1_before", "top1_after", "drop", "measured_speedup",
+                  "predicted_speedup", "seconds"):  # fmt: skip
+            r[k] = float(r[k])
+        r["rank_multiple"] = int(r["rank_multiple"])
+    return rows
 
 
 if __name__ == "__main__":

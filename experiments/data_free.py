@@ -9,8 +9,9 @@ On the shared pretrained CIFAR-10 ResNet-20, ResNet-32 and MobileNetV2-style net
   (``--no-bias-correction``);
 * **ours, synthetic**: ``--calib synthetic`` (256 images made from the model's BatchNorm
   statistics, ZeroQ, :mod:`decouple.calibrate.synthetic`; then the calibrated default path:
-  ``output`` criterion, ``--refit auto``, pruning), on 3 seeds of the starting noise; the
-  images are made once per model and seed and used at both targets (their cost apart);
+  ``output`` criterion, ``--refit auto``, pruning, head distillation), on 3 seeds of the
+  starting noise; the images are made once per model and seed and used at both targets (their
+  cost apart);
 * **ours, 512 real images**: ``--calib`` with a seeded sample of 512 JPEG test images of index
   ≥ 1017, 3 seeded draws (the reference synthetic calibration is judged against);
 * **TensorLy-Torch uniform CP**, 3 seeds (``tltorch.FactorizedConv.from_conv``, ``factorization="CP"``,
@@ -39,7 +40,7 @@ image, on both sets of images.
 ``results/data_free_ranking.csv``. ``--quick``: ResNet-20 at 2× only, 32 synthetic images, one
 seed, into a temporary folder; ``--seeds N`` samples per seeded variant; ``--only VARIANT ...``
 reruns those variants, keeping the other rows of the csv (and the head-to-head rows of variants
-not rerun, unless the peer is).
+not rerun, unless the peer is); ``--models NAME ...`` likewise reruns those models only.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ FIELDS = [
     "uniform_taken",
 ]
 TARGETS = (0.5, 0.4)
+MODELS = ("cifar_resnet20", "cifar_resnet32", "mbv2")
 SHAPE = (3, 32, 32)
 BATCH = 128  # images per forward pass when predicting: 2.4x faster than 512 on 2 cores
 
@@ -502,6 +504,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=VARIANTS, default=None,
                    help="run these variants only; the other variants' rows stay as the csv "
                         "in --out has them")  # fmt: skip
+    p.add_argument("--models", nargs="+", choices=MODELS, default=None,
+                   help="run these models only; the other models' rows stay as the csv in "
+                        "--out has them")  # fmt: skip
     p.add_argument("--ranking-only", action="store_true",
                    help="only the ranking table; the other rows stay as the csv in --out has "
                         "them")  # fmt: skip
@@ -528,6 +533,7 @@ def main(argv=None) -> None:
     bases["mbv2"] = mbv2(assets)
     if args.quick:
         bases = {"cifar_resnet20": bases["cifar_resnet20"]}
+    bases = {n: m for n, m in bases.items() if args.models is None or n in args.models}
     jpeg = jpeg_set(assets)
     if args.quick:  # a smoke test: a tenth of the held-out images
         jpeg = tuple(t[:1000] for t in jpeg)
@@ -546,11 +552,14 @@ def main(argv=None) -> None:
         write(read_rows(out / "data_free.csv"), out, originals, peer, seeds, ranking, vs_kept)
         print(f"wrote {args.out}/data_free.md and data_free_ranking.csv")
         return
-    kept = [] if args.only is None else read_rows(out / "data_free.csv")
-    kept = [r for r in kept if r["variant"] not in variants]
+    partial = args.only is not None or args.models is not None
+    kept = read_rows(out / "data_free.csv") if partial else []
+    kept = [r for r in kept if r["variant"] not in variants or r["model"] not in bases]
     # head-to-head rows need both sides' predictions: those of a variant rerun here are remade
-    vs_kept = [] if args.only is None or PEER in variants else vs_kept
-    vs_kept = [r for r in vs_kept if r["variant"] not in variants]
+    vs_kept = [
+        r for r in (vs_kept if partial else [])
+        if r["model"] not in bases or (PEER not in variants and r["variant"] not in variants)
+    ]  # fmt: skip
     rows: list[dict] = []
     preds: dict[tuple, tuple] = {}
     vs = vs_kept
@@ -574,7 +583,7 @@ def main(argv=None) -> None:
                            for k, v in row.items()}, flush=True)  # fmt: skip
                     vs = in_order(vs_kept + head_to_head(preds, tests, jpeg))
                     write(in_order(kept + rows), out, originals, peer, seeds, ranking, vs)
-    if args.only is None and not args.quick:
+    if not partial and not args.quick:
         ranking = [r for name, base in bases.items() for r in ranking_rows(name, base, (x, y))]
         write(in_order(rows), out, originals, peer, seeds, ranking, vs)
     print(f"wrote {args.out}/data_free.md and data_free.csv")

@@ -1,11 +1,12 @@
 """Accuracy of the 1×1-conv methods on a real network whose FLOPs are in 1×1 convs: the shared
 MobileNetV2-style CIFAR-10 network, at 1.5× and 2× fewer FLOPs, data-free and calibrated, with
-and without channel pruning, beside what the k×k methods alone can do on it; and the shared
-CIFAR ResNets' calibrated 2× plans, which have no 1×1 conv and must not move.
+and without channel pruning and head distillation, beside what the k×k methods alone can do on
+it; and the shared CIFAR ResNets' calibrated 2× plans, which have no 1×1 conv and must not move.
 
 Every run is ``compress_`` with the CLI's defaults for the flags it names (``--target-flops R``:
 ``--method auto``; with ``--calib``: the ``output`` criterion, ``--refit auto``, pruning on
-unless ``--no-prune``). Two measures of what a plan loses:
+unless ``--no-prune``, a pruned head distilled unless ``--no-distill-head``). Two measures of
+what a plan loses:
 
 * top-1 on the 1,017 exact-pixel test images (what every other table in ``results/`` uses);
 * on the JPEG test images of index ≥ 1017 that the run did not calibrate on (about 7,000 or
@@ -15,7 +16,7 @@ unless ``--no-prune``). Two measures of what a plan loses:
 
 Calibration images are a seeded sample of the JPEG images of index ≥ 1017 (seeds 0-2).
 
-Run (needs ../shared/assets; about 10 minutes on 2 cores)::
+Run (needs ../shared/assets; about 13 minutes on 2 cores)::
 
     pip install -e '.[dev,vision]' && python experiments/mbv2_accuracy.py
 
@@ -49,7 +50,10 @@ RESNETS = [("resnet20-12fca82f.th", "cifar_resnet20"), ("resnet32-d509ac18.th", 
 FIELDS = ["model", "layers", "target", "calib", "seed", "flops_ratio", "reached", "top1", "drop",
           "drop_low", "drop_high", "jpeg_images", "jpeg_drop", "jpeg_low", "jpeg_high",
           "agreement", "seconds", "methods", "pruned"]  # fmt: skip
-LAYERS = ("every layer", "every layer, no pruning", "k×k methods only")
+LAYERS = (
+    "every layer", "every layer, no head distillation", "every layer, no pruning",
+    "k×k methods only",
+)  # fmt: skip
 
 
 def mbv2(assets: Path) -> torch.nn.Module:
@@ -112,6 +116,7 @@ def run(name, base, layers, target, calib, seed, test, jpeg) -> dict:
         model, DecoupleConfig(method="auto", overrides=overrides), (3, 32, 32),
         target_flops=target, criterion="output" if images is not None else "energy",
         calib_images=images, prune=layers != "every layer, no pruning",
+        distill_head=layers != "every layer, no head distillation",
     )  # fmt: skip
     seconds = time.perf_counter() - start
     f0, f1 = count_flops(base, x[:1])[0], count_flops(model, x[:1])[0]
@@ -149,7 +154,7 @@ def plan_runs(quick: bool) -> list[tuple]:
         runs += [("mbv2", "every layer", target, 0, 0), ("mbv2", "k×k methods only", target, 0, 0)]
         for n in (512, 2048):
             for seed in (0, 1, 2):
-                runs += [("mbv2", layers, target, n, seed) for layers in LAYERS[:2]]
+                runs += [("mbv2", layers, target, n, seed) for layers in LAYERS[:3]]
     runs += [(arch, "every layer", 0.5, 512, seed) for _, arch in RESNETS for seed in (0, 1, 2)]
     return runs
 
@@ -182,7 +187,8 @@ def write(rows: list[dict], out: Path, originals: dict) -> None:
         "exact-pixel CIFAR-10 test images: "
         + ", ".join(f"{k} {v:.2f} %" for k, v in originals.items())
         + ". `--target-flops R` with `--method auto` (k×k convs: every method; 1×1 convs and "
-        "linear layers: svd; with calibration also channel pruning, unless *no pruning*; linear "
+        "linear layers: svd; with calibration also channel pruning, unless *no pruning*, and a "
+        "pruned head fit to the original's outputs, unless *no head distillation*; linear "
         "1×1 pairs that are cheaper as one conv fused exactly first, here the last block's "
         "projection into `tail.0`); "
         "calibrated runs use the `output` criterion and `--refit auto` on a seeded sample of the "

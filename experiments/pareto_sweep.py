@@ -222,6 +222,15 @@ def plot(rows, out: Path, targets=()) -> None:
         plt.close(fig)
 
 
+def machines(rows) -> str:
+    """Each machine the rows were measured on, with its models (rows of runs before the CSVs
+    kept the machine say so)."""
+    by: dict[str, dict] = {}
+    for r in (r for r in rows if r.get("scheme") != "original"):  # the original is not timed
+        by.setdefault(r.get("machine") or "not recorded in the rows", {})[r["model"]] = None
+    return "; ".join(f"{m} ({', '.join(models)})" for m, models in by.items())
+
+
 def markdown(rows, rho, command: str) -> str:
     out = [
         "# Accuracy against FLOPs and measured speed: every method alone and `auto`",
@@ -230,7 +239,7 @@ def markdown(rows, rho, command: str) -> str:
         "These figures: `--models 20 --threads 1` and `--models 32 --threads 1` run at the same "
         "time (one core each), then `--calib-sizes 2048 --methods auto --resume` for each, "
         "`--models mbv2 --calib-sizes 512,2048 --threads 1` alone, then `--report-only`; timings are ratios measured side by side "
-        f"in one process, so both sides shared the same load. Machine: {cpu_name()}, "
+        f"in one process, so both sides shared the same load. Machines: {machines(rows)}, "
         f"torch {torch.__version__}. "
         "Top-1 on the first 1,017 exact-pixel CIFAR-10 test images; calibration on a seeded draw "
         "of 512 (or 2,048: *calibrated (2048)*) JPEG test images of index >= 1017. The "
@@ -359,7 +368,7 @@ def main(argv=None) -> int:
                              images, test.labels, flops0, cache, losses)  # fmt: skip
                 row = {"model": name, "scheme": "budget", "method": label(method, order),
                        "target": budget, "calibrated": n > 0, "calib_images": n, **r,
-                       "drop": round(r["top1"] - top0, 2)}  # fmt: skip
+                       "drop": round(r["top1"] - top0, 2), "machine": cpu_name()}  # fmt: skip
                 rows.append(row)
                 print(f"  {row['method']:9s} {budget} {n or 'free'} "
                       f"{row['flops_ratio']}x top-1 {row['top1']} ({row['drop']:+}) ORT b1 "
@@ -370,13 +379,15 @@ def main(argv=None) -> int:
                 runs = {r["run"] for r in extra_rows}
                 for batch in (32, 1):
                     if f"--target-latency 0.6 ORT batch {batch}" not in runs:
-                        extra_rows.append(latency_run(base, baseline, name, batch, calib, images,
-                                                      test.labels, top0, cache))  # fmt: skip
+                        extra_rows.append({**latency_run(base, baseline, name, batch, calib,
+                                                         images, test.labels, top0, cache),
+                                           "machine": cpu_name()})  # fmt: skip
                         write_csv(extra_rows, targets_path)
                 if "--max-change 1" not in runs:
-                    extra_rows.append(
-                        change_run(base, name, calib, images, test.labels, top0, flops0, cache)
-                    )
+                    extra_rows.append({
+                        **change_run(base, name, calib, images, test.labels, top0, flops0, cache),
+                        "machine": cpu_name(),
+                    })  # fmt: skip
                     write_csv(extra_rows, targets_path)
     return report(args.out, command)
 

@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         "linear layer, and refit it)",
     )
     p.add_argument(
+        "--no-distill-head",
+        action="store_true",
+        help="with --calib, leave a pruned head as calibration refit it (by default, where a "
+        "pruned chain sits in the network's head, it and the layers after it are fit jointly to "
+        "the original's outputs on the calibration images: a few seconds of Adam steps)",
+    )
+    p.add_argument(
         "--no-bias-correction",
         action="store_true",
         help="without --calib, leave the factored layers' biases as factored (by default each "

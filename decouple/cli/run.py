@@ -161,6 +161,7 @@ def _decouple_into(
         "realize": latency is not None,
         "prune": not args.no_prune,
         "bias_correction": not args.no_bias_correction,
+        "distill_head": not args.no_distill_head,
     }
     search = None
     if args.max_change is not None:

@@ -252,10 +252,11 @@ def test_budget_flags_are_checked(files, capsys, extra, message):
     assert not (files / "net.decoupled.pt").exists()
 
 
-@pytest.mark.parametrize("flag", [None, "--no-prune"])
+@pytest.mark.parametrize("flag", [None, "--no-prune", "--no-distill-head"])
 def test_a_budget_with_calibration_prunes_unread_channels_and_reloads(files, capsys, flag):
     """The linear layer reads 4 of the conv's 16 channels: with --calib the plan prunes the
-    rest (exact), the report says so, and the output set reloads; --no-prune keeps them."""
+    rest (exact), the report says so, and the output set reloads; --no-prune keeps them; the
+    pruned head is distilled unless --no-distill-head."""
     import tiny_archs
 
     from decouple.io.checkpoint import load_decoupled
@@ -271,10 +272,12 @@ def test_a_budget_with_calibration_prunes_unread_channels_and_reloads(files, cap
     assert code == 0, err
     report = json.loads((files / "head.decoupled.report.json").read_text())
     layers = {r["name"]: r for r in report["layers"]}
-    if flag:
+    if flag == "--no-prune":
         assert all(r["action"] != "pruned" for r in layers.values())
         return
     assert layers["2"]["action"] == "pruned" and layers["2"]["method"] == "prune"
+    assert ("head_distillation" in report) == (flag is None)
+    assert ("head distillation: " in out) == (flag is None)
     assert "refit on the" in layers["6"]["reason"]
     assert report["totals"]["layers_pruned"] == 1 and "pruned the channels of 1" in out
     recipe = json.loads((files / "head.decoupled.recipe.json").read_text())
