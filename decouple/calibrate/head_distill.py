@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from ..surgery.chains import LeafTracer
+from .layerwise import holdout_mask
 from .stream import _capture, batches
 
 STEPS = 1000  # Adam steps: on the shared MobileNetV2-style net the held-out loss flattens by then
@@ -61,13 +62,16 @@ class HeadDistillation:
         return asdict(self)
 
 
-def head_graph(model: nn.Module, start: str) -> fx.GraphModule | None:
+def head_graph(
+    model: nn.Module, start: str, graph: fx.Graph | None = None
+) -> fx.GraphModule | None:
     """The part of ``model`` from the input of layer ``start`` to its output, as a module of its
     own that shares ``model``'s layers; None unless that part reads nothing else (a residual
-    from before the cut, a second input) and calls no module that also runs before it."""
-    try:
-        graph = LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - an untraceable model has no head to cut
+    from before the cut, a second input) and calls no module that also runs before it.
+    ``graph``: the model's trace by :class:`LeafTracer`, when the caller has it."""
+    if graph is None:
+        graph = _trace(model)
+    if graph is None:
         return None
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target == start]
     if len(calls) != 1 or len(calls[0].args) != 1 or calls[0].kwargs:
@@ -95,6 +99,13 @@ def head_graph(model: nn.Module, start: str) -> fx.GraphModule | None:
     return fx.GraphModule(model, head).eval()
 
 
+def _trace(model: nn.Module) -> fx.Graph | None:
+    try:
+        return LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - an untraceable model has no head to cut
+        return None
+
+
 def _loss(out: torch.Tensor, target: torch.Tensor, kl: bool) -> torch.Tensor:
     if kl:
         return F.kl_div(
@@ -108,9 +119,10 @@ def _cache(model, reference, start, images, batch_size) -> tuple[torch.Tensor, t
     """The head's inputs on ``model`` and the original's outputs, image by image, up to
     :data:`MAX_BYTES`. Every process reads all images: each tunes alike."""
     layer = model.get_submodule(start)
+    device = next(model.parameters()).device
     xs, ys, used = [], [], 0
     for _, x in batches(images, batch_size, shard=False)():
-        x = x.to(next(model.parameters()).device)
+        x = x.to(device)
         a = _capture(layer, lambda x=x: model(x), "input").detach()
         y = reference(x)
         if not isinstance(y, torch.Tensor):
@@ -153,7 +165,9 @@ def distill_head_(
     HeadDistillation or None
         None when no candidate cuts the network (no layer was tuned).
     """
-    heads = {s: g for s in starts if (g := head_graph(model, s)) is not None}
+    graph = _trace(model)  # once: every candidate cut reads it
+    cuts = {s: head_graph(model, s, graph) for s in starts} if graph is not None else {}
+    heads = {s: g for s, g in cuts.items() if g is not None}
     if not heads:
         return None
     # The latest cut: the smallest head. On the MobileNetV2-style net at 2.5× the earliest took
@@ -171,7 +185,7 @@ def distill_head_(
         return done
     kl = y.dim() == 2 and y.is_floating_point()
     done.loss = "kl" if kl else "relative squared error"
-    held = torch.arange(len(x)) % HOLDOUT == HOLDOUT - 1
+    held = holdout_mask(len(x), 1 / HOLDOUT)  # as calibration holds out: every 8th image
     if len(x) < MIN_IMAGES:
         done.skipped = f"{len(x)} images (fewer than {MIN_IMAGES})"
         return done
