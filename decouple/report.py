@@ -14,6 +14,7 @@ from torch import nn
 
 from .calibrate.bn_bias import bias_correction_line
 from .calibrate.head_distill import head_line
+from .calibrate.synthetic import synthetic_line
 from .io.paired_change import accuracy_line
 from .nn.flops import count_flops
 from .nn.output_diff import compare_models, insensitive_note, summary_lines
@@ -263,12 +264,7 @@ class Report:
             lines.append(bias_correction_line(bias))
         made = self.extra.get("synthetic_calibration")
         if made:  # --calib synthetic: no image of the user's was seen
-            lines.append(
-                f"calibration images: {made['count']} synthesized from the model's BatchNorm "
-                f"statistics (ZeroQ, {made['steps']} steps, {made['seconds']:.1f} s; statistics "
-                f"loss {made['loss_before']:.3g} -> {made['loss_after']:.3g})"
-                + (f"; read back from the cache {made['cached']}" if made.get("cached") else "")
-            )
+            lines.append(synthetic_line(made))
         stuck = [r.name for r in self.decoupled if r.converged is False]
         if stuck:
             lines.append(

@@ -8,10 +8,13 @@ On the shared pretrained CIFAR-10 ResNet-20, ResNet-32 and MobileNetV2-style net
   :mod:`decouple.calibrate.bn_bias`); **no bias correction**: the same plan as factored
   (``--no-bias-correction``);
 * **ours, synthetic**: ``--calib synthetic`` (256 images made from the model's BatchNorm
-  statistics, ZeroQ, :mod:`decouple.calibrate.synthetic`; then the calibrated default path:
+  statistics, ZeroQ, :mod:`decouple.calibrate.synthetic`, each also used mirrored left to right,
+  512 in all; then the calibrated default path:
   ``output`` criterion, ``--refit auto``, pruning, head distillation), on 3 seeds of the
   starting noise; the images are made once per model and seed and used at both targets (their
   cost apart);
+* **ours, synthetic, no mirrors**: the same made images alone (``--calib synthetic
+  --no-mirror``), to show what the mirrors add;
 * **ours, 512 real images**: ``--calib`` with a seeded sample of 512 JPEG test images of index
   ≥ 1017, 3 seeded draws (the reference synthetic calibration is judged against);
 * **TensorLy-Torch uniform CP**, 3 seeds (``tltorch.FactorizedConv.from_conv``, ``factorization="CP"``,
@@ -183,6 +186,9 @@ def run(name, base, target, variant, seed, test, assets, made, jpeg) -> tuple[di
     elif variant == "ours, synthetic":
         images, making = made
         model, reached, plan = ours(base, target, images)
+    elif variant == NO_MIRRORS:  # the same made images, without the mirrors that follow them
+        images, making = made
+        model, reached, plan = ours(base, target, images[: len(images) // 2])
     elif variant == "ours, 512 real images":
         images, calibrated = calib_sample(assets, 512, seed)
         model, reached, plan = ours(base, target, images)
@@ -205,10 +211,12 @@ def run(name, base, target, variant, seed, test, assets, made, jpeg) -> tuple[di
     return row, (mine, jmine, held)
 
 
-SEEDED = ("ours, synthetic", "ours, 512 real images", "TensorLy-Torch uniform CP")  # a row per seed
+NO_MIRRORS = "ours, synthetic, no mirrors"
+SEEDED = ("ours, synthetic", NO_MIRRORS, "ours, 512 real images", "TensorLy-Torch uniform CP")
 VARIANTS = (
     "ours, data-free, no bias correction",
     "ours, data-free",
+    NO_MIRRORS,
     "ours, synthetic",
     "ours, 512 real images",
     "TensorLy-Torch uniform CP",
@@ -568,7 +576,7 @@ def main(argv=None) -> None:
         for target in TARGETS[:1] if args.quick else TARGETS:
             for variant in variants:
                 for seed in range(seeds) if variant in SEEDED else [0]:
-                    if variant == "ours, synthetic" and seed not in made:
+                    if variant in ("ours, synthetic", NO_MIRRORS) and seed not in made:
                         start = time.perf_counter()
                         images, _ = synthesize_images(base, SHAPE, 32 if args.quick else 256,
                                                       seed=seed)  # fmt: skip

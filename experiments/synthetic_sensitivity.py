@@ -7,7 +7,8 @@ held-out output error after the refit (from the layer's input moments), and the 
 *sensitivity*, the size of the network's output Jacobian with respect to that layer's output
 (``output_sensitivity``). On the shared CIFAR ResNets, for each of 3 seeds:
 
-* the sensitivity of every conv on 256 ZeroQ images (``--calib synthetic``,
+* the sensitivity of every conv on 256 ZeroQ images (``--calib synthetic --no-mirror``: the
+  made images alone, without the mirrors ``--calib synthetic`` adds since;
   :mod:`decouple.calibrate.synthetic`, the seed's starting noise) against that on 512 real JPEG
   test images of index ≥ 1017 (the seed's draw), as a ratio per layer, averaged per stage;
 * the ``--target-flops 0.5`` plan calibrated on the synthetic images (the refit always on them),
@@ -66,7 +67,7 @@ def synthetic(base, count: int, seed: int) -> torch.Tensor:
     hit = synthetic_cache.load(path, count, SHAPE) if path else None
     if hit is not None:
         return hit[0]
-    x, made = synthesize_images(base, SHAPE, count, seed=seed)
+    x, made = synthesize_images(base, SHAPE, count, seed=seed, mirror=False)
     if path is not None:
         synthetic_cache.store(path, x, made.to_dict())
     return x

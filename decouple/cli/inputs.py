@@ -53,8 +53,15 @@ def synthetic_count(args: argparse.Namespace, shape: tuple[int, ...]) -> int | N
 
 
 def synthetic_calib(args: argparse.Namespace, model, shape: tuple[int, ...], count: int) -> Images:
-    """ZeroQ images made from ``model``'s BatchNorm statistics (:mod:`decouple.calibrate.synthetic`)."""
-    from ..calibrate.synthetic import LEARNING_RATE, STEPS, synthesize_images
+    """ZeroQ images made from ``model``'s BatchNorm statistics (:mod:`decouple.calibrate.synthetic`),
+    each followed by its mirror unless ``--no-mirror`` (the cache holds the made ones)."""
+    from ..calibrate.synthetic import (
+        LEARNING_RATE,
+        STEPS,
+        can_mirror,
+        synthesize_images,
+        with_mirrors,
+    )
     from ..io import synthetic_cache
     from ..nn.stopwatch import stage
 
@@ -69,7 +76,9 @@ def synthetic_calib(args: argparse.Namespace, model, shape: tuple[int, ...], cou
     else:
         try:
             with stage("synthesizing images"):
-                x, made = synthesize_images(model, shape, count, progress=not args.quiet)
+                x, made = synthesize_images(
+                    model, shape, count, progress=not args.quiet, mirror=False
+                )
         except ValueError as e:
             raise InputError(f"--calib synthetic: {e}") from None
         info = made.to_dict()
@@ -80,10 +89,12 @@ def synthetic_calib(args: argparse.Namespace, model, shape: tuple[int, ...], cou
                 print(f"decouple: note: the synthetic images are not cached ({path.parent}: "
                       f"{e.strerror or e})", file=sys.stderr)  # fmt: skip
         info = info | {"cached": None}
-    x = x.cpu()  # where images read from files are too
+    info["mirrored"] = not args.no_mirror and can_mirror(shape)
+    x = with_mirrors(x.cpu()) if info["mirrored"] else x.cpu()  # where file images are too
     data = TensorDataset(x, torch.zeros(len(x), dtype=torch.long))
     name = f"{count} images synthesized from the model's BatchNorm statistics"
-    return Images(name, loader(data, args.batch_size), count, info)
+    name += " and their mirrors" if info["mirrored"] else ""
+    return Images(name, loader(data, args.batch_size), len(x), info)
 
 
 PREPROCESS_FLAGS = ("resize", "crop", "mean", "std")

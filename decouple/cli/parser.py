@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         "linear layer, and refit it)",
     )
     p.add_argument(
+        "--no-mirror",
+        action="store_true",
+        help="with --calib synthetic, calibrate on the made images alone (by default each is "
+        "also used mirrored left to right, as vision networks are trained; turn it off for a "
+        "model that was not, e.g. on text or digits)",
+    )
+    p.add_argument(
         "--no-distill-head",
         action="store_true",
         help="with --calib, leave a pruned head as calibration refit it (by default, where a "

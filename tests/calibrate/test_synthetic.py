@@ -1,4 +1,5 @@
-"""ZeroQ images: BatchNorm statistics matched, weights untouched, seeded, refused without BN."""
+"""ZeroQ images: BatchNorm statistics matched, weights untouched, seeded, refused without BN;
+each followed by its mirror."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from decouple.calibrate.synthetic import bn_statistics_loss, synthesize_images
+from decouple.calibrate.layerwise import holdout_mask
+from decouple.calibrate.synthetic import bn_statistics_loss, synthesize_images, with_mirrors
 
 
 def net() -> nn.Module:
@@ -29,8 +31,8 @@ def net() -> nn.Module:
 def test_synthesized_images_match_the_running_statistics():
     model = net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x, info = synthesize_images(model, (3, 6, 6), count=20, steps=150, batch_size=8)
-    assert x.shape == (20, 3, 6, 6) and not x.requires_grad
+    x, info = synthesize_images(model, (3, 6, 6), count=20, steps=150, batch_size=8, mirror=False)
+    assert x.shape == (20, 3, 6, 6) and not x.requires_grad and not info.mirrored
     assert info.count == 20 and info.bn_layers == 2 and info.seconds > 0
     assert info.loss_after < 0.05 * info.loss_before, info
     with torch.no_grad():  # a batch of them alone
@@ -45,6 +47,35 @@ def test_the_same_seed_gives_the_same_images_and_another_seed_others():
     b, _ = synthesize_images(model, (3, 6, 6), count=4, steps=5)
     c, _ = synthesize_images(model, (3, 6, 6), count=4, steps=5, seed=1)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_each_made_image_is_followed_by_its_mirror():
+    model = net()
+    made, _ = synthesize_images(model, (3, 6, 6), count=8, steps=5, mirror=False)
+    x, info = synthesize_images(model, (3, 6, 6), count=8, steps=5)
+    assert info.mirrored and info.count == 8 and x.shape == (16, 3, 6, 6)
+    assert torch.equal(x[:8], made) and torch.equal(x[8:], made.flip(-1))
+    assert torch.equal(x[8:, :, :, 0], made[:, :, :, -1])  # left-right: the last axis
+    assert not torch.equal(x[8:], made)
+
+
+def test_an_image_and_its_mirror_fall_on_one_side_of_every_held_out_split():
+    """8 made: image i's mirror is image i + 8, held out with it at every 2nd, 4th, 8th image."""
+    ids = with_mirrors(torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 2, 3).clone())[:, 0, 0, 0]
+    for fraction in (1 / 2, 1 / 4, 1 / 8):
+        held = holdout_mask(16, fraction)
+        assert held.any() and not held.all(), fraction
+        for i in range(8):  # both copies of image i: held out together, or calibrated on together
+            assert held[ids == i].unique().numel() == 1, (fraction, i)
+
+
+def test_signals_are_not_mirrored():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4)).eval()
+    x, info = synthesize_images(model, (2, 12), count=4, steps=2)
+    assert x.shape == (4, 2, 12) and not info.mirrored
+    with pytest.raises(ValueError, match="at least 2 axes"):
+        with_mirrors(torch.zeros(5))
 
 
 def test_a_model_without_batchnorm_or_in_training_mode_is_refused():
@@ -68,11 +99,17 @@ def test_the_cli_calibrates_on_synthetic_images_and_says_so(tmp_path, capsys):
     assert code == 0, captured.err
     report = json.loads((tmp_path / "d.report.json").read_text())
     made = report["synthetic_calibration"]
-    assert made["count"] == 8 == report["calibration_images"] and made["bn_layers"] == 4
+    assert made["count"] == 8 and made["bn_layers"] == 4 and made["mirrored"]
+    assert report["calibration_images"] == 16, "8 made, each also mirrored"
     assert report["calibration"], "the decoupled layers were refit"
-    assert "calibration images: 8 synthesized from the model's BatchNorm statistics" in (
-        captured.out
-    )
+    line = "calibration images: 8 synthesized from the model's BatchNorm statistics"
+    assert line in captured.out and "each also used mirrored" in captured.out
+    # --no-mirror: the same 8 made images (read back from the cache), alone
+    assert main([*argv, "--calib", "synthetic:8", "--no-mirror", "--force"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads((tmp_path / "d.report.json").read_text())
+    assert report["calibration_images"] == 8 and not report["synthetic_calibration"]["mirrored"]
+    assert report["synthetic_calibration"]["cached"] and "mirrored" not in captured.out
     assert main([*argv, "--calib", "synthetic:0", "--force"]) == 2
     assert "make at least one image" in capsys.readouterr().err
 
@@ -90,9 +127,6 @@ def test_max_change_judges_on_held_out_synthetic_images(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     report = json.loads((tmp_path / "d.report.json").read_text())
     change = report["max_change"]
-    assert (
-        change["measured_on"] + change["decided_on"]
-        == 16
-        == report["synthetic_calibration"]["count"]
-    )
+    assert change["measured_on"] + change["decided_on"] == 32  # 16 made and their mirrors
+    assert report["synthetic_calibration"]["count"] == 16
     assert change["changed_pct"] <= 5
